@@ -1,0 +1,154 @@
+"""The ``clip-worker`` command: ``run``, ``produce``, ``tail`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, get_args
+
+from pydantic import SecretStr
+
+from worker.config import Settings, env_name, flag_name, load_settings
+from worker.errors import StartupError
+from worker.logs import configure_logging
+
+CONNECTION_FIELDS = (
+    "bootstrap_servers",
+    "client_id",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "max_message_bytes",
+    "connect_timeout_s",
+    "log_level",
+    "log_format",
+)
+MODEL_FIELDS = ("model", "model_dir", "local_files_only", "random_weights", "device", "dtype")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, fields: Iterable[str]) -> None:
+    """Add one flag per settings field; defaults are None so unset flags fall back to env vars."""
+    group = parser.add_argument_group("settings (each also an environment variable)")
+    for name in fields:
+        info = Settings.model_fields[name]
+        help_text = f"{info.description} [env {env_name(name)}; default {_show_default(info.default)}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = _literal_choices(info.annotation)
+            if choices:
+                kwargs["choices"] = choices
+                kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        group.add_argument(flag_name(name), **kwargs)
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    values = [a for a in get_args(annotation) if isinstance(a, str)]
+    if not values:
+        for arg in get_args(annotation):
+            values += [a for a in get_args(arg) if isinstance(a, str)]
+    return values or None
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, SecretStr) or value is None:
+        return "unset"
+    return str(value)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags over the environment."""
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return load_settings(given)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from worker.service import run_worker
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    return run_worker(settings)
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from worker.tools import produce_paths
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    sent = produce_paths(settings, args.paths, partitions=args.partitions)
+    print(f"published {sent} image record(s) to {settings.input_topic}")
+    return 0
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from worker.tools import tail_topic
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    tail_topic(settings, dlq=args.dlq, max_records=args.max_records, idle_timeout_s=args.idle_timeout_s)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    configure_logging("warning")
+    return run_demo(count=args.count, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="clip-worker", description="Embed images from Kafka with OpenAI CLIP ViT-L/14."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the long-lived worker")
+    add_settings_arguments(run, Settings.model_fields)
+    run.set_defaults(handler=_cmd_run)
+
+    produce = commands.add_parser("produce", help="publish image files and folders as request records")
+    produce.add_argument("paths", nargs="+", help="image files or folders (recursive)")
+    produce.add_argument("--partitions", type=int, default=None, help="create the topic with N partitions")
+    add_settings_arguments(produce, (*CONNECTION_FIELDS, "input_topic"))
+    produce.set_defaults(handler=_cmd_produce)
+
+    tail = commands.add_parser("tail", help="print output records as JSON lines")
+    tail.add_argument("--dlq", action="store_true", help="tail the dead-letter topic instead")
+    tail.add_argument("--max-records", type=int, default=None, help="stop after N records")
+    tail.add_argument("--idle-timeout-s", type=float, default=None, help="stop after N idle seconds")
+    add_settings_arguments(tail, (*CONNECTION_FIELDS, "output_topic", "dlq_topic"))
+    tail.set_defaults(handler=_cmd_tail)
+
+    demo = commands.add_parser("demo", help="local broker + sample images + worker, then a summary")
+    demo.add_argument("--count", type=int, default=48, help="sample images to embed")
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--dtype", default="auto")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except StartupError as exc:
+        print(f"clip-worker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

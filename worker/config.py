@@ -1,0 +1,199 @@
+"""One frozen settings object: every option is a CLI flag and a ``CLIP_WORKER_*`` environment variable.
+
+``--batch-size`` and ``CLIP_WORKER_BATCH_SIZE`` set the same field; a flag wins over the environment.
+Secrets are :class:`pydantic.SecretStr` and never appear in logs or ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import StartupError
+
+ENV_PREFIX = "CLIP_WORKER_"
+DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker. Field names map to ``--field-name`` and ``CLIP_WORKER_FIELD_NAME``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # Kafka topology
+    bootstrap_servers: str = Field("localhost:9092", description="Kafka bootstrap servers, comma separated")
+    input_topic: str = Field("images", description="topic of image request records")
+    output_topic: str = Field("image-embeddings", description="topic the embeddings are published to")
+    dlq_topic: str = Field("images.dlq", description="dead-letter topic for records that cannot be embedded")
+    group_id: str = Field("clip-worker", description="consumer group; more workers in it share partitions")
+    group_instance_id: str | None = Field(None, description="static group membership id (optional)")
+    client_id: str = Field("clip-worker", description="Kafka client id")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a new group starts reading"
+    )
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1000, description="longest gap between polls before the group evicts this worker"
+    )
+    session_timeout_ms: int = Field(
+        45_000, ge=1000, description="heartbeat timeout after which the group evicts a silent worker"
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest record fetched or produced, in bytes"
+    )
+
+    # Kafka security
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when the protocol is SASL_*"
+    )
+    sasl_username: str | None = Field(None, description="SASL username")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signs the broker certificate")
+    ssl_certfile: Path | None = Field(None, description="client certificate for mutual TLS")
+    ssl_keyfile: Path | None = Field(None, description="client private key for mutual TLS")
+    ssl_password: SecretStr | None = Field(None, description="password of the client key (never logged)")
+
+    # Batching and flow control
+    batch_size: int = Field(32, ge=1, le=65536, description="images per inference batch")
+    batch_timeout_ms: int = Field(
+        100, ge=0, description="longest time the oldest image of a partial batch waits before it is embedded"
+    )
+    max_in_flight: int = Field(
+        2048, ge=1, description="records polled but not yet acknowledged; polling pauses above it"
+    )
+    decode_workers: int = Field(0, ge=0, description="image decode threads; 0 = one per CPU core, at most 8")
+    commit_interval_ms: int = Field(1000, ge=0, description="how often acknowledged offsets are committed")
+
+    # Image guards
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="images with more pixels are rejected as image_too_large"
+    )
+    min_image_side: int = Field(3, ge=1, description="images with a side shorter than this are rejected")
+
+    # Model
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory of a CLIP checkpoint")
+    model_dir: Path | None = Field(None, description="weights cache directory (default: the HF cache)")
+    local_files_only: bool = Field(False, description="never reach the hub; use only cached or local weights")
+    random_weights: bool = Field(
+        False, description="random weights for the model's architecture (benchmarks, offline smoke runs)"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU"
+    )
+    forward_image: bool = Field(False, description="include the original image bytes in each output record")
+
+    # Operations
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus and health port; 0 disables")
+    metrics_host: str = Field("0.0.0.0", description="address the metrics server binds")
+    shutdown_grace_s: float = Field(30.0, gt=0, description="time allowed to drain on SIGTERM/SIGINT")
+    connect_timeout_s: float = Field(
+        60.0, gt=0, description="give up and exit non-zero if no broker answers within this time"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _check_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism is None:
+                raise ValueError("SASL protocols need --sasl-mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError("SASL needs --sasl-username and --sasl-password")
+        return self
+
+    @property
+    def batch_timeout_s(self) -> float:
+        """The batch timeout in seconds."""
+        return self.batch_timeout_ms / 1000.0
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved configuration for logging: secrets are masked."""
+        shown: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                shown[name] = "**********"
+            elif isinstance(value, Path):
+                shown[name] = str(value)
+            else:
+                shown[name] = value
+        return shown
+
+
+def flag_name(field: str) -> str:
+    """The CLI flag of a settings field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field: ``batch_size`` -> ``CLIP_WORKER_BATCH_SIZE``."""
+    return ENV_PREFIX + field.upper()
+
+
+def _check_unknown_env(environ: dict[str, str]) -> None:
+    known = {env_name(name) for name in Settings.model_fields}
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIX) and key not in known:
+            raise StartupError(
+                f"unknown environment variable {key}; remove it or use one of the documented "
+                f"{ENV_PREFIX}* names (see `clip-worker run --help`)"
+            )
+
+
+def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Build settings from flags (``overrides``) over ``CLIP_WORKER_*`` env vars over defaults.
+
+    Raises :class:`StartupError` with a one-line message naming the flag and env var to fix.
+    """
+    env = dict(os.environ if environ is None else environ)
+    _check_unknown_env(env)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return _settings_from_mapping(given, env)
+    except ValidationError as exc:
+        raise StartupError(_describe_validation_error(exc)) from None
+
+
+def _settings_from_mapping(given: dict[str, Any], env: dict[str, str]) -> Settings:
+    # Validating a plain mapping keeps one precedence rule (flag > env > default) and lets tests pass an
+    # environment without touching os.environ.
+    merged: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        if env_name(name) in env:
+            merged[name] = env[env_name(name)]
+    merged.update(given)
+    return Settings.model_validate(merged)
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = [str(part) for part in error.get("loc", ())]
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if location and location[0] in Settings.model_fields:
+        field = location[0]
+        value = error.get("input")
+        shown = "***" if "password" in field else repr(value)
+        return f"invalid {flag_name(field)} / {env_name(field)} = {shown}: {message}"
+    return f"invalid configuration: {message}"

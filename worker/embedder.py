@@ -1,0 +1,207 @@
+"""Load CLIP's vision tower with projection and turn preprocessed batches into unit embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.config import DEFAULT_MODEL
+from worker.errors import ModelLoadError, StartupError
+from worker.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# OpenAI's ViT-L/14 vision tower, so random weights need no download.
+VIT_L14_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+_MODEL_HINT = (
+    "check --model (hub id or local directory), --model-dir (weights cache), "
+    "or pass --random-weights for an offline smoke run"
+)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks the first GPU when CUDA is available, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError(f"--device {requested}: CUDA is not available here; use --device cpu or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise StartupError(
+                f"--device {requested}: only {torch.cuda.device_count()} GPU(s) visible; pick a lower index"
+            )
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPU (fp16 where bf16 is unsupported) and float32 on CPU."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and where from."""
+
+    model: str = DEFAULT_MODEL
+    model_dir: Path | None = None
+    local_files_only: bool = False
+    random_weights: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+class Embedder:
+    """A loaded CLIP vision tower: ``embed(pixels)`` returns L2-normalised float32 embeddings."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        label: str,
+        revision: str,
+        preprocessing: Preprocessing,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.label = label
+        self.revision = revision
+        self.preprocessing = preprocessing
+        self.device = device
+        self.dtype = dtype
+        self.dim = int(model.config.projection_dim)
+        self._lock = threading.Lock()
+
+    @property
+    def is_random(self) -> bool:
+        """True when the weights are random: every output says so in its ``model`` field."""
+        return self.label.startswith(RANDOM_PREFIX)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a ``(N, 3, H, W)`` float32 batch; returns ``(N, dim)`` float32 unit vectors."""
+        with self._lock, torch.inference_mode():
+            batch = torch.from_numpy(pixels).to(self.device, non_blocking=True).to(self.dtype)
+            output = self.model(pixel_values=batch)
+            features = output.image_embeds.float()
+            features = torch.nn.functional.normalize(features, dim=-1)
+            result: np.ndarray = features.cpu().numpy()
+        return result
+
+
+def load_embedder(spec: ModelSpec) -> Embedder:
+    """Load the model described by ``spec``; raises :class:`ModelLoadError` with a one-line fix."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    local_dir = Path(spec.model)
+    is_local = local_dir.is_dir()
+    if not is_local and _looks_like_path(spec.model):
+        raise ModelLoadError(f"model directory {spec.model} does not exist; {_MODEL_HINT}")
+    try:
+        if spec.random_weights:
+            config = _vision_config(spec, CLIPVisionConfig)
+            torch.manual_seed(0)
+            model = CLIPVisionModelWithProjection(config)
+            label = RANDOM_PREFIX + spec.model
+            revision = "random"
+        else:
+            model = CLIPVisionModelWithProjection.from_pretrained(
+                spec.model,
+                cache_dir=str(spec.model_dir) if spec.model_dir else None,
+                local_files_only=spec.local_files_only,
+                attn_implementation="sdpa",
+            )
+            label = spec.model
+            revision = str(getattr(model.config, "_commit_hash", None) or ("local" if is_local else "unknown"))
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {spec.model!r} ({first_line[:200]}); {_MODEL_HINT}") from None
+    model = model.to(device=device, dtype=dtype).eval()
+    preprocessing = _preprocessing_for(spec, int(model.config.image_size))
+    log.info("model %s loaded on %s as %s (dim %d)", label, device, dtype, model.config.projection_dim)
+    return Embedder(model, label, revision, preprocessing, device, dtype)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def _vision_config(spec: ModelSpec, config_class: Any) -> Any:
+    """The architecture for random weights: from a local checkpoint, the cache, or built in for ViT-L/14."""
+    try:
+        return config_class.from_pretrained(
+            spec.model,
+            cache_dir=str(spec.model_dir) if spec.model_dir else None,
+            local_files_only=True,
+        )
+    except Exception:
+        if spec.model == DEFAULT_MODEL:
+            return config_class(**VIT_L14_VISION)
+        raise ModelLoadError(
+            f"random weights need the architecture of {spec.model!r}, which is neither a local directory, "
+            f"cached, nor the built-in {DEFAULT_MODEL}; {_MODEL_HINT}"
+        ) from None
+
+
+def _preprocessing_for(spec: ModelSpec, image_size: int) -> Preprocessing:
+    config = _read_preprocessor_config(spec)
+    if not config:
+        return Preprocessing(size=image_size, crop=image_size)
+    size = config.get("size", image_size)
+    if isinstance(size, dict):
+        size = size.get("shortest_edge", image_size)
+    crop = config.get("crop_size", image_size)
+    if isinstance(crop, dict):
+        crop = crop.get("height", image_size)
+    return Preprocessing(
+        size=int(size),
+        crop=int(crop),
+        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),  # type: ignore[arg-type]
+        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),  # type: ignore[arg-type]
+    )
+
+
+def _read_preprocessor_config(spec: ModelSpec) -> dict[str, Any]:
+    local = Path(spec.model) / "preprocessor_config.json"
+    if local.is_file():
+        loaded: dict[str, Any] = json.loads(local.read_text())
+        return loaded
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(
+            spec.model,
+            "preprocessor_config.json",
+            cache_dir=str(spec.model_dir) if spec.model_dir else None,
+            local_files_only=True,
+        )
+        cached: dict[str, Any] = json.loads(Path(path).read_text())
+        return cached
+    except Exception:
+        return {}

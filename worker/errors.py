@@ -1,0 +1,48 @@
+"""The error taxonomy.
+
+Every record the worker cannot embed is rejected with a :class:`RejectReason`. The reason's value is a
+fixed vocabulary: it labels the DLQ metric and is written to the ``clip-worker-reason`` DLQ header, so
+dashboards and downstream repair jobs can rely on it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RejectReason(enum.StrEnum):
+    """Why a record went to the dead-letter topic."""
+
+    INVALID_MSGPACK = "invalid_msgpack"
+    INVALID_ENVELOPE = "invalid_envelope"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    EMPTY_IMAGE = "empty_image"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    CORRUPT_IMAGE = "corrupt_image"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    INFERENCE_FAILED = "inference_failed"
+    OUTPUT_TOO_LARGE = "output_too_large"
+
+
+class RejectedRecord(Exception):
+    """A record that cannot be embedded; it goes to the DLQ with this reason and message."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class StartupError(Exception):
+    """A problem a user must fix before the worker can start; printed as one line, exit code 2."""
+
+
+class ModelLoadError(StartupError):
+    """The model could not be loaded (missing, unreachable, or not a CLIP checkpoint)."""
+
+
+class BrokerUnavailableError(StartupError):
+    """No broker answered before the connection deadline."""

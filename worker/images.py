@@ -1,0 +1,164 @@
+"""Bytes to CLIP pixels: format sniffing, guards, EXIF orientation, RGB conversion, CLIP preprocessing.
+
+The preprocessing reproduces transformers' ``CLIPImageProcessor`` (PIL backend), which matches OpenAI's
+``_transform``: shortest side to ``size`` with PIL bicubic, centre crop, scale to [0, 1], normalise.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from worker.errors import RejectedRecord, RejectReason
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# A declared size this many times larger than the compressed bytes is a decompression bomb rather than
+# merely a big photo (a real photo compresses to a few bits per pixel, a bomb to far below one).
+BOMB_PIXELS_PER_BYTE = 1000
+
+# Refuse to fill in truncated files: a truncated image is an error, not a grey rectangle.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel guard runs before decoding; PIL's global one would raise a different error type first.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """CLIP preprocessing parameters, read from the model's preprocessor config when it has one."""
+
+    size: int = 224
+    crop: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Guards applied before an image is decoded."""
+
+    max_pixels: int = 64_000_000
+    min_side: int = 3
+
+
+def load_rgb(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode image bytes into an RGB PIL image with EXIF orientation applied.
+
+    Raises :class:`RejectedRecord` with a typed reason for every way the bytes can be unusable.
+    """
+    if not data:
+        raise RejectedRecord(RejectReason.EMPTY_IMAGE, "image is zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedRecord(RejectReason.NOT_AN_IMAGE, "bytes are not a supported image format") from None
+    except Exception as exc:
+        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot read image header: {exc}") from None
+    _check_dimensions(image, len(data), limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.seek(0)  # first frame of animated GIF/WebP/TIFF
+            image.load()
+            rotated = ImageOps.exif_transpose(image)
+            return to_rgb(rotated)
+    except RejectedRecord:
+        raise
+    except (OSError, SyntaxError, EOFError) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
+            raise RejectedRecord(RejectReason.TRUNCATED_IMAGE, f"image data ends early: {text}") from None
+        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot decode image: {text}") from None
+    except Exception as exc:  # decoders raise assorted types on hostile input
+        raise RejectedRecord(
+            RejectReason.CORRUPT_IMAGE, f"cannot decode image: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _check_dimensions(image: Image.Image, n_bytes: int, limits: ImageLimits) -> None:
+    width, height = image.size
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        if pixels > BOMB_PIXELS_PER_BYTE * n_bytes:
+            raise RejectedRecord(
+                RejectReason.DECOMPRESSION_BOMB,
+                f"{width}x{height} pixels declared in {n_bytes} bytes (limit {limits.max_pixels} pixels)",
+            )
+        raise RejectedRecord(
+            RejectReason.IMAGE_TOO_LARGE,
+            f"{width}x{height} = {pixels} pixels exceeds the limit of {limits.max_pixels}"
+            " (raise --max-image-pixels to accept it)",
+        )
+    if min(width, height) < limits.min_side:
+        raise RejectedRecord(
+            RejectReason.IMAGE_TOO_SMALL,
+            f"{width}x{height} is smaller than {limits.min_side} px on a side",
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, keeping the tonal range of 16-bit and float images."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.uint32 if mode == "I" else np.uint16)
+        scale = 65535 if mode != "I" or array.max(initial=0) > 255 else 255
+        eight_bit = (array.astype(np.float64) * (255.0 / scale)).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        eight_bit = (array * 255.0 if array.max(initial=0) <= 1.0 else array).clip(0, 255)
+        return Image.fromarray(eight_bit.astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """Width and height after scaling the shortest side to ``size`` (CLIPImageProcessor's rounding)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def preprocess(image: Image.Image, params: Preprocessing) -> np.ndarray:
+    """RGB image to a normalised float32 CHW array of shape ``(3, crop, crop)``."""
+    new_w, new_h = resized_shape(image.width, image.height, params.size)
+    resized = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(resized, dtype=np.float32)
+    top = (new_h - params.crop) // 2
+    left = (new_w - params.crop) // 2
+    if top < 0 or left < 0:
+        pixels = _pad_to(pixels, params.crop)
+        top, left = max(top, 0), max(left, 0)
+    cropped = pixels[top : top + params.crop, left : left + params.crop]
+    mean = np.asarray(params.mean, dtype=np.float32)
+    std = np.asarray(params.std, dtype=np.float32)
+    normalised = (cropped * np.float32(1 / 255) - mean) / std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def _pad_to(pixels: np.ndarray, crop: int) -> np.ndarray:
+    # Only reached when crop > size; CLIPImageProcessor zero-pads centred in that case.
+    height, width = pixels.shape[:2]
+    out = np.zeros((max(height, crop), max(width, crop), 3), dtype=pixels.dtype)
+    top = -(-(out.shape[0] - height) // 2)
+    left = -(-(out.shape[1] - width) // 2)
+    out[top : top + height, left : left + width] = pixels
+    return out
+
+
+def decode_and_preprocess(data: bytes, limits: ImageLimits, params: Preprocessing) -> np.ndarray:
+    """Bytes to the model's input tensor for one image; raises :class:`RejectedRecord` on bad input."""
+    rgb = load_rgb(data, limits)
+    try:
+        return preprocess(rgb, params)
+    except Exception as exc:
+        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot preprocess image: {exc}") from None

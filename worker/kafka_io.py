@@ -1,0 +1,151 @@
+"""Kafka client factories: security options, size limits, startup retries, topic creation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from worker.config import Settings
+from worker.errors import BrokerUnavailableError, StartupError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_ATTEMPT_TIMEOUT_S = 5.0
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    """kafka-python keyword arguments for the configured security protocol."""
+    options: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        assert settings.sasl_password is not None  # checked by Settings
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    if settings.security_protocol.endswith("SSL"):
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(settings, name)
+            if value is not None:
+                options[name] = str(value)
+        if settings.ssl_password is not None:
+            options["ssl_password"] = settings.ssl_password.get_secret_value()
+    return options
+
+
+def common_options(settings: Settings, bootstrap_timeout_s: float = _ATTEMPT_TIMEOUT_S) -> dict[str, Any]:
+    """Options shared by every client: servers, client id, security, bootstrap timeout."""
+    return {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": settings.client_id,
+        "bootstrap_timeout_ms": int(bootstrap_timeout_s * 1000),
+        **security_options(settings),
+    }
+
+
+def consumer_options(settings: Settings) -> dict[str, Any]:
+    """Consumer options of the worker: manual commits, cooperative rebalancing, image-sized fetches."""
+    options = {
+        **common_options(settings),
+        "group_id": settings.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.auto_offset_reset,
+        "max_partition_fetch_bytes": settings.max_message_bytes,
+        "fetch_max_bytes": max(settings.max_message_bytes, 64 * 1024 * 1024),
+        "max_poll_records": 500,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": max(100, settings.session_timeout_ms // 3),
+        "partition_assignment_strategy": (CooperativeStickyAssignor,),
+    }
+    if settings.group_instance_id:
+        options["group_instance_id"] = settings.group_instance_id
+    return options
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    """Producer options: acks from all replicas, idempotence, image-sized requests, small linger."""
+    return {
+        **common_options(settings),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_request_size": settings.max_message_bytes,
+        "batch_size": 256 * 1024,
+    }
+
+
+def retry_until_deadline(what: str, factory: Callable[[], T], deadline_s: float, servers: str) -> T:
+    """Call ``factory`` until it succeeds, logging one line per failed attempt, backing off up to 5 s.
+
+    Raises :class:`BrokerUnavailableError` once ``deadline_s`` has passed.
+    """
+    started = time.monotonic()
+    attempt = 0
+    backoff = 0.5
+    while True:
+        attempt += 1
+        try:
+            return factory()
+        except KafkaError as exc:
+            waited = time.monotonic() - started
+            if waited + backoff >= deadline_s:
+                raise BrokerUnavailableError(
+                    f"no Kafka broker at {servers} answered within {deadline_s:.0f}s ({exc}); "
+                    "check --bootstrap-servers and the security flags, or raise --connect-timeout-s"
+                ) from None
+            log.warning(
+                "%s: broker %s not reachable (attempt %d, %s); retrying in %.1fs",
+                what,
+                servers,
+                attempt,
+                type(exc).__name__,
+                backoff,
+            )
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+def make_consumer(settings: Settings, **overrides: Any) -> KafkaConsumer:
+    """A consumer (not yet subscribed), retried until ``connect_timeout_s``."""
+    options = {**consumer_options(settings), **overrides}
+    return retry_until_deadline(
+        "consumer", lambda: KafkaConsumer(**options), settings.connect_timeout_s, settings.bootstrap_servers
+    )
+
+
+def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """A producer, retried until ``connect_timeout_s``."""
+    options = {**producer_options(settings), **overrides}
+    return retry_until_deadline(
+        "producer", lambda: KafkaProducer(**options), settings.connect_timeout_s, settings.bootstrap_servers
+    )
+
+
+def ensure_topics(settings: Settings, topics: dict[str, int], max_message_bytes: int | None = None) -> None:
+    """Create topics that do not exist yet (``name -> partitions``); existing ones are left alone."""
+    admin = retry_until_deadline(
+        "admin",
+        lambda: KafkaAdminClient(**common_options(settings)),
+        settings.connect_timeout_s,
+        settings.bootstrap_servers,
+    )
+    try:
+        limit = str(max_message_bytes or settings.max_message_bytes)
+        for name, partitions in topics.items():
+            try:
+                admin.create_topics(
+                    {name: {"num_partitions": partitions, "configs": {"max.message.bytes": limit}}},
+                    wait_for_metadata=True,
+                )
+                log.info("created topic %s with %d partition(s)", name, partitions)
+            except TopicAlreadyExistsError:
+                pass
+    except KafkaError as exc:
+        raise StartupError(f"cannot create topics {sorted(topics)}: {exc}") from None
+    finally:
+        admin.close()

@@ -1,0 +1,148 @@
+"""The message contracts in code: request decoding, output encoding, DLQ headers.
+
+``schemas/`` is the single source of truth; tests validate real records against it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from worker.errors import RejectedRecord, RejectReason
+
+SCHEMA_VERSION = 1
+MAX_ID_LENGTH = 1024
+HEADER_PREFIX = "clip-worker-"
+REASON_HEADER = HEADER_PREFIX + "reason"
+ERROR_HEADER = HEADER_PREFIX + "error"
+SOURCE_TOPIC_HEADER = HEADER_PREFIX + "source-topic"
+SOURCE_PARTITION_HEADER = HEADER_PREFIX + "source-partition"
+SOURCE_OFFSET_HEADER = HEADER_PREFIX + "source-offset"
+FAILED_AT_HEADER = HEADER_PREFIX + "failed-at-ms"
+MAX_ERROR_MESSAGE = 512
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record came from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``source`` map of an output record."""
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A decoded request record."""
+
+    id: str
+    image: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_request(value: bytes | None) -> ImageRequest:
+    """Decode a request record's value; raise :class:`RejectedRecord` with a typed reason otherwise."""
+    if not value:
+        raise RejectedRecord(RejectReason.INVALID_MSGPACK, "record value is empty")
+    try:
+        payload = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    except UnicodeDecodeError:
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE, "a string in the record is not valid UTF-8"
+        ) from None
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise RejectedRecord(RejectReason.INVALID_MSGPACK, f"value is not msgpack: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE, f"value must be a msgpack map, got {type(payload).__name__}"
+        )
+    version = payload.get("v", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise RejectedRecord(
+            RejectReason.UNSUPPORTED_VERSION, f"schema version {version!r} is not supported (expected 1)"
+        )
+    request_id = payload.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise RejectedRecord(RejectReason.INVALID_ENVELOPE, "field 'id' must be a non-empty string")
+    if len(request_id) > MAX_ID_LENGTH:
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE, f"field 'id' is longer than {MAX_ID_LENGTH} characters"
+        )
+    image = payload.get("image")
+    if not isinstance(image, bytes):
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE,
+            f"field 'image' must be msgpack bin, got {type(image).__name__}",
+        )
+    meta = payload.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise RejectedRecord(RejectReason.INVALID_ENVELOPE, "field 'meta' must be a map when present")
+    return ImageRequest(id=request_id, image=image, meta=meta)
+
+
+def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode a request record value (used by ``clip-worker produce``, the demo and tests)."""
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "image": image}
+    if meta:
+        payload["meta"] = meta
+    packed: bytes = msgpack.packb(payload, use_bin_type=True)
+    return packed
+
+
+def encode_embedding(
+    request: ImageRequest,
+    embedding: np.ndarray,
+    model: str,
+    source: Source,
+    forward_image: bool,
+) -> bytes:
+    """Encode one output record: the embedding as little-endian float32 bytes plus its context."""
+    vector = np.ascontiguousarray(embedding, dtype="<f4")
+    payload: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "id": request.id,
+        "embedding": vector.tobytes(),
+        "dim": int(vector.shape[0]),
+        "dtype": "float32",
+        "model": model,
+        "normalized": True,
+        "meta": request.meta,
+        "source": source.as_dict(),
+    }
+    if forward_image:
+        payload["image"] = request.image
+    packed: bytes = msgpack.packb(payload, use_bin_type=True)
+    return packed
+
+
+def decode_embedding(value: bytes) -> dict[str, Any]:
+    """Decode an output record; ``embedding`` becomes a float32 numpy vector."""
+    payload: dict[str, Any] = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    payload["embedding"] = np.frombuffer(payload["embedding"], dtype="<f4")
+    return payload
+
+
+def dlq_headers(original: Headers | None, reason: RejectReason, message: str, source: Source) -> Headers:
+    """The original headers plus the error headers of a dead-lettered record."""
+    headers = [(k, v) for k, v in (original or []) if not k.startswith(HEADER_PREFIX)]
+    headers += [
+        (REASON_HEADER, reason.value.encode()),
+        (ERROR_HEADER, message[:MAX_ERROR_MESSAGE].encode("utf-8", "replace")),
+        (SOURCE_TOPIC_HEADER, source.topic.encode()),
+        (SOURCE_PARTITION_HEADER, str(source.partition).encode()),
+        (SOURCE_OFFSET_HEADER, str(source.offset).encode()),
+        (FAILED_AT_HEADER, str(int(time.time() * 1000)).encode()),
+    ]
+    return headers

@@ -1,0 +1,107 @@
+"""Per-partition acknowledgement tracking: which offsets are safe to commit.
+
+An offset is committable only when every record before it in that partition was acknowledged by the
+broker (in the output topic or the DLQ). Acknowledgements arrive on the producer's I/O thread, so every
+method takes a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from kafka.structs import TopicPartition
+
+
+@dataclass
+class _PartitionState:
+    pending: deque[int] = field(default_factory=deque)
+    acked: set[int] = field(default_factory=set)
+    next_commit: int | None = None  # offset after the highest contiguous acknowledged record
+    committed: int | None = None
+
+
+class OffsetTracker:
+    """Tracks polled offsets of owned partitions and computes safe commit positions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._partitions: dict[TopicPartition, _PartitionState] = {}
+        self._in_flight = 0
+
+    def assign(self, partitions: set[TopicPartition]) -> None:
+        """Start tracking newly owned partitions with a clean state."""
+        with self._lock:
+            for tp in partitions:
+                old = self._partitions.pop(tp, None)
+                if old is not None:
+                    self._in_flight -= len(old.pending)
+                self._partitions[tp] = _PartitionState()
+
+    def revoke(self, partitions: set[TopicPartition]) -> None:
+        """Stop tracking partitions we no longer own: their pending work will never be committed by us."""
+        with self._lock:
+            for tp in partitions:
+                old = self._partitions.pop(tp, None)
+                if old is not None:
+                    self._in_flight -= len(old.pending)
+
+    def owned(self) -> set[TopicPartition]:
+        """Partitions currently tracked."""
+        with self._lock:
+            return set(self._partitions)
+
+    def track(self, tp: TopicPartition, offset: int) -> bool:
+        """Register a polled record; False if the partition is not owned (revoked meanwhile)."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            if state is None:
+                return False
+            if state.pending and offset <= state.pending[-1]:
+                return True  # re-delivered after a seek: already pending
+            state.pending.append(offset)
+            self._in_flight += 1
+            return True
+
+    def ack(self, tp: TopicPartition, offset: int) -> None:
+        """The broker acknowledged the record's result (output or DLQ)."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            if state is None or not state.pending or offset < state.pending[0]:
+                return  # revoked, or a duplicate acknowledgement of a record already counted
+            state.acked.add(offset)
+            while state.pending and state.pending[0] in state.acked:
+                done = state.pending.popleft()
+                state.acked.discard(done)
+                state.next_commit = done + 1
+                self._in_flight -= 1
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets to commit now: positions that advanced since the last commit."""
+        with self._lock:
+            return {
+                tp: state.next_commit
+                for tp, state in self._partitions.items()
+                if state.next_commit is not None and state.next_commit != state.committed
+            }
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Record a successful commit."""
+        with self._lock:
+            for tp, offset in offsets.items():
+                state = self._partitions.get(tp)
+                if state is not None:
+                    state.committed = offset
+
+    @property
+    def in_flight(self) -> int:
+        """Records polled but not yet acknowledged, over all owned partitions."""
+        with self._lock:
+            return self._in_flight
+
+    def pending_count(self, tp: TopicPartition) -> int:
+        """Records of one partition not yet acknowledged."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            return len(state.pending) if state else 0

@@ -1,0 +1,430 @@
+"""The worker loop: poll, decode, batch, embed, publish, track acknowledgements, commit, drain.
+
+Threads: the main loop polls, batches and commits, so the consumer stays in its group however long a
+batch takes; a thread pool decodes images (PIL releases the GIL); one inference thread embeds closed
+batches from a small bounded queue and publishes them; kafka-python's I/O threads deliver
+acknowledgements and rebalance callbacks, which only touch thread-safe state and never block.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.batcher import Batch, Batcher
+from worker.config import Settings
+from worker.embedder import Embedder
+from worker.errors import RejectedRecord, RejectReason
+from worker.images import ImageLimits, decode_and_preprocess
+from worker.messages import Headers, ImageRequest, Source, decode_request, dlq_headers, encode_embedding
+from worker.metrics import HealthState, WorkerMetrics
+from worker.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+_RETRY_BACKOFF_S = 1.0
+_MAX_POLL_RECORDS = 500
+_BATCH_QUEUE_DEPTH = 2  # one batch embedding, one waiting: enough to keep the model busy
+_STOP = None
+
+
+@dataclass
+class _InputRecord:
+    """A polled record and what the worker knows of it so far."""
+
+    source: Source
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+    polled_at: float
+
+
+@dataclass
+class _Decoding:
+    record: _InputRecord
+    request: ImageRequest
+    future: Future[np.ndarray]
+
+
+@dataclass
+class _Ready:
+    record: _InputRecord
+    request: ImageRequest
+    pixels: np.ndarray
+
+
+@dataclass
+class _Outgoing:
+    """A record to (re)send: an embedding to the output topic or a rejected record to the DLQ."""
+
+    record: _InputRecord
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    is_dlq: bool
+    reason: RejectReason | None = None
+    attempt: int = 0
+    not_before: float = 0.0
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs on kafka-python's I/O thread: it only updates thread-safe state."""
+
+    def __init__(self, tracker: OffsetTracker, metrics: WorkerMetrics, health: HealthState) -> None:
+        self._tracker = tracker
+        self._metrics = metrics
+        self._health = health
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._tracker.revoke(set(revoked))
+        self._after_change("revoked", revoked)
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._tracker.assign(set(assigned))
+        self._after_change("assigned", assigned)
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self._tracker.revoke(set(lost))
+        self._after_change("lost", lost)
+
+    def _after_change(self, what: str, partitions: set[TopicPartition]) -> None:
+        owned = self._tracker.owned()
+        self._metrics.rebalances.inc()
+        self._metrics.assigned_partitions.set(len(owned))
+        self._health.in_group = True
+        log.info("partitions %s: %s; now own %d", what, _describe(partitions), len(owned))
+
+
+def _describe(partitions: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
+
+
+class Pipeline:
+    """One worker's loop over its consumer and producer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        metrics: WorkerMetrics,
+        health: HealthState,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics
+        self.health = health
+        self.tracker = OffsetTracker()
+        self.batcher: Batcher[_Ready] = Batcher(settings.batch_size, settings.batch_timeout_s)
+        self._decoding: deque[_Decoding] = deque()
+        self._retries: deque[_Outgoing] = deque()
+        self._retries_lock = threading.Lock()
+        self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
+        workers = settings.decode_workers or _default_decode_workers()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._paused = False
+        self._last_commit = time.monotonic()
+        self._listener = _RebalanceListener(self.tracker, metrics, health)
+        self._closed_batches: deque[Batch[_Ready]] = deque()
+        self._batch_queue: queue.Queue[Batch[_Ready] | None] = queue.Queue(maxsize=_BATCH_QUEUE_DEPTH)
+        self._inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+
+    def subscribe(self) -> None:
+        """Join the consumer group on the input topic."""
+        self.consumer.subscribe([self.settings.input_topic], listener=self._listener)
+
+    # ---------------------------------------------------------------- main loop
+    def run(self, stop: threading.Event) -> bool:
+        """Process until ``stop`` is set, then drain. Returns True if everything polled was acknowledged."""
+        self.subscribe()
+        self._inference.start()
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            clean = self.drain(self.settings.shutdown_grace_s)
+        return clean
+
+    def step(self) -> None:
+        """One loop iteration: poll, collect decodes, embed due batches, resend, commit."""
+        self._apply_backpressure()
+        records = self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
+        now = time.monotonic()
+        for tp, batch in records.items():
+            for message in batch:
+                self._accept(tp, message, now)
+        self._collect_decoded(wait=False)
+        due = self.batcher.take_if_due()
+        if due is not None:
+            self._closed_batches.append(due)
+        self._hand_over_batches()
+        self._resend_due()
+        if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
+            self.commit()
+        self.metrics.in_flight_images.set(self.tracker.in_flight)
+        self.health.beat()
+
+    def _poll_timeout_ms(self) -> int:
+        if self._decoding or self._closed_batches:
+            return 2
+        due_in = self.batcher.seconds_until_due()
+        limit = 0.1 if due_in is None else min(due_in, 0.1)
+        return max(0, int(limit * 1000))
+
+    def _poll_budget(self) -> int:
+        room = self.settings.max_in_flight - self.tracker.in_flight
+        return max(1, min(_MAX_POLL_RECORDS, room))
+
+    def _apply_backpressure(self) -> None:
+        in_flight = self.tracker.in_flight
+        if not self._paused and in_flight >= self.settings.max_in_flight:
+            assigned = list(self.consumer.assignment())
+            self.consumer.pause(*assigned)
+            self._paused = True
+            self.metrics.paused_partitions.set(len(assigned))
+        elif self._paused and in_flight < self.settings.max_in_flight // 2:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            self.metrics.paused_partitions.set(0)
+
+    # ---------------------------------------------------------------- intake and decoding
+    def _accept(self, tp: TopicPartition, message: Any, now: float) -> None:
+        source = Source(message.topic, message.partition, message.offset)
+        if not self.tracker.track(tp, message.offset):
+            return  # partition revoked while this record was buffered; its new owner reads it again
+        self.metrics.consumed.inc()
+        record = _InputRecord(
+            source=source,
+            key=message.key,
+            value=message.value,
+            headers=list(message.headers or []),
+            timestamp_ms=int(message.timestamp or 0),
+            polled_at=now,
+        )
+        try:
+            request = decode_request(record.value)
+        except RejectedRecord as rejected:
+            self._dead_letter(record, rejected.reason, rejected.message)
+            return
+        future = self._pool.submit(self._decode_image, request.image)
+        self._decoding.append(_Decoding(record, request, future))
+
+    def _decode_image(self, data: bytes) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return decode_and_preprocess(data, self._limits, self.embedder.preprocessing)
+        finally:
+            self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+
+    def _collect_decoded(self, wait: bool) -> None:
+        while self._decoding and (wait or self._decoding[0].future.done()):
+            item = self._decoding.popleft()
+            try:
+                pixels = item.future.result()
+            except RejectedRecord as rejected:
+                self._dead_letter(item.record, rejected.reason, rejected.message)
+                continue
+            except Exception as exc:  # a decoder bug must not lose the record
+                message = f"decoder crashed: {type(exc).__name__}: {exc}"
+                self._dead_letter(item.record, RejectReason.CORRUPT_IMAGE, message)
+                continue
+            batch = self.batcher.add(_Ready(item.record, item.request, pixels))
+            if batch is not None:
+                self._closed_batches.append(batch)
+
+    # ---------------------------------------------------------------- inference
+    def _hand_over_batches(self, wait_s: float = 0.0) -> None:
+        """Move closed batches to the inference thread's queue without blocking the poll loop."""
+        while self._closed_batches:
+            try:
+                self._batch_queue.put(self._closed_batches[0], timeout=wait_s or None, block=wait_s > 0)
+            except queue.Full:
+                return
+            self._closed_batches.popleft()
+
+    def _stop_inference(self, deadline: float) -> None:
+        """Let the inference thread finish the queued batches, then end it."""
+        if not self._inference.is_alive():
+            return
+        try:
+            self._batch_queue.put(_STOP, timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Full:
+            log.error("inference did not drain its queue before the shutdown deadline")
+            return
+        self._inference.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _inference_loop(self) -> None:
+        while True:
+            batch = self._batch_queue.get()
+            if batch is _STOP:
+                return
+            self._embed(batch)
+
+    def _embed(self, batch: Batch[_Ready]) -> None:
+        self.metrics.batch_closes.labels(batch.cause.value).inc()
+        self.metrics.batch_size.observe(len(batch.items))
+        now = time.monotonic()
+        for item in batch.items:
+            self.metrics.stage_seconds.labels("queue_wait").observe(now - item.record.polled_at)
+        self._embed_items(batch.items, retry=True)
+
+    def _embed_items(self, items: list[_Ready], retry: bool) -> None:
+        """Embed items; on failure retry once, then split the batch to isolate the image that fails."""
+        started = time.perf_counter()
+        try:
+            vectors = self.embedder.embed(np.stack([item.pixels for item in items]))
+        except Exception as exc:
+            if retry:
+                log.warning("inference failed on a batch of %d (%s); retrying once", len(items), exc)
+                self._embed_items(items, retry=False)
+            elif len(items) > 1:
+                half = len(items) // 2
+                self._embed_items(items[:half], retry=False)
+                self._embed_items(items[half:], retry=False)
+            else:
+                message = f"inference failed: {type(exc).__name__}: {exc}"
+                self._dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
+            return
+        self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
+        self.metrics.embedded.inc(len(items))
+        publish_started = time.perf_counter()
+        for item, vector in zip(items, vectors, strict=True):
+            self._publish_embedding(item, vector)
+        self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - publish_started)
+
+    # ---------------------------------------------------------------- publishing
+    def _publish_embedding(self, item: _Ready, vector: np.ndarray) -> None:
+        value = encode_embedding(
+            item.request, vector, self.embedder.label, item.record.source, self.settings.forward_image
+        )
+        if len(value) > self.settings.max_message_bytes:
+            message = f"output record is {len(value)} bytes, over --max-message-bytes"
+            self._dead_letter(item.record, RejectReason.OUTPUT_TOO_LARGE, message)
+            return
+        key = item.record.key if item.record.key is not None else item.request.id.encode()
+        self._send(
+            _Outgoing(item.record, self.settings.output_topic, key, value, item.record.headers, is_dlq=False)
+        )
+
+    def _dead_letter(self, record: _InputRecord, reason: RejectReason, message: str) -> None:
+        log.debug("dead-letter %s: %s", record.source, message)
+        headers = dlq_headers(record.headers, reason, message, record.source)
+        self._send(
+            _Outgoing(record, self.settings.dlq_topic, record.key, record.value, headers, True, reason)
+        )
+
+    def _send(self, out: _Outgoing) -> None:
+        tp = TopicPartition(out.record.source.topic, out.record.source.partition)
+        try:
+            future = self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
+        except KafkaError as exc:
+            self._on_send_failed(out, exc)
+            return
+        future.add_callback(lambda _metadata: self._on_delivered(out, tp))
+        future.add_errback(lambda exc: self._on_send_failed(out, exc))
+
+    def _on_delivered(self, out: _Outgoing, tp: TopicPartition) -> None:
+        # Producer I/O thread: cheap, non-blocking bookkeeping only.
+        self.tracker.ack(tp, out.record.source.offset)
+        if out.is_dlq:
+            assert out.reason is not None
+            self.metrics.dlq.labels(out.reason.value).inc()
+        else:
+            self.metrics.published.inc()
+            if out.record.timestamp_ms > 0:
+                self.metrics.end_to_end_seconds.observe(max(0.0, time.time() - out.record.timestamp_ms / 1000))
+
+    def _on_send_failed(self, out: _Outgoing, exc: BaseException) -> None:
+        if not out.is_dlq and isinstance(exc, MessageSizeTooLargeError):
+            message = f"output record rejected by the broker as too large: {exc}"
+            self._dead_letter(out.record, RejectReason.OUTPUT_TOO_LARGE, message)
+            return
+        out.attempt += 1
+        out.not_before = time.monotonic() + min(_RETRY_BACKOFF_S * out.attempt, 10.0)
+        log.warning(
+            "delivery to %s failed for %s (attempt %d: %s); will retry",
+            out.topic,
+            out.record.source,
+            out.attempt,
+            exc,
+        )
+        with self._retries_lock:
+            self._retries.append(out)
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        with self._retries_lock:
+            due = [out for out in self._retries if out.not_before <= now]
+            if not due:
+                return
+            self._retries = deque(out for out in self._retries if out.not_before > now)
+        for out in due:
+            self.metrics.publish_retries.inc()
+            self._send(out)
+
+    # ---------------------------------------------------------------- commits and shutdown
+    def commit(self) -> None:
+        """Commit every partition's position up to its first unacknowledged record."""
+        self._last_commit = time.monotonic()
+        offsets = self.tracker.committable()
+        if not offsets:
+            return
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+        except KafkaError as exc:
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit failed (%s); will retry with the next commit", exc)
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.inc()
+
+    def drain(self, grace_s: float) -> bool:
+        """Embed and publish everything polled, flush, commit. True if nothing was left unacknowledged."""
+        deadline = time.monotonic() + grace_s
+        log.info("draining: %d record(s) in flight", self.tracker.in_flight)
+        self._collect_decoded(wait=True)
+        remaining = self.batcher.drain()
+        if remaining is not None:
+            self._closed_batches.append(remaining)
+        while self._closed_batches and time.monotonic() < deadline:
+            self._hand_over_batches(wait_s=0.2)
+        self._stop_inference(deadline)
+        while time.monotonic() < deadline:
+            self._resend_due()
+            try:
+                self.producer.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            except KafkaError:
+                pass
+            with self._retries_lock:
+                retrying = bool(self._retries)
+            if self.tracker.in_flight == 0 and not retrying:
+                break
+            time.sleep(0.05)
+        self.commit()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        left = self.tracker.in_flight
+        if left:
+            log.error("shutdown grace period ended with %d record(s) unacknowledged; not committed", left)
+        return left == 0
+
+
+def _default_decode_workers() -> int:
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))

@@ -1,0 +1,95 @@
+"""Start-up and lifecycle of the long-running worker: model, clients, metrics, signals, drain."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from worker import __version__
+from worker.config import Settings
+from worker.embedder import Embedder, ModelSpec, load_embedder
+from worker.kafka_io import make_consumer, make_producer
+from worker.metrics import HealthState, MetricsServer, WorkerMetrics
+from worker.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_UNCLEAN_DRAIN = 3
+
+
+def model_spec(settings: Settings) -> ModelSpec:
+    """The model part of the settings."""
+    return ModelSpec(
+        model=settings.model,
+        model_dir=settings.model_dir,
+        local_files_only=settings.local_files_only,
+        random_weights=settings.random_weights,
+        device=settings.device,
+        dtype=settings.dtype,
+    )
+
+
+def run_worker(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    embedder: Embedder | None = None,
+    metrics: WorkerMetrics | None = None,
+) -> int:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT in the main thread); returns the exit code.
+
+    Raises :class:`worker.errors.StartupError` for problems a user must fix.
+    """
+    stop = stop or threading.Event()
+    log.info("clip-worker %s starting with %s", __version__, settings.redacted())
+    metrics = metrics or WorkerMetrics()
+    health = HealthState()
+    server = None
+    if settings.metrics_port:
+        server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics, health)
+        server.start()
+    try:
+        embedder = embedder or load_embedder(model_spec(settings))
+        health.model_loaded = True
+        if embedder.is_random:
+            log.warning("RANDOM WEIGHTS: embeddings are meaningless; every record says model=%s", embedder.label)
+        metrics.info.info(
+            {
+                "model": embedder.label,
+                "revision": embedder.revision,
+                "dtype": str(embedder.dtype).removeprefix("torch."),
+                "device": str(embedder.device),
+                "version": __version__,
+            }
+        )
+        log.info("model %s on %s (%s), dim %d", embedder.label, embedder.device, embedder.dtype, embedder.dim)
+        consumer = make_consumer(settings)
+        producer = make_producer(settings)
+        pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health)
+        _install_signal_handlers(stop)
+        try:
+            clean = pipeline.run(stop)
+        finally:
+            consumer.close(autocommit=False)
+            producer.close(timeout=5)
+        log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
+        return EXIT_OK if clean else EXIT_UNCLEAN_DRAIN
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            return
+        log.info("received %s: finishing in-flight work, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)

@@ -1,0 +1,118 @@
+"""``clip-worker produce`` and ``clip-worker tail``: getting images in and embeddings out by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from worker.config import Settings
+from worker.errors import StartupError
+from worker.kafka_io import ensure_topics, make_consumer, make_producer
+from worker.messages import decode_embedding, encode_request
+
+log = logging.getLogger(__name__)
+
+
+def iter_image_files(paths: list[str]) -> Iterator[tuple[str, Path]]:
+    """``(id, path)`` for every regular, non-hidden file; id is the path relative to its argument."""
+    for argument in paths:
+        root = Path(argument)
+        if root.is_file():
+            yield root.name, root
+        elif root.is_dir():
+            for path in sorted(root.rglob("*")):
+                relative = path.relative_to(root)
+                if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                    yield relative.as_posix(), path
+        else:
+            raise StartupError(f"{argument}: no such file or directory")
+
+
+def produce_paths(settings: Settings, paths: list[str], partitions: int | None = None) -> int:
+    """Publish each file as one request record (key = id); returns how many were acknowledged."""
+    files = list(iter_image_files(paths))
+    if partitions:
+        ensure_topics(settings, {settings.input_topic: partitions})
+    producer = make_producer(settings)
+    try:
+        futures = []
+        for request_id, path in files:
+            value = encode_request(request_id, path.read_bytes(), {"path": str(path)})
+            futures.append(producer.send(settings.input_topic, key=request_id.encode(), value=value))
+        producer.flush()
+        for future in futures:
+            future.get(timeout=30)
+    finally:
+        producer.close()
+    return len(files)
+
+
+def describe_output(value: bytes, head: int = 4) -> dict[str, Any]:
+    """The JSON-line summary of one output record."""
+    record = decode_embedding(value)
+    vector: np.ndarray = record["embedding"]
+    return {
+        "id": record["id"],
+        "dim": record["dim"],
+        "norm": round(float(np.linalg.norm(vector)), 6),
+        "model": record["model"],
+        "source": record["source"],
+        "head": [round(float(x), 6) for x in vector[:head]],
+    }
+
+
+def describe_dlq(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """The JSON-line summary of one dead-lettered record."""
+    fields = {name: raw.decode("utf-8", "replace") for name, raw in headers if name.startswith("clip-worker-")}
+    return {
+        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "bytes": len(value or b""),
+        "reason": fields.get("clip-worker-reason"),
+        "error": fields.get("clip-worker-error"),
+        "source": {
+            "topic": fields.get("clip-worker-source-topic"),
+            "partition": int(fields.get("clip-worker-source-partition", "-1")),
+            "offset": int(fields.get("clip-worker-source-offset", "-1")),
+        },
+    }
+
+
+def tail_topic(
+    settings: Settings,
+    dlq: bool = False,
+    max_records: int | None = None,
+    idle_timeout_s: float | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print records of the output (or DLQ) topic from the beginning as JSON lines; no offsets committed."""
+    topic = settings.dlq_topic if dlq else settings.output_topic
+    consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest")
+    consumer.subscribe([topic])
+    printed = 0
+    last_record = time.monotonic()
+    try:
+        while max_records is None or printed < max_records:
+            batches = consumer.poll(timeout_ms=500)
+            for messages in batches.values():
+                for message in messages:
+                    if dlq:
+                        line = describe_dlq(message.key, message.value, list(message.headers or []))
+                    else:
+                        line = describe_output(message.value)
+                    print(json.dumps(line), file=out, flush=True)
+                    printed += 1
+                    last_record = time.monotonic()
+            if idle_timeout_s is not None and time.monotonic() - last_record > idle_timeout_s:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close(autocommit=False)
+    return printed
