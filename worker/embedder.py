@@ -114,6 +114,11 @@ class Embedder:
 def load_embedder(spec: ModelSpec) -> Embedder:
     """Load the model described by ``spec``; raises :class:`ModelLoadError` with a one-line fix."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    # The text tower of a full CLIP checkpoint is skipped on purpose; its load report would be noise.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -129,12 +134,20 @@ def load_embedder(spec: ModelSpec) -> Embedder:
             label = RANDOM_PREFIX + spec.model
             revision = "random"
         else:
-            model = CLIPVisionModelWithProjection.from_pretrained(
+            model, loading = CLIPVisionModelWithProjection.from_pretrained(
                 spec.model,
                 cache_dir=str(spec.model_dir) if spec.model_dir else None,
                 local_files_only=spec.local_files_only,
                 attn_implementation="sdpa",
+                output_loading_info=True,
             )
+            # A checkpoint without some vision weights would load with random ones: never embed with that.
+            if loading.get("missing_keys"):
+                missing = sorted(loading["missing_keys"])
+                raise ModelLoadError(
+                    f"{spec.model!r} lacks {len(missing)} vision weight(s) such as {missing[0]}; "
+                    f"it is not a CLIP checkpoint; {_MODEL_HINT}"
+                )
             label = spec.model
             revision = str(getattr(model.config, "_commit_hash", None) or ("local" if is_local else "unknown"))
     except ModelLoadError:

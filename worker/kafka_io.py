@@ -37,12 +37,14 @@ def security_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def common_options(settings: Settings, bootstrap_timeout_s: float = _ATTEMPT_TIMEOUT_S) -> dict[str, Any]:
-    """Options shared by every client: servers, client id, security, bootstrap timeout."""
+def common_options(settings: Settings) -> dict[str, Any]:
+    """Options shared by every client: servers, client id, security, bootstrap timeout per attempt."""
+    # Several attempts fit in the deadline, so the user sees a line per attempt rather than one long wait.
+    attempt_s = min(_ATTEMPT_TIMEOUT_S, max(1.0, settings.connect_timeout_s / 4))
     return {
         "bootstrap_servers": settings.bootstrap_servers.split(","),
         "client_id": settings.client_id,
-        "bootstrap_timeout_ms": int(bootstrap_timeout_s * 1000),
+        "bootstrap_timeout_ms": int(attempt_s * 1000),
         **security_options(settings),
     }
 

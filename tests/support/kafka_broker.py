@@ -1,0 +1,151 @@
+"""A single-node Apache Kafka (KRaft) for the integration tests, run from its Maven Central jars.
+
+The jars are resolved once with Maven (``.ci/kafka/pom.xml``) into a cache outside the clone
+(``$KAFKA_JARS_DIR``, default ``~/.cache/clip-worker/kafka-<version>``). The broker binds 127.0.0.1 on
+free ports and keeps its log directory in a temporary folder, so it can be restarted with its data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from worker.brokers import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+POM = ROOT / ".ci" / "kafka" / "pom.xml"
+CLUSTER_ID = "Y2xpcC13b3JrZXItdGVzdA"  # 22 base64url characters, any value works for a fresh log dir
+
+
+def kafka_version() -> str:
+    """The Apache Kafka version pinned in the pom."""
+    match = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
+    assert match, "kafka.version missing from .ci/kafka/pom.xml"
+    return match.group(1)
+
+
+def jars_dir() -> Path:
+    """Where the broker's jars are cached."""
+    default = Path.home() / ".cache" / "clip-worker" / f"kafka-{kafka_version()}"
+    return Path(os.environ.get("KAFKA_JARS_DIR", default))
+
+
+def ensure_jars() -> Path:
+    """Resolve the broker jars with Maven unless they are cached already."""
+    target = jars_dir()
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    if shutil.which("mvn") is None:
+        raise RuntimeError("Maven (mvn) is needed to fetch the Apache Kafka jars for the integration tests")
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+            "-DincludeScope=runtime", f"-DoutputDirectory={target}",
+        ],
+        check=True,
+    )
+    marker.touch()
+    return target
+
+
+class ApacheKafka:
+    """One KRaft node (broker + controller) on loopback."""
+
+    def __init__(self, workdir: Path, listeners: dict[str, str] | None = None, extra: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.extra = extra or {}
+        self._process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "broker.log"
+        self._formatted = False
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``127.0.0.1:port`` of the client listener."""
+        return f"127.0.0.1:{self.port}"
+
+    def _write_config(self) -> Path:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.workdir / "data"),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "group.min.session.timeout.ms": "1000",
+            "message.max.bytes": str(64 * 1024 * 1024),
+            "replica.fetch.max.bytes": str(64 * 1024 * 1024),
+            "auto.create.topics.enable": "true",
+            **self.extra,
+        }
+        path = self.workdir / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        log4j = self.workdir / "log4j2.properties"
+        log4j.write_text(
+            "rootLogger.level=WARN\nrootLogger.appenderRef.out.ref=OUT\nappender.out.type=Console\n"
+            "appender.out.name=OUT\nappender.out.layout.type=PatternLayout\n"
+            "appender.out.layout.pattern=[%d] %p %m (%c)%n\n"
+        )
+        return path
+
+    def _java(self, *args: str) -> list[str]:
+        return [
+            "java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC",
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            "-cp", f"{ensure_jars()}/*", *args,
+        ]
+
+    def start(self, timeout_s: float = 60.0) -> ApacheKafka:
+        """Format the log dir (first start only), start the node, wait for the client port."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()
+        if not self._formatted:
+            subprocess.run(
+                self._java("kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c", str(config)),
+                check=True, capture_output=True,
+            )
+            self._formatted = True
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._java("kafka.Kafka", str(config)), stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout_s, self._process)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}; broker log:\n{self.log_path.read_text()[-4000:]}") from None
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the node (SIGKILL when ``kill``); the log directory is kept for a restart."""
+        if self._process is None:
+            return
+        self._process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def restart(self, downtime_s: float = 0.0) -> None:
+        """Stop, wait, start again on the same ports with the same data."""
+        self.stop()
+        time.sleep(downtime_s)
+        self.start()

@@ -1,0 +1,79 @@
+import pytest
+
+from worker.config import Settings, env_name, flag_name, load_settings
+from worker.errors import StartupError
+
+
+def test_defaults_match_the_documented_names():
+    settings = load_settings({}, environ={})
+    assert settings.bootstrap_servers == "localhost:9092"
+    assert settings.input_topic == "images"
+    assert settings.output_topic == "image-embeddings"
+    assert settings.dlq_topic == "images.dlq"
+    assert settings.group_id == "clip-worker"
+    assert settings.batch_size == 32
+    assert settings.model == "openai/clip-vit-large-patch14"
+    assert settings.device == "auto" and settings.dtype == "auto"
+    assert settings.forward_image is False
+
+
+def test_every_field_has_a_flag_env_var_and_description():
+    for name, info in Settings.model_fields.items():
+        assert flag_name(name) == "--" + name.replace("_", "-")
+        assert env_name(name) == "CLIP_WORKER_" + name.upper()
+        assert info.description, name
+
+
+def test_env_vars_apply_and_flags_win():
+    env = {"CLIP_WORKER_BATCH_SIZE": "64", "CLIP_WORKER_FORWARD_IMAGE": "true", "CLIP_WORKER_GROUP_ID": "g"}
+    settings = load_settings({"group_id": "from-flag"}, environ=env)
+    assert settings.batch_size == 64
+    assert settings.forward_image is True
+    assert settings.group_id == "from-flag"
+
+
+def test_settings_are_frozen():
+    settings = load_settings({}, environ={})
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own ValidationError type
+        settings.batch_size = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "fragment"),
+    [
+        ({"batch_size": "0"}, {}, "--batch-size / CLIP_WORKER_BATCH_SIZE"),
+        ({}, {"CLIP_WORKER_BATCH_SIZE": "lots"}, "CLIP_WORKER_BATCH_SIZE"),
+        ({"device": "gpu"}, {}, "use auto, cpu, cuda or cuda:N"),
+        ({"dtype": "int8"}, {}, "--dtype"),
+        ({"ssl_cafile": "/no/such/ca.pem"}, {}, "no such file"),
+        ({"security_protocol": "SASL_SSL"}, {}, "--sasl-mechanism"),
+        ({}, {"CLIP_WORKER_BATCHSIZE": "8"}, "unknown environment variable CLIP_WORKER_BATCHSIZE"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_fix(overrides, env, fragment):
+    with pytest.raises(StartupError) as caught:
+        load_settings(overrides, environ=env)
+    message = str(caught.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_secrets_are_masked_everywhere():
+    settings = load_settings(
+        {
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "PLAIN",
+            "sasl_username": "alice",
+            "sasl_password": "hunter2-secret",
+        },
+        environ={},
+    )
+    assert "hunter2-secret" not in repr(settings)
+    assert "hunter2-secret" not in str(settings.redacted())
+    assert settings.redacted()["sasl_username"] == "alice"
+
+
+def test_bad_password_value_is_not_echoed():
+    with pytest.raises(StartupError) as caught:
+        load_settings({"sasl_password": 12345678}, environ={"CLIP_WORKER_SASL_PASSWORD": "x"})
+    assert "12345678" not in str(caught.value)

@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support.tiny_clip import TINY_DIM, TINY_IMAGE_SIZE
+from worker.embedder import ModelSpec, load_embedder, resolve_device, resolve_dtype
+from worker.errors import ModelLoadError, StartupError
+from worker.images import ImageLimits, decode_and_preprocess
+from worker.samples import sample_images
+
+
+@pytest.fixture(scope="module")
+def pixels(tiny_embedder):
+    samples = sample_images(6)
+    return np.stack([decode_and_preprocess(s.data, ImageLimits(), tiny_embedder.preprocessing) for s in samples])
+
+
+def test_loads_vision_tower_and_preprocessing_from_a_full_clip_checkpoint(tiny_embedder, tiny_clip_dir):
+    assert tiny_embedder.dim == TINY_DIM
+    assert tiny_embedder.preprocessing.crop == TINY_IMAGE_SIZE
+    assert tiny_embedder.label == str(tiny_clip_dir)
+    assert not tiny_embedder.is_random
+
+
+def test_embeddings_have_model_dim_and_unit_norm(tiny_embedder, pixels):
+    vectors = tiny_embedder.embed(pixels)
+    assert vectors.shape == (len(pixels), TINY_DIM)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_embeddings_are_deterministic_and_batch_size_independent(tiny_embedder, pixels):
+    batched = tiny_embedder.embed(pixels)
+    again = tiny_embedder.embed(pixels)
+    one_by_one = np.concatenate([tiny_embedder.embed(pixels[i : i + 1]) for i in range(len(pixels))])
+    np.testing.assert_array_equal(batched, again)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1]), "different pictures must embed differently"
+
+
+def test_embedding_equals_clip_get_image_features(tiny_embedder, tiny_clip_dir, pixels):
+    from transformers import CLIPModel
+
+    full = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    with torch.inference_mode():
+        output = full.get_image_features(pixel_values=torch.from_numpy(pixels))
+    features = output if isinstance(output, torch.Tensor) else output.pooler_output
+    expected = torch.nn.functional.normalize(features.float(), dim=-1).numpy()
+    np.testing.assert_allclose(tiny_embedder.embed(pixels), expected, atol=1e-5)
+
+
+def test_random_weights_follow_the_checkpoint_architecture_and_say_so(tiny_clip_dir):
+    embedder = load_embedder(ModelSpec(model=str(tiny_clip_dir), random_weights=True, device="cpu"))
+    assert embedder.is_random
+    assert embedder.label == f"random:{tiny_clip_dir}"
+    assert embedder.dim == TINY_DIM
+
+
+def test_missing_directory_names_the_flags_to_fix(tmp_path):
+    with pytest.raises(ModelLoadError) as caught:
+        load_embedder(ModelSpec(model=str(tmp_path / "nope"), device="cpu"))
+    message = str(caught.value)
+    assert "--model" in message and "--model-dir" in message and "--random-weights" in message
+    assert "\n" not in message
+
+
+def test_directory_without_weights_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with pytest.raises(ModelLoadError, match="--random-weights"):
+        load_embedder(ModelSpec(model=str(tmp_path), device="cpu"))
+
+
+def test_unreachable_hub_model_offline_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(ModelLoadError, match="--model-dir"):
+        load_embedder(ModelSpec(model="openai/clip-vit-large-patch14", model_dir=tmp_path,
+                                local_files_only=True, device="cpu"))
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(StartupError, match="--device cpu"):
+            resolve_device("cuda:0")

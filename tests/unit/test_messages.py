@@ -1,0 +1,95 @@
+import msgpack
+import numpy as np
+import pytest
+
+from tests.support.schemas import validate_dlq_headers, validate_msgpack
+from worker.errors import RejectedRecord, RejectReason
+from worker.messages import (
+    REASON_HEADER,
+    ImageRequest,
+    Source,
+    decode_embedding,
+    decode_request,
+    dlq_headers,
+    encode_embedding,
+    encode_request,
+)
+
+
+def test_request_round_trip_and_schema():
+    raw = encode_request("cat.jpg", b"\xff\xd8bytes", {"shard": 3})
+    validate_msgpack(raw, "image-request.schema.json")
+    request = decode_request(raw)
+    assert request == ImageRequest("cat.jpg", b"\xff\xd8bytes", {"shard": 3})
+
+
+def test_request_without_version_or_meta_is_accepted():
+    raw = msgpack.packb({"id": "a", "image": b"x"}, use_bin_type=True)
+    assert decode_request(raw) == ImageRequest("a", b"x", {})
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"", RejectReason.INVALID_MSGPACK),
+        (None, RejectReason.INVALID_MSGPACK),
+        (b"\xc1", RejectReason.INVALID_MSGPACK),
+        (msgpack.packb({"id": "a", "image": b"x"}) + b"trailing", RejectReason.INVALID_MSGPACK),
+        (msgpack.packb([1, 2, 3]), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"image": b"x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "", "image": b"x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": 5, "image": b"x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "image": "text"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "image": b"x", "meta": [1]}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a" * 2000, "image": b"x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (b"\x82\xa2id\xa2\xff\xfe\xa5image\xc4\x01x", RejectReason.INVALID_ENVELOPE),  # id not UTF-8
+        (msgpack.packb({"v": 2, "id": "a", "image": b"x"}, use_bin_type=True), RejectReason.UNSUPPORTED_VERSION),
+        (msgpack.packb({"v": "1", "id": "a", "image": b"x"}, use_bin_type=True), RejectReason.UNSUPPORTED_VERSION),
+        (msgpack.packb({"v": True, "id": "a", "image": b"x"}, use_bin_type=True), RejectReason.UNSUPPORTED_VERSION),
+    ],
+)
+def test_bad_requests_are_rejected_with_a_typed_reason(value, reason):
+    with pytest.raises(RejectedRecord) as caught:
+        decode_request(value)
+    assert caught.value.reason is reason
+    assert caught.value.message
+
+
+def test_embedding_record_matches_schema_and_round_trips():
+    vector = np.linspace(-1, 1, 768, dtype=np.float32)
+    vector /= np.linalg.norm(vector)
+    request = ImageRequest("x", b"img", {"k": "v"})
+    raw = encode_embedding(request, vector, "openai/clip-vit-large-patch14", Source("images", 2, 41), False)
+    decoded = validate_msgpack(raw, "image-embedding.schema.json")
+    assert "image" not in decoded
+    assert decoded["embedding"] == vector.astype("<f4").tobytes()
+    record = decode_embedding(raw)
+    np.testing.assert_array_equal(record["embedding"], vector)
+    assert record["dim"] == 768
+    assert record["source"] == {"topic": "images", "partition": 2, "offset": 41}
+    assert record["meta"] == {"k": "v"}
+
+
+def test_forward_image_includes_original_bytes():
+    request = ImageRequest("x", b"original", {})
+    raw = encode_embedding(request, np.ones(4, np.float32) / 2, "m", Source("t", 0, 0), True)
+    assert validate_msgpack(raw, "image-embedding.schema.json")["image"] == b"original"
+
+
+def test_dlq_headers_keep_originals_replace_ours_and_match_schema():
+    original = [("trace", b"abc"), ("clip-worker-reason", b"stale")]
+    headers = dlq_headers(original, RejectReason.NOT_AN_IMAGE, "x" * 2000, Source("images", 1, 9))
+    shown = validate_dlq_headers(headers)
+    assert shown["trace"] == "abc"
+    assert [k for k, _ in headers].count(REASON_HEADER) == 1
+    assert shown[REASON_HEADER] == "not_an_image"
+    assert shown["clip-worker-source-offset"] == "9"
+    assert len(shown["clip-worker-error"]) == 512
+
+
+def test_every_reason_is_in_the_dlq_schema():
+    from tests.support.schemas import load_schema
+
+    vocabulary = load_schema("dlq-headers.schema.json")["properties"][REASON_HEADER]["enum"]
+    assert sorted(vocabulary) == sorted(r.value for r in RejectReason)
