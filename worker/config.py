@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     min_image_side: int = Field(3, ge=1, description="images with a side shorter than this are rejected")
 
     # Model
-    model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory of a CLIP checkpoint")
+    model: str = Field(
+        DEFAULT_MODEL, description="Hugging Face hub id or local directory of a CLIP checkpoint"
+    )
     model_dir: Path | None = Field(None, description="weights cache directory (default: the HF cache)")
     local_files_only: bool = Field(False, description="never reach the hub; use only cached or local weights")
     random_weights: bool = Field(

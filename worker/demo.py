@@ -30,7 +30,9 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers on its HTTPS port (checked once, quickly, before a download)."""
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout_s):
+        with socket.create_connection(
+            (endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout_s
+        ):
             return True
     except OSError:
         return False
@@ -102,7 +104,9 @@ def run_demo(count: int = 48, batch_size: int = 16, device: str = "auto", dtype:
     return 0 if missing == 0 and exit_codes == [0] else 1
 
 
-def _collect(settings: Any, expected: int, worker: threading.Thread) -> tuple[list[dict[str, Any]], Counter[str]]:
+def _collect(
+    settings: Any, expected: int, worker: threading.Thread
+) -> tuple[list[dict[str, Any]], Counter[str]]:
     consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest")
     consumer.subscribe([settings.output_topic, settings.dlq_topic])
     outputs: dict[str, dict[str, Any]] = {}
@@ -136,13 +140,19 @@ def _progress(line: str) -> None:
         print(line, flush=True)
 
 
-def _print_summary(embedder: Embedder, outputs: list[dict[str, Any]], dead: Counter[str], elapsed: float) -> None:
+def _print_summary(
+    embedder: Embedder, outputs: list[dict[str, Any]], dead: Counter[str], elapsed: float
+) -> None:
+    warning = "   (RANDOM WEIGHTS: vectors are meaningless)" if embedder.is_random else ""
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(dead.items()))
     print("\n== clip-worker demo summary ==")
-    print(f"model            {embedder.label}{'   (RANDOM WEIGHTS: vectors are meaningless)' if embedder.is_random else ''}")
+    print(f"model            {embedder.label}{warning}")
     print(f"device / dtype   {embedder.device} / {str(embedder.dtype).removeprefix('torch.')}")
     print(f"embedded         {len(outputs)} image(s)")
-    print(f"dead-lettered    {sum(dead.values())} ({', '.join(f'{r}: {n}' for r, n in sorted(dead.items())) or 'none'})")
-    print(f"throughput       {len(outputs) / elapsed:.2f} images/s over {elapsed:.1f}s (Kafka in to Kafka out)")
+    print(f"dead-lettered    {sum(dead.values())} ({reasons or 'none'})")
+    print(
+        f"throughput       {len(outputs) / elapsed:.2f} images/s over {elapsed:.1f}s (Kafka in to Kafka out)"
+    )
     if outputs:
         first = sorted(outputs, key=lambda r: r["id"])[0]
         vector = first["embedding"]

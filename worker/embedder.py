@@ -79,7 +79,7 @@ class Embedder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,
         label: str,
         revision: str,
         preprocessing: Preprocessing,
@@ -149,12 +149,16 @@ def load_embedder(spec: ModelSpec) -> Embedder:
                     f"it is not a CLIP checkpoint; {_MODEL_HINT}"
                 )
             label = spec.model
-            revision = str(getattr(model.config, "_commit_hash", None) or ("local" if is_local else "unknown"))
+            revision = str(
+                getattr(model.config, "_commit_hash", None) or ("local" if is_local else "unknown")
+            )
     except ModelLoadError:
         raise
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {spec.model!r} ({first_line[:200]}); {_MODEL_HINT}") from None
+        raise ModelLoadError(
+            f"cannot load model {spec.model!r} ({first_line[:200]}); {_MODEL_HINT}"
+        ) from None
     model = model.to(device=device, dtype=dtype).eval()
     preprocessing = _preprocessing_for(spec, int(model.config.image_size))
     log.info("model %s loaded on %s as %s (dim %d)", label, device, dtype, model.config.projection_dim)
@@ -195,8 +199,8 @@ def _preprocessing_for(spec: ModelSpec, image_size: int) -> Preprocessing:
     return Preprocessing(
         size=int(size),
         crop=int(crop),
-        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),  # type: ignore[arg-type]
-        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),  # type: ignore[arg-type]
+        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
     )
 
 

@@ -113,8 +113,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         eight_bit = (array.astype(np.float64) * (255.0 / scale)).round().clip(0, 255).astype(np.uint8)
         return Image.fromarray(eight_bit, mode="L").convert("RGB")
     if mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        eight_bit = (array * 255.0 if array.max(initial=0) <= 1.0 else array).clip(0, 255)
+        floats: np.ndarray = np.asarray(image, dtype=np.float32)
+        scaled = np.multiply(floats, 255.0) if floats.max(initial=0) <= 1.0 else floats
+        eight_bit = np.clip(scaled, 0, 255)
         return Image.fromarray(eight_bit.astype(np.uint8), mode="L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

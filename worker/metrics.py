@@ -32,13 +32,18 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.consumed = Counter("clip_worker_messages_consumed", "Records polled from the input topic", registry=r)
+        self.consumed = Counter(
+            "clip_worker_messages_consumed", "Records polled from the input topic", registry=r
+        )
         self.embedded = Counter("clip_worker_images_embedded", "Images embedded by the model", registry=r)
         self.published = Counter(
             "clip_worker_records_published", "Output records acknowledged by the broker", registry=r
         )
         self.dlq = Counter(
-            "clip_worker_dlq_records", "Records sent to the dead-letter topic, by reason", ["reason"], registry=r
+            "clip_worker_dlq_records",
+            "Records sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
         )
         self.commits = Counter("clip_worker_commits", "Successful offset commits", registry=r)
         self.commit_failures = Counter("clip_worker_commit_failures", "Failed offset commits", registry=r)
@@ -47,7 +52,10 @@ class WorkerMetrics:
         )
         self.rebalances = Counter("clip_worker_rebalances", "Partition assignment changes", registry=r)
         self.batch_closes = Counter(
-            "clip_worker_batch_closes", "Batches closed, by cause (size, timeout, drain)", ["cause"], registry=r
+            "clip_worker_batch_closes",
+            "Batches closed, by cause (size, timeout, drain)",
+            ["cause"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "clip_worker_batch_size_images",
@@ -57,7 +65,7 @@ class WorkerMetrics:
         )
         self.stage_seconds = Histogram(
             "clip_worker_stage_seconds",
-            "Time per pipeline stage (decode per image; inference and publish per batch; queue wait per image)",
+            "Seconds per stage: decode and queue_wait per image, inference and publish per batch",
             ["stage"],
             buckets=_STAGE_SECONDS,
             registry=r,
@@ -78,7 +86,10 @@ class WorkerMetrics:
             "clip_worker_paused_partitions", "Input partitions paused for backpressure", registry=r
         )
         self.lag = Gauge(
-            "clip_worker_consumer_lag", "High watermark minus position, per partition", ["partition"], registry=r
+            "clip_worker_consumer_lag",
+            "High watermark minus position, per partition",
+            ["partition"],
+            registry=r,
         )
         self.last_progress = Gauge(
             "clip_worker_last_progress_timestamp_seconds", "Unix time the loop last made progress", registry=r
@@ -152,7 +163,7 @@ def _make_handler(metrics: WorkerMetrics, health: HealthState) -> type[BaseHTTPR
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
     return Handler

@@ -8,6 +8,7 @@ acknowledgements and rebalance callbacks, which only touch thread-safe state and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -348,7 +349,9 @@ class Pipeline:
         else:
             self.metrics.published.inc()
             if out.record.timestamp_ms > 0:
-                self.metrics.end_to_end_seconds.observe(max(0.0, time.time() - out.record.timestamp_ms / 1000))
+                self.metrics.end_to_end_seconds.observe(
+                    max(0.0, time.time() - out.record.timestamp_ms / 1000)
+                )
 
     def _on_send_failed(self, out: _Outgoing, exc: BaseException) -> None:
         if not out.is_dlq and isinstance(exc, MessageSizeTooLargeError):
@@ -407,10 +410,8 @@ class Pipeline:
         self._stop_inference(deadline)
         while time.monotonic() < deadline:
             self._resend_due()
-            try:
+            with contextlib.suppress(KafkaError):  # a failed delivery arrives via the errback
                 self.producer.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except KafkaError:
-                pass
             with self._retries_lock:
                 retrying = bool(self._retries)
             if self.tracker.in_flight == 0 and not retrying:

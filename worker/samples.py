@@ -33,12 +33,19 @@ def scene(width: int, height: int, seed: int) -> Image.Image:
     image = Image.fromarray(sky.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     sun_r = max(3, min(width, height) // rng.randint(8, 14))
-    sx, sy = rng.randint(sun_r, max(sun_r + 1, width - sun_r)), rng.randint(sun_r, max(sun_r + 1, height // 2))
+    sx, sy = (
+        rng.randint(sun_r, max(sun_r + 1, width - sun_r)),
+        rng.randint(sun_r, max(sun_r + 1, height // 2)),
+    )
     draw.ellipse((sx - sun_r, sy - sun_r, sx + sun_r, sy + sun_r), fill=(255, rng.randint(200, 250), 120))
     for layer in range(3):
         base = int(height * (0.55 + 0.12 * layer))
         shade = 40 + 35 * layer
-        colour = (shade // 2 + rng.randint(0, 30), shade + rng.randint(40, 90), shade // 2 + rng.randint(0, 20))
+        colour = (
+            shade // 2 + rng.randint(0, 30),
+            shade + rng.randint(40, 90),
+            shade // 2 + rng.randint(0, 20),
+        )
         points = [(0, height)]
         for x in range(0, width + 40, max(8, width // 12)):
             points.append((x, base - rng.randint(0, max(1, height // 6))))
@@ -57,7 +64,9 @@ def _house(draw: ImageDraw.ImageDraw, rng: random.Random, width: int, height: in
     y = int(height * rng.uniform(0.7, 0.85))
     wall = (rng.randint(150, 240), rng.randint(120, 200), rng.randint(90, 160))
     draw.rectangle((x, y - w, x + w, y), fill=wall, outline=(60, 40, 30))
-    draw.polygon([(x - w // 6, y - w), (x + w // 2, y - w - w // 2), (x + w + w // 6, y - w)], fill=(150, 40, 30))
+    draw.polygon(
+        [(x - w // 6, y - w), (x + w // 2, y - w - w // 2), (x + w + w // 6, y - w)], fill=(150, 40, 30)
+    )
     draw.rectangle((x + w // 3, y - w // 2, x + 2 * w // 3, y), fill=(80, 50, 30))
 
 

@@ -54,7 +54,9 @@ def run_worker(
         embedder = embedder or load_embedder(model_spec(settings))
         health.model_loaded = True
         if embedder.is_random:
-            log.warning("RANDOM WEIGHTS: embeddings are meaningless; every record says model=%s", embedder.label)
+            log.warning(
+                "RANDOM WEIGHTS: embeddings are meaningless; every record says model=%s", embedder.label
+            )
         metrics.info.info(
             {
                 "model": embedder.label,

@@ -70,7 +70,9 @@ def describe_output(value: bytes, head: int = 4) -> dict[str, Any]:
 
 def describe_dlq(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> dict[str, Any]:
     """The JSON-line summary of one dead-lettered record."""
-    fields = {name: raw.decode("utf-8", "replace") for name, raw in headers if name.startswith("clip-worker-")}
+    fields = {
+        name: raw.decode("utf-8", "replace") for name, raw in headers if name.startswith("clip-worker-")
+    }
     return {
         "key": key.decode("utf-8", "replace") if key is not None else None,
         "bytes": len(value or b""),

@@ -46,8 +46,14 @@ def ensure_jars() -> Path:
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
-            "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-            "-DincludeScope=runtime", f"-DoutputDirectory={target}",
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={target}",
         ],
         check=True,
     )
@@ -58,7 +64,9 @@ def ensure_jars() -> Path:
 class ApacheKafka:
     """One KRaft node (broker + controller) on loopback."""
 
-    def __init__(self, workdir: Path, listeners: dict[str, str] | None = None, extra: dict[str, str] | None = None):
+    def __init__(
+        self, workdir: Path, listeners: dict[str, str] | None = None, extra: dict[str, str] | None = None
+    ):
         self.workdir = workdir
         self.port = free_port()
         self.controller_port = free_port()
@@ -107,9 +115,14 @@ class ApacheKafka:
 
     def _java(self, *args: str) -> list[str]:
         return [
-            "java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC",
+            "java",
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseSerialGC",
             f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
-            "-cp", f"{ensure_jars()}/*", *args,
+            "-cp",
+            f"{ensure_jars()}/*",
+            *args,
         ]
 
     def start(self, timeout_s: float = 60.0) -> ApacheKafka:
@@ -119,7 +132,8 @@ class ApacheKafka:
         if not self._formatted:
             subprocess.run(
                 self._java("kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c", str(config)),
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
             self._formatted = True
         with self.log_path.open("ab") as log:

@@ -50,10 +50,14 @@ def worker_settings(bootstrap: str, tag: str | None = None, **overrides: Any) ->
 
 def create_topics(settings: Settings, partitions: int = 1) -> None:
     """Input, output and DLQ topics of a test."""
-    ensure_topics(settings, {settings.input_topic: partitions, settings.output_topic: 1, settings.dlq_topic: 1})
+    ensure_topics(
+        settings, {settings.input_topic: partitions, settings.output_topic: 1, settings.dlq_topic: 1}
+    )
 
 
-def produce(settings: Settings, items: list[tuple[str, bytes]], keyed: bool = True, partition: int | None = None) -> None:
+def produce(
+    settings: Settings, items: list[tuple[str, bytes]], keyed: bool = True, partition: int | None = None
+) -> None:
     """Publish ``(id, image bytes)`` requests; raw values when the id starts with ``raw:``."""
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=32 * 1024 * 1024)
     for request_id, data in items:
@@ -79,9 +83,7 @@ class Results:
 
     def reasons(self) -> dict[str, str]:
         """Dead-lettered key -> reason header."""
-        return {
-            (m.key.decode() if m.key else ""): dict(m.headers)[REASON_HEADER].decode() for m in self.dead
-        }
+        return {(m.key.decode() if m.key else ""): dict(m.headers)[REASON_HEADER].decode() for m in self.dead}
 
     def total(self) -> int:
         """Outputs plus dead letters."""
@@ -123,12 +125,11 @@ def collect(settings: Settings, expected: int, timeout_s: float = 60.0, settle_s
 
 def committed_offsets(settings: Settings, partitions: int) -> dict[int, int | None]:
     """The group's committed offset per input partition."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
-                             enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id, enable_auto_commit=False
+    )
     try:
-        return {
-            p: consumer.committed(TopicPartition(settings.input_topic, p)) for p in range(partitions)
-        }
+        return {p: consumer.committed(TopicPartition(settings.input_topic, p)) for p in range(partitions)}
     finally:
         consumer.close()
 

@@ -17,12 +17,22 @@ def build_tiny_clip(directory: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     text = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "vocab_size": 128, "max_position_embeddings": 16, "projection_dim": TINY_DIM,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 16,
+        "projection_dim": TINY_DIM,
     }
     vision = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "image_size": TINY_IMAGE_SIZE, "patch_size": 8, "projection_dim": TINY_DIM,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": TINY_IMAGE_SIZE,
+        "patch_size": 8,
+        "projection_dim": TINY_DIM,
     }
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_DIM)
     torch.manual_seed(1234)
@@ -30,7 +40,8 @@ def build_tiny_clip(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor = CLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
     )
     processor.save_pretrained(directory)
     return directory

@@ -35,7 +35,7 @@ def test_env_vars_apply_and_flags_win():
 def test_settings_are_frozen():
     settings = load_settings({}, environ={})
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own ValidationError type
-        settings.batch_size = 3  # type: ignore[misc]
+        settings.batch_size = 3
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ from worker.samples import sample_images
 @pytest.fixture(scope="module")
 def pixels(tiny_embedder):
     samples = sample_images(6)
-    return np.stack([decode_and_preprocess(s.data, ImageLimits(), tiny_embedder.preprocessing) for s in samples])
+    return np.stack(
+        [decode_and_preprocess(s.data, ImageLimits(), tiny_embedder.preprocessing) for s in samples]
+    )
 
 
 def test_loads_vision_tower_and_preprocessing_from_a_full_clip_checkpoint(tiny_embedder, tiny_clip_dir):
@@ -75,8 +77,11 @@ def test_directory_without_weights_is_a_clear_error(tmp_path):
 
 def test_unreachable_hub_model_offline_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ModelLoadError, match="--model-dir"):
-        load_embedder(ModelSpec(model="openai/clip-vit-large-patch14", model_dir=tmp_path,
-                                local_files_only=True, device="cpu"))
+        load_embedder(
+            ModelSpec(
+                model="openai/clip-vit-large-patch14", model_dir=tmp_path, local_files_only=True, device="cpu"
+            )
+        )
 
 
 def test_device_and_dtype_resolution():

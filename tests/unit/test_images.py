@@ -64,7 +64,7 @@ def test_animated_gif_uses_the_first_frame():
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    red, green, blue = load_rgb(buffer.getvalue(), LIMITS).getpixel((8, 8))  # type: ignore[misc]
+    red, _green, blue = load_rgb(buffer.getvalue(), LIMITS).getpixel((8, 8))  # type: ignore[misc]
     assert red > 200 and blue < 50
 
 
@@ -98,8 +98,10 @@ def test_image_over_the_pixel_limit_is_too_large():
 
 def png_bomb(width: int, height: int) -> bytes:
     """A grey PNG declaring width x height whose zeros compress to almost nothing."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     raw = zlib.compress(b"\x00" * ((width + 1) * 64), 9)  # only the first rows; the header is what matters
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")

@@ -41,12 +41,24 @@ def test_request_without_version_or_meta_is_accepted():
         (msgpack.packb({"id": 5, "image": b"x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
         (msgpack.packb({"id": "a", "image": "text"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
         (msgpack.packb({"id": "a"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
-        (msgpack.packb({"id": "a", "image": b"x", "meta": [1]}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (
+            msgpack.packb({"id": "a", "image": b"x", "meta": [1]}, use_bin_type=True),
+            RejectReason.INVALID_ENVELOPE,
+        ),
         (msgpack.packb({"id": "a" * 2000, "image": b"x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
         (b"\x82\xa2id\xa2\xff\xfe\xa5image\xc4\x01x", RejectReason.INVALID_ENVELOPE),  # id not UTF-8
-        (msgpack.packb({"v": 2, "id": "a", "image": b"x"}, use_bin_type=True), RejectReason.UNSUPPORTED_VERSION),
-        (msgpack.packb({"v": "1", "id": "a", "image": b"x"}, use_bin_type=True), RejectReason.UNSUPPORTED_VERSION),
-        (msgpack.packb({"v": True, "id": "a", "image": b"x"}, use_bin_type=True), RejectReason.UNSUPPORTED_VERSION),
+        (
+            msgpack.packb({"v": 2, "id": "a", "image": b"x"}, use_bin_type=True),
+            RejectReason.UNSUPPORTED_VERSION,
+        ),
+        (
+            msgpack.packb({"v": "1", "id": "a", "image": b"x"}, use_bin_type=True),
+            RejectReason.UNSUPPORTED_VERSION,
+        ),
+        (
+            msgpack.packb({"v": True, "id": "a", "image": b"x"}, use_bin_type=True),
+            RejectReason.UNSUPPORTED_VERSION,
+        ),
     ],
 )
 def test_bad_requests_are_rejected_with_a_typed_reason(value, reason):

@@ -1,5 +1,7 @@
 """Our preprocessing against the reference: transformers' CLIPImageProcessor with the PIL backend."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from worker.samples import sample_images
 MAX_ABS_DIFF = 1e-5
 
 
-def reference_processor():
+def reference_processor() -> Any:
     try:
         from transformers import CLIPImageProcessorPil
 
