@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     random_weights: bool = Field(
         False, description="random weights for the model's architecture (benchmarks, offline smoke runs)"
     )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto = first GPU if any)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )

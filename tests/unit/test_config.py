@@ -77,3 +77,12 @@ def test_bad_password_value_is_not_echoed():
     with pytest.raises(StartupError) as caught:
         load_settings({"sasl_password": 12345678}, environ={"CLIP_WORKER_SASL_PASSWORD": "x"})
     assert "12345678" not in str(caught.value)
+
+
+def test_readme_documents_every_flag_and_env_var():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`{flag_name(name)}`" in readme, name
+        assert f"`{env_name(name)}`" in readme, name
