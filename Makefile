@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration lint format kafka-jars clean
+.PHONY: install demo test unit integration lint format docs kafka-jars clean
 
 install: $(STAMP)
 
@@ -40,3 +40,6 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+docs: install
+	$(BIN)/python -m worker.readme_table

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(
         60.0, gt=0, description="give up and exit non-zero if no broker answers within this time"
     )
+    progress_interval_s: float = Field(
+        30.0, ge=0, description="seconds between progress log lines (images/s, lag, GPU); 0 disables"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 
@@ -199,3 +202,12 @@ def _describe_validation_error(exc: ValidationError) -> str:
         shown = "***" if "password" in field else repr(value)
         return f"invalid {flag_name(field)} / {env_name(field)} = {shown}: {message}"
     return f"invalid configuration: {message}"
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated so it never drifts from the code (``make docs``)."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        default = "unset" if info.default is None else info.default
+        rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | `{default}` | {info.description} |")
+    return "\n".join(rows) + "\n"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import torch
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -18,6 +19,8 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+
+from worker.gpu import GpuCollector
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,9 @@ class WorkerMetrics:
         self.in_flight_images = Gauge(
             "clip_worker_in_flight_images", "Records polled and not yet acknowledged", registry=r
         )
+        self.in_flight_bytes = Gauge(
+            "clip_worker_in_flight_bytes", "Value bytes of the records counted as in flight", registry=r
+        )
         self.assigned_partitions = Gauge(
             "clip_worker_assigned_partitions", "Input partitions owned by this worker", registry=r
         )
@@ -86,14 +92,18 @@ class WorkerMetrics:
             "clip_worker_paused_partitions", "Input partitions paused for backpressure", registry=r
         )
         self.lag = Gauge(
-            "clip_worker_consumer_lag",
-            "High watermark minus position, per partition",
-            ["partition"],
+            "clip_worker_consumer_lag_records",
+            "High watermark minus consumer position, per assigned partition",
+            ["topic", "partition"],
             registry=r,
         )
         self.last_progress = Gauge(
             "clip_worker_last_progress_timestamp_seconds", "Unix time the loop last made progress", registry=r
         )
+        self.gpu: GpuCollector | None = None
+        if torch.cuda.is_available():
+            self.gpu = GpuCollector()
+            r.register(self.gpu)
         self.info = Info("clip_worker_model", "Model, revision, dtype, device and version", registry=r)
 
 

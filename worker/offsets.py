@@ -17,7 +17,9 @@ from kafka.structs import TopicPartition
 @dataclass
 class _PartitionState:
     pending: deque[int] = field(default_factory=deque)
+    sizes: dict[int, int] = field(default_factory=dict)
     acked: set[int] = field(default_factory=set)
+    position: int | None = None  # offset after the last polled record
     next_commit: int | None = None  # offset after the highest contiguous acknowledged record
     committed: int | None = None
 
@@ -29,39 +31,45 @@ class OffsetTracker:
         self._lock = threading.Lock()
         self._partitions: dict[TopicPartition, _PartitionState] = {}
         self._in_flight = 0
+        self._in_flight_bytes = 0
 
     def assign(self, partitions: set[TopicPartition]) -> None:
         """Start tracking newly owned partitions with a clean state."""
         with self._lock:
             for tp in partitions:
-                old = self._partitions.pop(tp, None)
-                if old is not None:
-                    self._in_flight -= len(old.pending)
+                self._drop(tp)
                 self._partitions[tp] = _PartitionState()
 
     def revoke(self, partitions: set[TopicPartition]) -> None:
         """Stop tracking partitions we no longer own: their pending work will never be committed by us."""
         with self._lock:
             for tp in partitions:
-                old = self._partitions.pop(tp, None)
-                if old is not None:
-                    self._in_flight -= len(old.pending)
+                self._drop(tp)
+
+    def _drop(self, tp: TopicPartition) -> None:
+        old = self._partitions.pop(tp, None)
+        if old is not None:
+            self._in_flight -= len(old.pending)
+            self._in_flight_bytes -= sum(old.sizes.values())
 
     def owned(self) -> set[TopicPartition]:
         """Partitions currently tracked."""
         with self._lock:
             return set(self._partitions)
 
-    def track(self, tp: TopicPartition, offset: int) -> bool:
-        """Register a polled record; False if the partition is not owned (revoked meanwhile)."""
+    def track(self, tp: TopicPartition, offset: int, size: int = 0) -> bool:
+        """Register a polled record of ``size`` bytes; False if the partition is not owned (revoked)."""
         with self._lock:
             state = self._partitions.get(tp)
             if state is None:
                 return False
+            state.position = offset + 1
             if state.pending and offset <= state.pending[-1]:
                 return True  # re-delivered after a seek: already pending
             state.pending.append(offset)
+            state.sizes[offset] = size
             self._in_flight += 1
+            self._in_flight_bytes += size
             return True
 
     def ack(self, tp: TopicPartition, offset: int) -> None:
@@ -76,6 +84,7 @@ class OffsetTracker:
                 state.acked.discard(done)
                 state.next_commit = done + 1
                 self._in_flight -= 1
+                self._in_flight_bytes -= state.sizes.pop(done, 0)
 
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets to commit now: positions that advanced since the last commit."""
@@ -99,6 +108,17 @@ class OffsetTracker:
         """Records polled but not yet acknowledged, over all owned partitions."""
         with self._lock:
             return self._in_flight
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of the record values counted by :attr:`in_flight`."""
+        with self._lock:
+            return self._in_flight_bytes
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """Offset after the last polled record, per owned partition that has polled anything."""
+        with self._lock:
+            return {tp: s.position for tp, s in self._partitions.items() if s.position is not None}
 
     def pending_count(self, tp: TopicPartition) -> int:
         """Records of one partition not yet acknowledged."""

@@ -28,9 +28,11 @@ from worker.batcher import Batch, Batcher
 from worker.config import Settings
 from worker.embedder import Embedder
 from worker.errors import RejectedRecord, RejectReason
+from worker.gpu import GpuCollector
 from worker.images import ImageLimits, decode_and_preprocess
 from worker.messages import Headers, ImageRequest, Source, decode_request, dlq_headers, encode_embedding
 from worker.metrics import HealthState, WorkerMetrics
+from worker.observer import Observer
 from worker.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ _RETRY_BACKOFF_S = 1.0
 _MAX_POLL_RECORDS = 500
 _BATCH_QUEUE_DEPTH = 2  # one batch embedding, one waiting: enough to keep the model busy
 _STOP = None
+_COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the poll loop
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Pipeline:
         producer: KafkaProducer,
         metrics: WorkerMetrics,
         health: HealthState,
+        gpu: GpuCollector | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -145,6 +149,7 @@ class Pipeline:
         self._closed_batches: deque[Batch[_Ready]] = deque()
         self._batch_queue: queue.Queue[Batch[_Ready] | None] = queue.Queue(maxsize=_BATCH_QUEUE_DEPTH)
         self._inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        self.observer = Observer(consumer, self.tracker, metrics, settings.progress_interval_s, gpu)
 
     def subscribe(self) -> None:
         """Join the consumer group on the input topic."""
@@ -178,7 +183,7 @@ class Pipeline:
         self._resend_due()
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
             self.commit()
-        self.metrics.in_flight_images.set(self.tracker.in_flight)
+        self.observer.maybe_observe()
         self.health.beat()
 
     def _poll_timeout_ms(self) -> int:
@@ -207,7 +212,7 @@ class Pipeline:
     # ---------------------------------------------------------------- intake and decoding
     def _accept(self, tp: TopicPartition, message: Any, now: float) -> None:
         source = Source(message.topic, message.partition, message.offset)
-        if not self.tracker.track(tp, message.offset):
+        if not self.tracker.track(tp, message.offset, len(message.value or b"")):
             return  # partition revoked while this record was buffered; its new owner reads it again
         self.metrics.consumed.inc()
         record = _InputRecord(
@@ -389,7 +394,10 @@ class Pipeline:
         if not offsets:
             return
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                timeout_ms=_COMMIT_TIMEOUT_MS,
+            )
         except KafkaError as exc:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s); will retry with the next commit", exc)

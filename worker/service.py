@@ -69,7 +69,7 @@ def run_worker(
         log.info("model %s on %s (%s), dim %d", embedder.label, embedder.device, embedder.dtype, embedder.dim)
         consumer = make_consumer(settings)
         producer = make_producer(settings)
-        pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health)
+        pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health, metrics.gpu)
         _install_signal_handlers(stop)
         try:
             clean = pipeline.run(stop)

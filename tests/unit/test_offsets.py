@@ -72,3 +72,18 @@ def test_duplicate_ack_does_not_advance_past_pending_work():
     tracker.ack(TP, 0)
     assert tracker.committable() == {TP: 1}
     assert tracker.in_flight == 2
+
+
+def test_in_flight_bytes_and_positions_follow_polls_and_acks():
+    tracker = owned_tracker()
+    tracker.track(TP, 0, size=100)
+    tracker.track(TP, 1, size=50)
+    assert tracker.in_flight_bytes == 150
+    assert tracker.positions() == {TP: 2}
+    tracker.ack(TP, 1)
+    assert tracker.in_flight_bytes == 150, "out-of-order ack: still pending behind offset 0"
+    tracker.ack(TP, 0)
+    assert tracker.in_flight_bytes == 0
+    tracker.track(OTHER, 9, size=10)
+    tracker.revoke({OTHER})
+    assert tracker.in_flight_bytes == 0

@@ -1,0 +1,83 @@
+"""``clip-worker produce`` and ``clip-worker tail`` as a user runs them, against a real broker."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.kafka_helpers import create_topics, running_worker, worker_settings
+from worker.samples import broken_samples, sample_images
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_produce_a_folder_then_tail_outputs_and_dead_letters(kafka_bootstrap, tiny_embedder, tmp_path):
+    settings = worker_settings(kafka_bootstrap)
+    create_topics(settings)
+    (tmp_path / "album" / "nested").mkdir(parents=True)
+    for index, sample in enumerate(sample_images(4)):
+        folder = tmp_path / "album" / ("nested" if index % 2 else "")
+        (folder / sample.name).write_bytes(sample.data)
+    broken = broken_samples()[1]
+    (tmp_path / "album" / broken.name).write_bytes(broken.data)
+    (tmp_path / "album" / ".hidden").write_bytes(b"ignored")
+
+    server = ["--bootstrap-servers", settings.bootstrap_servers]
+    produced = cli("produce", str(tmp_path / "album"), *server, "--input-topic", settings.input_topic)
+    assert produced.returncode == 0, produced.stderr
+    assert "published 5 image record(s)" in produced.stdout
+
+    with running_worker(settings, tiny_embedder):
+        tailed = cli(
+            "tail",
+            *server,
+            "--output-topic",
+            settings.output_topic,
+            "--max-records",
+            "4",
+            "--idle-timeout-s",
+            "60",
+        )
+        dead = cli(
+            "tail",
+            "--dlq",
+            *server,
+            "--dlq-topic",
+            settings.dlq_topic,
+            "--max-records",
+            "1",
+            "--idle-timeout-s",
+            "60",
+        )
+    lines = [json.loads(line) for line in tailed.stdout.splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(
+        [s.name if i % 2 == 0 else f"nested/{s.name}" for i, s in enumerate(sample_images(4))]
+    )
+    for line in lines:
+        assert line["dim"] == tiny_embedder.dim
+        assert abs(line["norm"] - 1.0) < 1e-4
+        assert len(line["head"]) == 4
+        assert line["source"]["topic"] == settings.input_topic
+    [dead_line] = [json.loads(line) for line in dead.stdout.splitlines()]
+    assert dead_line["key"] == broken.name
+    assert dead_line["reason"] == "not_an_image"
+
+
+def test_produce_missing_path_is_a_one_line_error():
+    result = cli("produce", "/no/such/folder", "--bootstrap-servers", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "clip-worker: error: /no/such/folder: no such file or directory"
