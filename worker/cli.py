@@ -103,6 +103,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(count=args.count, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
 
 
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from worker.fleet import parse_gpus, plan_slots, run_fleet
+
+    configure_logging("info")
+    run_args = [a for a in args.run_args if a != "--"]
+    slots = plan_slots(parse_gpus(args.gpus), args.per_gpu, args.cpu_processes, args.metrics_port_base)
+    return run_fleet(slots, run_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface."""
     parser = argparse.ArgumentParser(
@@ -126,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--idle-timeout-s", type=float, default=None, help="stop after N idle seconds")
     add_settings_arguments(tail, (*CONNECTION_FIELDS, "output_topic", "dlq_topic"))
     tail.set_defaults(handler=_cmd_tail)
+
+    fleet = commands.add_parser(
+        "fleet", help="N worker processes in one group on this host, each pinned to a device"
+    )
+    fleet.add_argument("--gpus", default="all", help="all, none, or GPU indices such as 0,1 (default all)")
+    fleet.add_argument("--per-gpu", type=int, default=1, help="worker processes per GPU (default 1)")
+    fleet.add_argument("--cpu-processes", type=int, default=1, help="worker processes when no GPU is used")
+    fleet.add_argument(
+        "--metrics-port-base", type=int, default=9400, help="worker k serves metrics on base+k; 0 disables"
+    )
+    fleet.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then flags for every `clip-worker run`")
+    fleet.set_defaults(handler=_cmd_fleet)
 
     demo = commands.add_parser("demo", help="local broker + sample images + worker, then a summary")
     demo.add_argument("--count", type=int, default=48, help="sample images to embed")

@@ -47,6 +47,7 @@ class Observer:
         if now < self._next_observation:
             return
         self._next_observation = now + _OBSERVE_EVERY_S
+        self._metrics.last_progress.set_to_current_time()
         self._metrics.in_flight_images.set(self._tracker.in_flight)
         self._metrics.in_flight_bytes.set(self._tracker.in_flight_bytes)
         self._update_lag()
