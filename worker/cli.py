@@ -1,4 +1,4 @@
-"""The ``clip-worker`` command: ``run``, ``produce``, ``tail`` and ``demo``."""
+"""The ``clip-worker`` command: ``run``, ``produce``, ``tail``, ``fleet``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -112,6 +112,13 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     return run_fleet(slots, run_args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from worker.bench.runner import run_bench
+
+    configure_logging("warning")
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface."""
     parser = argparse.ArgumentParser(
@@ -154,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--dtype", default="auto")
     demo.set_defaults(handler=_cmd_demo)
+    bench = commands.add_parser("bench", help="throughput benchmarks: a table and JSON")
+    from worker.bench.args import add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

@@ -27,14 +27,23 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None
 
 
+RESIZERS = ("pil", "torch")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """CLIP preprocessing parameters, read from the model's preprocessor config when it has one."""
+    """CLIP preprocessing parameters, read from the model's preprocessor config when it has one.
+
+    ``resize`` picks the bicubic implementation: ``pil`` is the reference itself; ``torch`` is torch's
+    antialiased uint8 bicubic (a port of PIL's filter, about 5x faster on CPU, within 2/255 of PIL on a
+    few pixels: see BENCHMARKS.md for its parity).
+    """
 
     size: int = 224
     crop: int = 224
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize: str = "pil"
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,11 @@ def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
 def preprocess(image: Image.Image, params: Preprocessing) -> np.ndarray:
     """RGB image to a normalised float32 CHW array of shape ``(3, crop, crop)``."""
     new_w, new_h = resized_shape(image.width, image.height, params.size)
-    resized = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
-    pixels = np.asarray(resized, dtype=np.float32)
+    if params.resize == "torch":
+        pixels = _torch_resize(image, new_w, new_h)
+    else:
+        resized = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+        pixels = np.asarray(resized, dtype=np.float32)
     top = (new_h - params.crop) // 2
     left = (new_w - params.crop) // 2
     if top < 0 or left < 0:
@@ -144,6 +156,17 @@ def preprocess(image: Image.Image, params: Preprocessing) -> np.ndarray:
     std = np.asarray(params.std, dtype=np.float32)
     normalised = (cropped * np.float32(1 / 255) - mean) / std
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def _torch_resize(image: Image.Image, width: int, height: int) -> np.ndarray:
+    import torch
+
+    if (width, height) == image.size:
+        return np.asarray(image, dtype=np.float32)
+    chw = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+    resized = torch.nn.functional.interpolate(chw, size=(height, width), mode="bicubic", antialias=True)
+    result: np.ndarray = resized[0].permute(1, 2, 0).numpy().astype(np.float32)
+    return result
 
 
 def _pad_to(pixels: np.ndarray, crop: int) -> np.ndarray:

@@ -45,6 +45,7 @@ def common_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.bootstrap_servers.split(","),
         "client_id": settings.client_id,
         "bootstrap_timeout_ms": int(attempt_s * 1000),
+        "metadata_max_age_ms": settings.metadata_max_age_ms,
         **security_options(settings),
     }
 

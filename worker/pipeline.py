@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -141,6 +141,7 @@ class Pipeline:
         self._retries: deque[_Outgoing] = deque()
         self._retries_lock = threading.Lock()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
+        self._preprocessing = replace(embedder.preprocessing, resize=settings.resize)
         workers = settings.decode_workers or _default_decode_workers()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._paused = False
@@ -234,7 +235,7 @@ class Pipeline:
     def _decode_image(self, data: bytes) -> np.ndarray:
         started = time.perf_counter()
         try:
-            return decode_and_preprocess(data, self._limits, self.embedder.preprocessing)
+            return decode_and_preprocess(data, self._limits, self._preprocessing)
         finally:
             self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
 

@@ -39,6 +39,7 @@ def worker_settings(bootstrap: str, tag: str | None = None, **overrides: Any) ->
         "batch_timeout_ms": 100,
         "metrics_port": 0,
         "session_timeout_ms": 6000,
+        "metadata_max_age_ms": 3000,
         "commit_interval_ms": 200,
         "connect_timeout_s": 20,
         "shutdown_grace_s": 20,

@@ -1,47 +1,5 @@
-"""A tiny random CLIP checkpoint, saved like a hub checkpoint, for tests that must not download anything."""
+"""Re-export of the tiny checkpoint builder for tests."""
 
-from __future__ import annotations
+from worker.tiny_model import TINY_DIM, TINY_IMAGE_SIZE, build_tiny_clip
 
-from pathlib import Path
-
-TINY_DIM = 32
-TINY_IMAGE_SIZE = 32
-
-
-def build_tiny_clip(directory: Path) -> Path:
-    """Save a full CLIPModel (text + vision towers) and its image processor config to ``directory``.
-
-    ``projection_dim`` is set at the top level and in the vision sub-config, as real checkpoints have it.
-    """
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    text = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "vocab_size": 128,
-        "max_position_embeddings": 16,
-        "projection_dim": TINY_DIM,
-    }
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": TINY_IMAGE_SIZE,
-        "patch_size": 8,
-        "projection_dim": TINY_DIM,
-    }
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_DIM)
-    torch.manual_seed(1234)
-    model = CLIPModel(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE},
-        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-    )
-    processor.save_pretrained(directory)
-    return directory
+__all__ = ["TINY_DIM", "TINY_IMAGE_SIZE", "build_tiny_clip"]

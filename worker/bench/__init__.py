@@ -1,0 +1,1 @@
+"""``clip-worker bench``: model, preprocessing and end-to-end throughput, with the baseline, in one run."""

@@ -1,0 +1,40 @@
+"""Flags of ``clip-worker bench``, kept free of heavy imports so the CLI starts fast."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SECTIONS = ("model", "preprocess", "end-to-end", "parity")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``clip-worker bench``."""
+    parser.add_argument("--quick", action="store_true", help="about a minute: small corpus, few cases")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (cheap model, real 224 px preprocessing), a hub id or a directory",
+    )
+    parser.add_argument("--random-weights", action="store_true", help="random weights for --model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-sizes", default="1,8,32,128", help="model section batch sizes")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the end-to-end runs")
+    parser.add_argument("--threads", default="1,2,4", help="decode thread counts for the preprocess section")
+    parser.add_argument("--decode-workers", type=int, default=0, help="worker decode threads (0 = cores)")
+    parser.add_argument("--images", type=int, default=2000, help="corpus size for preprocess and end-to-end")
+    parser.add_argument("--seconds", type=float, default=5.0, help="time per model case")
+    parser.add_argument(
+        "--sections", default="model,preprocess,end-to-end", help="subset of " + ",".join(SECTIONS)
+    )
+    parser.add_argument("--parity-images", type=int, default=24, help="images compared in the parity section")
+    parser.add_argument(
+        "--resize", default=None, choices=("pil", "torch"), help="resize path (default: the worker's)"
+    )
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="use this broker for end-to-end runs (default: a local Tansu broker)",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="JSON results (default bench-results/)")

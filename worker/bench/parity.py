@@ -1,0 +1,42 @@
+"""Parity of each preprocessing path with the reference: tensor difference and embedding cosine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from worker.bench.preprocess import reference_pixels, reference_processor
+from worker.bench.report import Report
+from worker.embedder import Embedder
+from worker.images import RESIZERS, ImageLimits, decode_and_preprocess
+from worker.samples import jpeg_corpus, sample_images
+
+
+def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, dict[str, float]]:
+    """For every resize path: max |difference| of the normalised tensor and min cosine of the embeddings."""
+    images = [s.data for s in sample_images(count // 2, seed=9)] + jpeg_corpus(
+        count - count // 2, 640, 480, 77
+    )
+    processor = reference_processor(embedder.preprocessing)
+    reference = np.stack([reference_pixels(processor, data) for data in images])
+    reference_vectors = _embed(embedder, reference)
+    results: dict[str, dict[str, float]] = {}
+    for mode in RESIZERS:
+        params = replace(embedder.preprocessing, resize=mode)
+        ours = np.stack([decode_and_preprocess(data, ImageLimits(), params) for data in images])
+        vectors = _embed(embedder, ours)
+        cosine = float(np.min(np.sum(vectors * reference_vectors, axis=1)))
+        difference = float(np.abs(ours - reference).max())
+        results[mode] = {"max_abs_diff": difference, "min_cosine": cosine}
+        report.parity[mode] = {**results[mode], "images": len(images), "model": embedder.label}
+        print(
+            f"  parity      resize={mode:<6} max|diff| {difference:.2e}  min cosine {cosine:.6f}  "
+            f"({len(images)} images, {embedder.label})",
+            flush=True,
+        )
+    return results
+
+
+def _embed(embedder: Embedder, pixels: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate([embedder.embed(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])

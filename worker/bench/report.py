@@ -1,0 +1,89 @@
+"""Benchmark results: rows printed as an aligned table and saved as JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Row:
+    """One measurement."""
+
+    section: str
+    case: str
+    images_per_s: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """All measurements of one run plus where they were taken."""
+
+    rows: list[Row] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, section: str, case: str, images_per_s: float, **detail: Any) -> Row:
+        """Record and return one row."""
+        row = Row(section, case, round(images_per_s, 2), detail)
+        self.rows.append(row)
+        print(f"  {section:<11} {case:<44} {images_per_s:>10.1f} img/s  {_detail(detail)}", flush=True)
+        return row
+
+    def best(self, section: str) -> float:
+        """Highest images/s of a section (0 if none)."""
+        return max((row.images_per_s for row in self.rows if row.section == section), default=0.0)
+
+    def table(self) -> str:
+        """A markdown table of every row and the ratios."""
+        lines = ["| section | case | images/s | detail |", "| --- | --- | ---: | --- |"]
+        for row in self.rows:
+            lines.append(f"| {row.section} | {row.case} | {row.images_per_s:.1f} | {_detail(row.detail)} |")
+        for name, value in self.ratios.items():
+            lines.append(f"| ratio | {name} | {value:.2f} | |")
+        for mode, facts in self.parity.items():
+            lines.append(
+                f"| parity | resize={mode} | | max abs diff {facts['max_abs_diff']:.2e}, "
+                f"min cosine {facts['min_cosine']:.6f} over {facts['images']} images |"
+            )
+        return "\n".join(lines)
+
+    def save(self, path: Path) -> None:
+        """Write the report as JSON."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "machine": self.machine,
+            "rows": [asdict(r) for r in self.rows],
+            "ratios": self.ratios,
+            "parity": self.parity,
+        }
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _detail(detail: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in detail.items())
+
+
+def machine_facts() -> dict[str, Any]:
+    """CPU, GPU and library versions, recorded with every run."""
+    import os
+
+    import transformers
+
+    facts: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return facts
