@@ -67,7 +67,12 @@ class Settings(BaseSettings):
     ssl_password: SecretStr | None = Field(None, description="password of the client key (never logged)")
 
     # Batching and flow control
-    batch_size: int = Field(32, ge=1, le=65536, description="images per inference batch")
+    batch_size: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="images per inference batch; 0 = sized from free GPU memory (32 on CPU)",
+    )
     batch_timeout_ms: int = Field(
         100, ge=0, description="longest time the oldest image of a partial batch waits before it is embedded"
     )

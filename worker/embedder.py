@@ -94,6 +94,8 @@ class Embedder:
         self.dtype = dtype
         self.dim = int(model.config.projection_dim)
         self._lock = threading.Lock()
+        self._pinned: torch.Tensor | None = None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     @property
     def is_random(self) -> bool:
@@ -103,12 +105,54 @@ class Embedder:
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a ``(N, 3, H, W)`` float32 batch; returns ``(N, dim)`` float32 unit vectors."""
         with self._lock, torch.inference_mode():
-            batch = torch.from_numpy(pixels).to(self.device, non_blocking=True).to(self.dtype)
-            output = self.model(pixel_values=batch)
-            features = output.image_embeds.float()
-            features = torch.nn.functional.normalize(features, dim=-1)
-            result: np.ndarray = features.cpu().numpy()
+            if self._stream is None:
+                return self._forward(torch.from_numpy(pixels))
+            # GPU: copy through a reused pinned buffer on this embedder's own stream, so the host-to-device
+            # copy is asynchronous and never waits behind another stream's work.
+            with torch.cuda.stream(self._stream):
+                return self._forward(self._pin(pixels).to(self.device, non_blocking=True))
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        output = self.model(pixel_values=batch.to(self.dtype))
+        features = torch.nn.functional.normalize(output.image_embeds.float(), dim=-1)
+        result: np.ndarray = features.cpu().numpy()
         return result
+
+    def _pin(self, pixels: np.ndarray) -> torch.Tensor:
+        count = pixels.shape[0]
+        if (
+            self._pinned is None
+            or self._pinned.shape[0] < count
+            or self._pinned.shape[1:] != pixels.shape[1:]
+        ):
+            self._pinned = torch.empty(pixels.shape, dtype=torch.float32, pin_memory=True)
+        view = self._pinned[:count]
+        view.copy_(torch.from_numpy(pixels))
+        return view
+
+    def release_cached_memory(self) -> None:
+        """Return cached GPU blocks after an out-of-memory error, before the batch is retried smaller."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def auto_batch_size(self, ceiling: int = 512) -> int:
+        """A batch size that fits free GPU memory (probed with a small batch); 32 on CPU."""
+        if self.device.type != "cuda":
+            return 32
+        size = self.preprocessing.crop
+        probe = 8
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.embed(np.zeros((probe, 3, size, size), dtype=np.float32))
+        per_image = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // probe)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        fitting = int(0.6 * free // per_image)
+        chosen = max(8, min(ceiling, fitting // 8 * 8))
+        log.info(
+            "auto batch size %d (%.1f MiB per image, %.1f GiB free)", chosen, per_image / 2**20, free / 2**30
+        )
+        return chosen
 
 
 def load_embedder(spec: ModelSpec) -> Embedder:

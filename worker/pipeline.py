@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, MessageSizeTooLargeError
@@ -136,7 +137,8 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.tracker = OffsetTracker()
-        self.batcher: Batcher[_Ready] = Batcher(settings.batch_size, settings.batch_timeout_s)
+        self.batch_size = settings.batch_size or embedder.auto_batch_size()
+        self.batcher: Batcher[_Ready] = Batcher(self.batch_size, settings.batch_timeout_s)
         self._decoding: deque[_Decoding] = deque()
         self._retries: deque[_Outgoing] = deque()
         self._retries_lock = threading.Lock()
@@ -297,7 +299,11 @@ class Pipeline:
         try:
             vectors = self.embedder.embed(np.stack([item.pixels for item in items]))
         except Exception as exc:
-            if retry:
+            out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
+            if out_of_memory:
+                self.embedder.release_cached_memory()
+                log.warning("GPU out of memory on a batch of %d; splitting it", len(items))
+            if retry and not out_of_memory:
                 log.warning("inference failed on a batch of %d (%s); retrying once", len(items), exc)
                 self._embed_items(items, retry=False)
             elif len(items) > 1:

@@ -11,7 +11,7 @@ def test_defaults_match_the_documented_names():
     assert settings.output_topic == "image-embeddings"
     assert settings.dlq_topic == "images.dlq"
     assert settings.group_id == "clip-worker"
-    assert settings.batch_size == 32
+    assert settings.batch_size == 0  # sized from free GPU memory; 32 on CPU
     assert settings.model == "openai/clip-vit-large-patch14"
     assert settings.device == "auto" and settings.dtype == "auto"
     assert settings.forward_image is False

@@ -1,0 +1,60 @@
+"""An image that makes inference fail is isolated by splitting its batch; the partition keeps moving."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.kafka_helpers import (
+    collect,
+    committed_offsets,
+    create_topics,
+    produce,
+    running_worker,
+    worker_settings,
+)
+from worker.embedder import Embedder
+from worker.samples import jpeg_corpus
+
+pytestmark = pytest.mark.integration
+
+
+class PoisonedEmbedder(Embedder):
+    """The tiny model, except that any batch holding an all-white image raises, as a bad kernel would."""
+
+    def __init__(self, inner: Embedder) -> None:
+        super().__init__(
+            inner.model, inner.label, inner.revision, inner.preprocessing, inner.device, inner.dtype
+        )
+        self.calls = 0
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        white = (1.0 - np.asarray(self.preprocessing.mean)) / np.asarray(self.preprocessing.std)
+        if any(np.allclose(image[:, 0, 0], white, atol=1e-3) for image in pixels):
+            raise RuntimeError("injected inference failure")
+        return super().embed(pixels)
+
+
+def white_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_poison_image_is_dead_lettered_and_the_rest_embedded(kafka_bootstrap, tiny_embedder):
+    settings = worker_settings(kafka_bootstrap, batch_size=16, batch_timeout_ms=500)
+    create_topics(settings)
+    items = [(f"ok-{i:02d}.jpg", data) for i, data in enumerate(jpeg_corpus(15, 96, 64))]
+    items.insert(7, ("poison.png", white_png()))
+    produce(settings, items)
+    embedder = PoisonedEmbedder(tiny_embedder)
+    with running_worker(settings, embedder):
+        results = collect(settings, expected=16, timeout_s=60)
+    assert sorted(r["id"] for r in results.outputs) == sorted(
+        name for name, _ in items if name != "poison.png"
+    )
+    assert results.reasons() == {"poison.png": "inference_failed"}
+    assert embedder.calls > 2, "the batch was retried and split"
+    assert committed_offsets(settings, 1) == {0: 16}
