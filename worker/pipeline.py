@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batcher import Batch, Batcher
 from worker.config import Settings
-from worker.embedder import Embedder
+from worker.embedder import Embedder, default_decode_workers
 from worker.errors import RejectedRecord, RejectReason
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits, decode_and_preprocess
@@ -41,6 +41,8 @@ _RETRY_BACKOFF_S = 1.0
 _MAX_POLL_RECORDS = 500
 _BATCH_QUEUE_DEPTH = 2  # one batch embedding, one waiting: enough to keep the model busy
 _STOP = None
+_IDLE_WAIT_S = 0.005
+_DECODE_CHUNK = 8
 _COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the poll loop
 
 
@@ -60,7 +62,8 @@ class _InputRecord:
 class _Decoding:
     record: _InputRecord
     request: ImageRequest
-    future: Future[np.ndarray]
+    future: Future[list[np.ndarray | Exception]]
+    index: int  # position of this image in its chunk's result list
 
 
 @dataclass
@@ -144,8 +147,8 @@ class Pipeline:
         self._retries_lock = threading.Lock()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
         self._preprocessing = replace(embedder.preprocessing, resize=settings.resize)
-        workers = settings.decode_workers or _default_decode_workers()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._decode_workers = settings.decode_workers or default_decode_workers()
+        self._pool = ThreadPoolExecutor(max_workers=self._decode_workers, thread_name_prefix="decode")
         self._paused = False
         self._last_commit = time.monotonic()
         self._listener = _RebalanceListener(self.tracker, metrics, health)
@@ -175,9 +178,16 @@ class Pipeline:
         self._apply_backpressure()
         records = self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
         now = time.monotonic()
+        accepted: list[tuple[_InputRecord, ImageRequest]] = []
         for tp, batch in records.items():
             for message in batch:
-                self._accept(tp, message, now)
+                item = self._accept(tp, message, now)
+                if item is not None:
+                    accepted.append(item)
+        self._submit_decodes(accepted)
+        if not records and self._decoding:
+            # Nothing new to read: sleep on the oldest decode (without the GIL) rather than spin on poll().
+            wait([self._decoding[0].future], timeout=_IDLE_WAIT_S)
         self._collect_decoded(wait=False)
         due = self.batcher.take_if_due()
         if due is not None:
@@ -190,8 +200,10 @@ class Pipeline:
         self.health.beat()
 
     def _poll_timeout_ms(self) -> int:
-        if self._decoding or self._closed_batches:
-            return 2
+        if self._decoding:
+            return 0  # step() waits on the oldest decode instead
+        if self._closed_batches:
+            return int(_IDLE_WAIT_S * 1000)
         due_in = self.batcher.seconds_until_due()
         limit = 0.1 if due_in is None else min(due_in, 0.1)
         return max(0, int(limit * 1000))
@@ -213,10 +225,19 @@ class Pipeline:
             self.metrics.paused_partitions.set(0)
 
     # ---------------------------------------------------------------- intake and decoding
-    def _accept(self, tp: TopicPartition, message: Any, now: float) -> None:
+    def _accept(
+        self, tp: TopicPartition, message: Any, now: float
+    ) -> tuple[_InputRecord, ImageRequest] | None:
+        """Track a polled record and decode its envelope; a bad envelope goes straight to the DLQ."""
         source = Source(message.topic, message.partition, message.offset)
-        if not self.tracker.track(tp, message.offset, len(message.value or b"")):
-            return  # partition revoked while this record was buffered; its new owner reads it again
+        size = len(message.value or b"")
+        if not self.tracker.track(tp, message.offset, size):
+            if tp not in self.consumer.assignment():
+                return None  # partition revoked while this record was buffered; its new owner reads it again
+            # Owned but never announced to the listener (the client can skip the callback): adopt it.
+            log.warning("adopting %s[%d]: assigned without a rebalance callback", tp.topic, tp.partition)
+            self.tracker.assign({tp})
+            self.tracker.track(tp, message.offset, size)
         self.metrics.consumed.inc()
         record = _InputRecord(
             source=source,
@@ -227,30 +248,43 @@ class Pipeline:
             polled_at=now,
         )
         try:
-            request = decode_request(record.value)
+            return record, decode_request(record.value)
         except RejectedRecord as rejected:
             self._dead_letter(record, rejected.reason, rejected.message)
-            return
-        future = self._pool.submit(self._decode_image, request.image)
-        self._decoding.append(_Decoding(record, request, future))
+            return None
 
-    def _decode_image(self, data: bytes) -> np.ndarray:
-        started = time.perf_counter()
-        try:
-            return decode_and_preprocess(data, self._limits, self._preprocessing)
-        finally:
+    def _submit_decodes(self, accepted: list[tuple[_InputRecord, ImageRequest]]) -> None:
+        # A task per chunk of images rather than per image: submitting costs GIL time the decoders need.
+        size = max(1, min(_DECODE_CHUNK, -(-len(accepted) // (2 * self._decode_workers))))
+        for start in range(0, len(accepted), size):
+            chunk = accepted[start : start + size]
+            future = self._pool.submit(self._decode_images, [request.image for _record, request in chunk])
+            for index, (record, request) in enumerate(chunk):
+                self._decoding.append(_Decoding(record, request, future, index))
+
+    def _decode_images(self, images: list[bytes]) -> list[np.ndarray | Exception]:
+        results: list[np.ndarray | Exception] = []
+        for data in images:
+            started = time.perf_counter()
+            try:
+                results.append(decode_and_preprocess(data, self._limits, self._preprocessing))
+            except Exception as exc:  # a rejection, or a decoder bug: either way this image's own result
+                results.append(exc)
             self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+        return results
 
     def _collect_decoded(self, wait: bool) -> None:
         while self._decoding and (wait or self._decoding[0].future.done()):
             item = self._decoding.popleft()
             try:
-                pixels = item.future.result()
-            except RejectedRecord as rejected:
-                self._dead_letter(item.record, rejected.reason, rejected.message)
+                pixels = item.future.result()[item.index]
+            except Exception as exc:  # the whole chunk failed (pool shut down): never lose the record
+                pixels = exc
+            if isinstance(pixels, RejectedRecord):
+                self._dead_letter(item.record, pixels.reason, pixels.message)
                 continue
-            except Exception as exc:  # a decoder bug must not lose the record
-                message = f"decoder crashed: {type(exc).__name__}: {exc}"
+            if isinstance(pixels, Exception):
+                message = f"decoder crashed: {type(pixels).__name__}: {pixels}"
                 self._dead_letter(item.record, RejectReason.CORRUPT_IMAGE, message)
                 continue
             batch = self.batcher.add(_Ready(item.record, item.request, pixels))
@@ -438,9 +472,3 @@ class Pipeline:
         if left:
             log.error("shutdown grace period ended with %d record(s) unacknowledged; not committed", left)
         return left == 0
-
-
-def _default_decode_workers() -> int:
-    import os
-
-    return max(1, min(8, os.cpu_count() or 1))

@@ -9,7 +9,13 @@ from types import FrameType
 
 from worker import __version__
 from worker.config import Settings
-from worker.embedder import Embedder, ModelSpec, load_embedder
+from worker.embedder import (
+    Embedder,
+    ModelSpec,
+    configure_cpu_threads,
+    default_decode_workers,
+    load_embedder,
+)
 from worker.kafka_io import make_consumer, make_producer
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.pipeline import Pipeline
@@ -51,6 +57,10 @@ def run_worker(
         server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics, health)
         server.start()
     try:
+        threads = configure_cpu_threads(
+            settings.inference_threads, settings.decode_workers or default_decode_workers()
+        )
+        log.info("torch CPU threads: %d", threads)
         embedder = embedder or load_embedder(model_spec(settings))
         health.model_loaded = True
         if embedder.is_random:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SECTIONS = ("model", "preprocess", "end-to-end", "parity")
+SECTIONS = ("model", "preprocess", "end-to-end", "parity", "soak")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="model section batch sizes")
+    parser.add_argument(
+        "--dtypes", default=None, help="model section dtypes, e.g. bfloat16,float32 (default --dtype)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the end-to-end runs")
     parser.add_argument("--threads", default="1,2,4", help="decode thread counts for the preprocess section")
     parser.add_argument("--decode-workers", type=int, default=0, help="worker decode threads (0 = cores)")
@@ -28,6 +31,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sections", default="model,preprocess,end-to-end", help="subset of " + ",".join(SECTIONS)
     )
+    parser.add_argument("--soak-messages", type=int, default=100_000, help="backlog of the soak section")
+    parser.add_argument("--max-in-flight", type=int, default=2048, help="in-flight cap during the soak")
     parser.add_argument("--parity-images", type=int, default=24, help="images compared in the parity section")
     parser.add_argument(
         "--resize", default=None, choices=("pil", "torch"), help="resize path (default: the worker's)"

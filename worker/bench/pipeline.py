@@ -69,7 +69,7 @@ def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:
     return row.images_per_s
 
 
-def _settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
+def fresh_settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
     tag = f"bench-{uuid.uuid4().hex[:8]}"
     values: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -97,7 +97,7 @@ def _settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
     return settings
 
 
-def _fill_backlog(settings: Settings, corpus: list[bytes]) -> None:
+def fill_backlog(settings: Settings, corpus: list[bytes]) -> None:
     producer = make_producer(settings)
     for index, data in enumerate(corpus):
         producer.send(
@@ -109,8 +109,8 @@ def _fill_backlog(settings: Settings, corpus: list[bytes]) -> None:
 
 def bench_worker(report: Report, embedder: Embedder, work: Workload, bootstrap: str, **extra: Any) -> float:
     """The real worker on a backlog: first record consumed to last result acknowledged."""
-    settings = _settings(bootstrap, work, **extra)
-    _fill_backlog(settings, work.corpus)
+    settings = fresh_settings(bootstrap, work, **extra)
+    fill_backlog(settings, work.corpus)
     metrics = WorkerMetrics()
     stop = threading.Event()
     rss_before = resident_mb()
@@ -120,7 +120,7 @@ def bench_worker(report: Report, embedder: Embedder, work: Workload, bootstrap: 
         time.sleep(_POLL_S)
     started = time.perf_counter()
     total = len(work.corpus)
-    while metrics.published._value.get() + _dlq_total(metrics) < total:
+    while metrics.published._value.get() + dlq_total(metrics) < total:
         time.sleep(_POLL_S)
         if not thread.is_alive():
             raise RuntimeError("the worker stopped during the benchmark")
@@ -143,8 +143,8 @@ def bench_worker(report: Report, embedder: Embedder, work: Workload, bootstrap: 
 def bench_baseline(report: Report, embedder: Embedder, work: Workload, bootstrap: str) -> float:
     """NeMo Curator-style: poll 32, reference preprocessing per image, fp32 forward, send, flush, commit."""
     batch = 32
-    settings = _settings(bootstrap, work)
-    _fill_backlog(settings, work.corpus)
+    settings = fresh_settings(bootstrap, work)
+    fill_backlog(settings, work.corpus)
     processor = reference_processor(embedder.preprocessing)
     consumer = make_consumer(settings, max_poll_records=batch)
     producer = make_producer(settings)
@@ -176,7 +176,7 @@ def bench_baseline(report: Report, embedder: Embedder, work: Workload, bootstrap
     return row.images_per_s
 
 
-def _dlq_total(metrics: WorkerMetrics) -> float:
+def dlq_total(metrics: WorkerMetrics) -> float:
     return sum(s.value for m in metrics.dlq.collect() for s in m.samples if s.name.endswith("_total"))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -16,11 +17,14 @@ from worker.bench.parity import bench_parity
 from worker.bench.pipeline import Workload, bench_bare, bench_baseline, bench_worker
 from worker.bench.preprocess import bench_preprocess
 from worker.bench.report import Report, machine_facts
+from worker.bench.soak import bench_soak
 from worker.brokers import TansuBroker
 from worker.config import Settings
-from worker.embedder import Embedder, ModelSpec, load_embedder
+from worker.embedder import Embedder, ModelSpec, configure_cpu_threads, default_decode_workers, load_embedder
 from worker.samples import jpeg_corpus
 from worker.tiny_model import build_tiny_clip
+
+T = TypeVar("T")
 
 
 def _load(args: argparse.Namespace, workdir: Path) -> Embedder:
@@ -32,13 +36,12 @@ def _load(args: argparse.Namespace, workdir: Path) -> Embedder:
     )
 
 
-def _float32_copy(embedder: Embedder) -> Embedder:
-    if embedder.dtype == torch.float32:
+def _with_dtype(embedder: Embedder, dtype: str | None) -> Embedder:
+    wanted = getattr(torch, dtype) if dtype else embedder.dtype
+    if wanted == embedder.dtype:
         return embedder
-    model = copy.deepcopy(embedder.model).float()
-    return Embedder(
-        model, embedder.label, embedder.revision, embedder.preprocessing, embedder.device, torch.float32
-    )
+    model = copy.deepcopy(embedder.model).to(wanted)
+    return Embedder(model, embedder.label, embedder.revision, embedder.preprocessing, embedder.device, wanted)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -47,7 +50,9 @@ def run_bench(args: argparse.Namespace) -> int:
         args.images, args.seconds, args.batch_sizes, args.threads = 96, 1.0, "1,8", "1,2"
     sections = set(args.sections.split(","))
     report = Report(machine=machine_facts())
-    decode_workers = args.decode_workers or max(1, min(8, os.cpu_count() or 1))
+    decode_workers = args.decode_workers or default_decode_workers()
+    # The same torch thread count the worker will use, for every section, so the runs compare fairly.
+    report.machine["torch_threads"] = configure_cpu_threads(0, decode_workers)
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as scratch:
         embedder = _load(args, Path(scratch))
         report.machine.update(
@@ -62,7 +67,9 @@ def run_bench(args: argparse.Namespace) -> int:
         corpus = jpeg_corpus(min(args.images, 64), 500, 375) * (args.images // 64 + 1)
         corpus = corpus[: args.images]
         if "model" in sections:
-            bench_model(report, embedder, [int(b) for b in args.batch_sizes.split(",")], args.seconds)
+            sizes = [int(b) for b in args.batch_sizes.split(",")]
+            for dtype in args.dtypes.split(",") if args.dtypes else [None]:
+                bench_model(report, _with_dtype(embedder, dtype), sizes, args.seconds)
         if "preprocess" in sections:
             bench_preprocess(
                 report, corpus, embedder.preprocessing, [int(t) for t in args.threads.split(",")]
@@ -73,6 +80,18 @@ def run_bench(args: argparse.Namespace) -> int:
             resize = args.resize or Settings.model_fields["resize"].default
             work = Workload(corpus, args.batch_size, decode_workers, resize)
             _end_to_end(report, embedder, work, args.bootstrap_servers)
+        if "soak" in sections:
+            small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
+            soak_work = Workload(
+                small[: args.soak_messages],
+                args.batch_size,
+                decode_workers,
+                args.resize or Settings.model_fields["resize"].default,
+            )
+            _with_broker(
+                args.bootstrap_servers,
+                lambda servers: bench_soak(report, embedder, soak_work, servers, args.max_in_flight),
+            )
     print("\n" + report.table())
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.save(output)
@@ -80,18 +99,21 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_broker(bootstrap: str | None, action: Callable[[str], T]) -> T:
+    if bootstrap:
+        return action(bootstrap)
+    with TansuBroker() as broker:
+        return action(broker.bootstrap_servers)
+
+
 def _end_to_end(report: Report, embedder: Embedder, work: Workload, bootstrap: str | None) -> None:
     bare = bench_bare(report, embedder, work)
-    if bootstrap:
-        ours, baseline = _pipeline_pair(report, embedder, work, bootstrap)
-    else:
-        with TansuBroker() as broker:
-            ours, baseline = _pipeline_pair(report, embedder, work, broker.bootstrap_servers)
+    ours, baseline = _with_broker(bootstrap, lambda servers: _pipeline_pair(report, embedder, work, servers))
     report.ratios["end-to-end / bare work"] = round(ours / bare, 3)
     report.ratios["end-to-end / baseline"] = round(ours / baseline, 3)
 
 
 def _pipeline_pair(report: Report, embedder: Embedder, work: Workload, bootstrap: str) -> tuple[float, float]:
     ours = bench_worker(report, embedder, work, bootstrap)
-    baseline = bench_baseline(report, _float32_copy(embedder), work, bootstrap)
+    baseline = bench_baseline(report, _with_dtype(embedder, "float32"), work, bootstrap)
     return ours, baseline
