@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(
         30.0, ge=0, description="seconds between progress log lines (images/s, lag, GPU); 0 disables"
     )
+    broker_lost_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="exit non-zero when work is pending and the broker has not answered for this long",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 

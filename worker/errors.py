@@ -46,3 +46,7 @@ class ModelLoadError(StartupError):
 
 class BrokerUnavailableError(StartupError):
     """No broker answered before the connection deadline."""
+
+
+class BrokerLostError(Exception):
+    """The broker stopped answering mid-run for longer than ``--broker-lost-timeout-s``."""

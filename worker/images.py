@@ -69,6 +69,8 @@ def load_rgb(data: bytes, limits: ImageLimits) -> Image.Image:
     except UnidentifiedImageError:
         raise RejectedRecord(RejectReason.NOT_AN_IMAGE, "bytes are not a supported image format") from None
     except Exception as exc:
+        if _looks_truncated(exc):
+            raise RejectedRecord(RejectReason.TRUNCATED_IMAGE, f"image header ends early: {exc}") from None
         raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot read image header: {exc}") from None
     _check_dimensions(image, len(data), limits)
     try:
@@ -83,14 +85,18 @@ def load_rgb(data: bytes, limits: ImageLimits) -> Image.Image:
     except RejectedRecord:
         raise
     except (OSError, SyntaxError, EOFError) as exc:
-        text = str(exc)
-        if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
-            raise RejectedRecord(RejectReason.TRUNCATED_IMAGE, f"image data ends early: {text}") from None
-        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot decode image: {text}") from None
+        if _looks_truncated(exc):
+            raise RejectedRecord(RejectReason.TRUNCATED_IMAGE, f"image data ends early: {exc}") from None
+        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot decode image: {exc}") from None
     except Exception as exc:  # decoders raise assorted types on hostile input
         raise RejectedRecord(
             RejectReason.CORRUPT_IMAGE, f"cannot decode image: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _looks_truncated(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, EOFError) or "truncated" in text or "broken data stream" in text
 
 
 def _check_dimensions(image: Image.Image, n_bytes: int, limits: ImageLimits) -> None:

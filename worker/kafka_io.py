@@ -71,14 +71,20 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
 
 
 def producer_options(settings: Settings) -> dict[str, Any]:
-    """Producer options: acks from all replicas, idempotence, image-sized requests, small linger."""
+    """Producer options: acks from all replicas, image-sized requests, small linger."""
     return {
         **common_options(settings),
         "acks": "all",
-        "enable_idempotence": True,
+        # Delivery is at-least-once and deduplicated by id downstream; kafka-python's idempotent producer
+        # treats one over-sized record as fatal and fails every later send, which would stall the worker.
+        "enable_idempotence": False,
         "linger_ms": 5,
-        "max_request_size": settings.max_message_bytes,
+        # Room for a dead-lettered input (up to the fetch limit) plus its headers; outputs are checked
+        # against --max-message-bytes before they are sent.
+        "max_request_size": 2 * settings.max_message_bytes,
         "batch_size": 256 * 1024,
+        # Bounds how long a send (and the start-up topic check) waits for metadata of a missing topic.
+        "max_block_ms": 15_000,
     }
 
 
@@ -127,6 +133,21 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     return retry_until_deadline(
         "producer", lambda: KafkaProducer(**options), settings.connect_timeout_s, settings.bootstrap_servers
     )
+
+
+def check_output_topics(producer: KafkaProducer, settings: Settings) -> None:
+    """Fail start-up with a one-line fix if the output or DLQ topic does not exist (and is not auto-created).
+
+    Sending to a missing topic blocks each send for the producer's metadata timeout, so the worker
+    refuses to start rather than stall every batch.
+    """
+    for flag, topic in (("--output-topic", settings.output_topic), ("--dlq-topic", settings.dlq_topic)):
+        try:
+            producer.partitions_for(topic)
+        except KafkaError:
+            raise StartupError(
+                f"topic {topic!r} does not exist on {settings.bootstrap_servers}; create it or fix {flag}"
+            ) from None
 
 
 def ensure_topics(settings: Settings, topics: dict[str, int], max_message_bytes: int | None = None) -> None:

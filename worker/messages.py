@@ -23,6 +23,7 @@ SOURCE_TOPIC_HEADER = HEADER_PREFIX + "source-topic"
 SOURCE_PARTITION_HEADER = HEADER_PREFIX + "source-partition"
 SOURCE_OFFSET_HEADER = HEADER_PREFIX + "source-offset"
 FAILED_AT_HEADER = HEADER_PREFIX + "failed-at-ms"
+VALUE_OMITTED_HEADER = HEADER_PREFIX + "value-omitted-bytes"
 MAX_ERROR_MESSAGE = 512
 
 Headers = list[tuple[str, bytes]]

@@ -28,10 +28,18 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.batcher import Batch, Batcher
 from worker.config import Settings
 from worker.embedder import Embedder, default_decode_workers
-from worker.errors import RejectedRecord, RejectReason
+from worker.errors import BrokerLostError, RejectedRecord, RejectReason
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits, decode_and_preprocess
-from worker.messages import Headers, ImageRequest, Source, decode_request, dlq_headers, encode_embedding
+from worker.messages import (
+    VALUE_OMITTED_HEADER,
+    Headers,
+    ImageRequest,
+    Source,
+    decode_request,
+    dlq_headers,
+    encode_embedding,
+)
 from worker.metrics import HealthState, WorkerMetrics
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
@@ -151,6 +159,7 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(max_workers=self._decode_workers, thread_name_prefix="decode")
         self._paused = False
         self._last_commit = time.monotonic()
+        self._last_broker_ok = time.monotonic()
         self._listener = _RebalanceListener(self.tracker, metrics, health)
         self._closed_batches: deque[Batch[_Ready]] = deque()
         self._batch_queue: queue.Queue[Batch[_Ready] | None] = queue.Queue(maxsize=_BATCH_QUEUE_DEPTH)
@@ -169,15 +178,22 @@ class Pipeline:
         try:
             while not stop.is_set():
                 self.step()
-        finally:
-            clean = self.drain(self.settings.shutdown_grace_s)
-        return clean
+        except BrokerLostError:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise  # nothing to drain into: no commit, the next owner re-reads the pending records
+        except BaseException:
+            self.drain(self.settings.shutdown_grace_s)
+            raise
+        return self.drain(self.settings.shutdown_grace_s)
 
     def step(self) -> None:
         """One loop iteration: poll, collect decodes, embed due batches, resend, commit."""
         self._apply_backpressure()
         records = self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
         now = time.monotonic()
+        if records:
+            self._last_broker_ok = now
+        self._check_broker(now)
         accepted: list[tuple[_InputRecord, ImageRequest]] = []
         for tp, batch in records.items():
             for message in batch:
@@ -198,6 +214,15 @@ class Pipeline:
             self.commit()
         self.observer.maybe_observe()
         self.health.beat()
+
+    def _check_broker(self, now: float) -> None:
+        silent = now - self._last_broker_ok
+        if self.tracker.in_flight and silent > self.settings.broker_lost_timeout_s:
+            raise BrokerLostError(
+                f"the broker at {self.settings.bootstrap_servers} has not answered for {silent:.0f}s with "
+                f"{self.tracker.in_flight} record(s) pending; exiting without committing them "
+                "(raise --broker-lost-timeout-s to wait longer)"
+            )
 
     def _poll_timeout_ms(self) -> int:
         if self._decoding:
@@ -388,6 +413,7 @@ class Pipeline:
 
     def _on_delivered(self, out: _Outgoing, tp: TopicPartition) -> None:
         # Producer I/O thread: cheap, non-blocking bookkeeping only.
+        self._last_broker_ok = time.monotonic()
         self.tracker.ack(tp, out.record.source.offset)
         if out.is_dlq:
             assert out.reason is not None
@@ -400,10 +426,23 @@ class Pipeline:
                 )
 
     def _on_send_failed(self, out: _Outgoing, exc: BaseException) -> None:
-        if not out.is_dlq and isinstance(exc, MessageSizeTooLargeError):
-            message = f"output record rejected by the broker as too large: {exc}"
-            self._dead_letter(out.record, RejectReason.OUTPUT_TOO_LARGE, message)
-            return
+        if isinstance(exc, MessageSizeTooLargeError):
+            if not out.is_dlq:
+                message = f"output record rejected by the broker as too large: {exc}"
+                self._dead_letter(out.record, RejectReason.OUTPUT_TOO_LARGE, message)
+                return
+            if out.value is not None:
+                # Even the dead-letter topic refuses the original bytes: keep the record (key, headers,
+                # reason, source coordinates) and say how many bytes were left out, rather than stall.
+                log.error(
+                    "DLQ refused %d bytes from %s; sending it without its value",
+                    len(out.value),
+                    out.record.source,
+                )
+                out.headers = [*out.headers, (VALUE_OMITTED_HEADER, str(len(out.value)).encode())]
+                out.value = None
+                self._send(out)
+                return
         out.attempt += 1
         out.not_before = time.monotonic() + min(_RETRY_BACKOFF_S * out.attempt, 10.0)
         log.warning(
@@ -445,6 +484,7 @@ class Pipeline:
             return
         self.tracker.mark_committed(offsets)
         self.metrics.commits.inc()
+        self._last_broker_ok = time.monotonic()
 
     def drain(self, grace_s: float) -> bool:
         """Embed and publish everything polled, flush, commit. True if nothing was left unacknowledged."""

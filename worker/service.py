@@ -16,7 +16,8 @@ from worker.embedder import (
     default_decode_workers,
     load_embedder,
 )
-from worker.kafka_io import make_consumer, make_producer
+from worker.errors import BrokerLostError
+from worker.kafka_io import check_output_topics, make_consumer, make_producer
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.pipeline import Pipeline
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_UNCLEAN_DRAIN = 3
+EXIT_BROKER_LOST = 4
+_CLOSE_TIMEOUT_MS = 5000
 
 
 def model_spec(settings: Settings) -> ModelSpec:
@@ -79,13 +82,17 @@ def run_worker(
         log.info("model %s on %s (%s), dim %d", embedder.label, embedder.device, embedder.dtype, embedder.dim)
         consumer = make_consumer(settings)
         producer = make_producer(settings)
+        check_output_topics(producer, settings)
         pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health, metrics.gpu)
         _install_signal_handlers(stop)
         try:
             clean = pipeline.run(stop)
+        except BrokerLostError as exc:
+            log.error("%s", exc)
+            return EXIT_BROKER_LOST
         finally:
-            consumer.close(autocommit=False)
-            producer.close(timeout=5)
+            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+            producer.close(timeout=_CLOSE_TIMEOUT_MS / 1000)
         log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
         return EXIT_OK if clean else EXIT_UNCLEAN_DRAIN
     finally:

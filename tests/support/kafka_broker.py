@@ -100,7 +100,7 @@ class ApacheKafka:
             "group.min.session.timeout.ms": "1000",
             "message.max.bytes": str(64 * 1024 * 1024),
             "replica.fetch.max.bytes": str(64 * 1024 * 1024),
-            "auto.create.topics.enable": "true",
+            "auto.create.topics.enable": "false",  # as on most production clusters
             **self.extra,
         }
         path = self.workdir / "server.properties"

@@ -33,7 +33,7 @@ def test_every_setting_is_a_run_flag():
 
 
 def test_bad_flag_value_stops_startup_with_one_line():
-    result = clip_worker("run", "--batch-size", "0")
+    result = clip_worker("run", "--batch-size", "-1")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1

@@ -41,7 +41,7 @@ def test_settings_are_frozen():
 @pytest.mark.parametrize(
     ("overrides", "env", "fragment"),
     [
-        ({"batch_size": "0"}, {}, "--batch-size / CLIP_WORKER_BATCH_SIZE"),
+        ({"batch_size": "-1"}, {}, "--batch-size / CLIP_WORKER_BATCH_SIZE"),
         ({}, {"CLIP_WORKER_BATCH_SIZE": "lots"}, "CLIP_WORKER_BATCH_SIZE"),
         ({"device": "gpu"}, {}, "use auto, cpu, cuda or cuda:N"),
         ({"dtype": "int8"}, {}, "--dtype"),

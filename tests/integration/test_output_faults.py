@@ -1,0 +1,84 @@
+"""Output-side faults: a missing output topic stops start-up with a clear line; records the broker refuses
+as too large are dead-lettered, never dropped and never stall the partition."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.kafka_helpers import (
+    collect,
+    committed_offsets,
+    produce,
+    running_worker,
+    worker_settings,
+)
+from worker.kafka_io import ensure_topics
+from worker.messages import VALUE_OMITTED_HEADER
+from worker.samples import jpeg_corpus
+
+pytestmark = pytest.mark.integration
+
+
+def test_missing_output_topic_stops_startup_naming_the_flag(kafka_bootstrap, tiny_clip_dir):
+    settings = worker_settings(kafka_bootstrap)
+    ensure_topics(settings, {settings.input_topic: 1, settings.dlq_topic: 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "run",
+            "--model",
+            str(tiny_clip_dir),
+            "--metrics-port",
+            "0",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--input-topic",
+            settings.input_topic,
+            "--output-topic",
+            settings.output_topic,
+            "--dlq-topic",
+            settings.dlq_topic,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert settings.output_topic in last and "--output-topic" in last
+
+
+def noise_png(side: int) -> bytes:
+    pixels = np.random.default_rng(3).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_outputs_the_broker_refuses_as_too_large_are_dead_lettered(kafka_bootstrap, tiny_embedder):
+    settings = worker_settings(kafka_bootstrap, forward_image=True)
+    ensure_topics(settings, {settings.input_topic: 1})
+    # The output and DLQ topics accept 100 kB; the 190 kB image fits the input topic only.
+    ensure_topics(settings, {settings.output_topic: 1, settings.dlq_topic: 1}, max_message_bytes=100_000)
+    big = noise_png(250)
+    assert len(big) > 150_000
+    small = [(f"small-{i}.jpg", data) for i, data in enumerate(jpeg_corpus(4, 96, 64))]
+    produce(settings, [*small[:2], ("big.png", big), *small[2:]])
+    with running_worker(settings, tiny_embedder):
+        results = collect(settings, expected=5, timeout_s=60)
+    assert sorted(r["id"] for r in results.outputs) == sorted(name for name, _ in small)
+    assert results.reasons() == {"big.png": "output_too_large"}
+    [dead] = results.dead
+    headers = dict(dead.headers)
+    assert int(headers[VALUE_OMITTED_HEADER]) > 150_000, "the DLQ refused the value too: its size is recorded"
+    assert committed_offsets(settings, 1) == {0: 5}
