@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from types import FrameType
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 from worker import __version__
 from worker.config import Settings
@@ -91,13 +95,20 @@ def run_worker(
             log.error("%s", exc)
             return EXIT_BROKER_LOST
         finally:
-            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
-            producer.close(timeout=_CLOSE_TIMEOUT_MS / 1000)
+            _close_quietly(consumer, producer)
         log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
         return EXIT_OK if clean else EXIT_UNCLEAN_DRAIN
     finally:
         if server is not None:
             server.stop()
+
+
+def _close_quietly(consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+    # With the broker gone, closing times out; the exit code already says what happened.
+    with contextlib.suppress(KafkaError):
+        consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+    with contextlib.suppress(KafkaError):
+        producer.close(timeout=_CLOSE_TIMEOUT_MS / 1000)
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

@@ -1,0 +1,248 @@
+"""Fault suite against a real Apache Kafka: kill -9, broker restart, broker gone past its deadline, churn.
+
+Short variants run in CI; set FAULTS_LONG=1 for the full sizes of RELIABILITY.md. Every test prints a
+figures line (sent, lost, duplicated, recovery) that RELIABILITY.md quotes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer
+
+from tests.support.kafka_broker import ApacheKafka
+from tests.support.kafka_helpers import (
+    committed_offsets,
+    create_topics,
+    produce,
+    start_worker,
+    wait_until,
+    worker_settings,
+)
+from tests.support.tally import Tally
+from worker.config import Settings
+from worker.messages import decode_embedding
+from worker.samples import jpeg_corpus
+
+pytestmark = pytest.mark.integration
+LONG = os.environ.get("FAULTS_LONG") == "1"
+
+
+def images(prefix: str, count: int) -> list[tuple[str, bytes]]:
+    pool = jpeg_corpus(32, 128, 96)
+    return [(f"{prefix}-{i:05d}", pool[i % len(pool)]) for i in range(count)]
+
+
+def figures(name: str, sent: int, seen: dict[str, int], **extra: object) -> str:
+    lost = sent - len(seen)
+    duplicated = sum(count - 1 for count in seen.values())
+    line = f"FIGURES {name}: sent={sent} lost={lost} duplicated={duplicated} " + " ".join(
+        f"{k}={v}" for k, v in extra.items()
+    )
+    print(line)
+    return line
+
+
+def worker_process(settings: Settings, model: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    command = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "run",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--input-topic",
+        settings.input_topic,
+        "--output-topic",
+        settings.output_topic,
+        "--dlq-topic",
+        settings.dlq_topic,
+        "--group-id",
+        settings.group_id,
+        "--metrics-port",
+        "0",
+        "--session-timeout-ms",
+        "6000",
+        "--commit-interval-ms",
+        "200",
+        "--metadata-max-age-ms",
+        "3000",
+        "--batch-size",
+        "16",
+        "--max-in-flight",
+        "256",
+        *extra,
+    ]
+    with log.open("ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path):
+    kills = 5 if LONG else 2
+    total = 5000 if LONG else 1200
+    settings = worker_settings(kafka_bootstrap)
+    create_topics(settings, partitions=6)
+    tally = Tally(settings)
+    workers = [worker_process(settings, tiny_clip_dir, tmp_path / f"w{i}.log") for i in range(2)]
+    items = images("kill", total)
+    chunk = total // kills
+    recoveries = []
+    try:
+        for k in range(kills):
+            produce(settings, items[k * chunk : (k + 1) * chunk if k < kills - 1 else total])
+            assert tally.wait_for(k * chunk + chunk // 3, 120), f"no progress before kill {k + 1}"
+            victim = k % 2
+            workers[victim].send_signal(signal.SIGKILL)
+            workers[victim].wait(timeout=10)
+            killed_at = time.monotonic()
+            before = tally.distinct()
+            workers[victim] = worker_process(settings, tiny_clip_dir, tmp_path / f"w{victim}.log")
+            assert tally.wait_for(before + 1, 120), "no progress after the kill"
+            recoveries.append(round(time.monotonic() - killed_at, 1))
+        assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
+        time.sleep(1.0)
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in workers:
+            process.wait(timeout=60)
+        tally.close()
+    seen = tally.snapshot()
+    figures("kill-9", total, seen, kills=kills, recovery_s=recoveries)
+    assert set(seen) == {name for name, _ in items}, "an image was lost"
+    duplicated = sum(count - 1 for count in seen.values())
+    bound = kills * (256 + 256)  # in flight (--max-in-flight) + acknowledged since the last commit
+    assert duplicated <= bound
+
+
+@pytest.fixture(scope="module")
+def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafka]:
+    """A broker of this module's own, because its tests stop and restart it."""
+    broker = ApacheKafka(tmp_path_factory.mktemp("restartable-kafka")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder):
+    total = 3000 if LONG else 800
+    settings = worker_settings(private_broker.bootstrap_servers, batch_size=16)
+    create_topics(settings, partitions=3)
+    items = images("restart", total)
+    produce(settings, items)
+    worker = start_worker(settings, tiny_embedder)
+    tally = Tally(settings)
+    try:
+        assert tally.wait_for(total // 4, 120), "no progress before the restart"
+        private_broker.restart(downtime_s=3.0)
+        restarted_at = time.monotonic()
+        before = tally.distinct()
+        assert tally.wait_for(before + 1, 120), "no progress after the restart"
+        recovery = round(time.monotonic() - restarted_at, 1)
+        assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
+        time.sleep(1.0)
+    finally:
+        code = worker.shutdown(timeout_s=90)
+        tally.close()
+    seen = tally.snapshot()
+    figures("broker-restart", total, seen, recovery_s=recovery, downtime_s=3)
+    assert code == 0
+    assert set(seen) == {name for name, _ in items}
+    assert sum(v or 0 for v in committed_offsets(settings, 3).values()) == total
+
+
+def outputs_by_source(settings: Settings) -> set[tuple[int, int]]:
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=3000,
+    )
+    consumer.subscribe([settings.output_topic])
+    found = set()
+    for message in consumer:
+        source = decode_embedding(message.value)["source"]
+        found.add((source["partition"], source["offset"]))
+    consumer.close()
+    return found
+
+
+def test_broker_gone_past_the_deadline_exits_non_zero_without_wrong_commits(
+    private_broker, tiny_clip_dir, tmp_path
+):
+    total = 1500
+    settings = worker_settings(private_broker.bootstrap_servers)
+    create_topics(settings, partitions=2)
+    produce(settings, images("gone", total))
+    tally = Tally(settings)
+    log = tmp_path / "worker.log"
+    worker = worker_process(
+        settings, tiny_clip_dir, log, "--broker-lost-timeout-s", "5", "--batch-timeout-ms", "50"
+    )
+    try:
+        assert tally.wait_for(50, 120), "no progress before the broker stopped"
+        wait_until(lambda: sum(v or 0 for v in committed_offsets(settings, 2).values()) > 0, 60, "no commit")
+        tally.close()
+        private_broker.stop(kill=True)
+        stopped_at = time.monotonic()
+        code = worker.wait(timeout=90)
+        exited_after = round(time.monotonic() - stopped_at, 1)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        private_broker.start()
+    text = log.read_text()
+    assert code == 4, text[-2000:]
+    assert "has not answered" in text and "--broker-lost-timeout-s" in text
+    committed = committed_offsets(settings, 2)
+    published = outputs_by_source(settings)
+    for partition, offset in committed.items():
+        missing = [o for o in range(offset or 0) if (partition, o) not in published]
+        assert not missing, (
+            f"partition {partition}: committed {offset} but offsets {missing[:5]} have no output"
+        )
+    print(f"FIGURES broker-gone: exit_code={code} exited_after_s={exited_after} committed={committed}")
+
+
+def test_churn_one_joining_one_leaving_loses_nothing(kafka_bootstrap, tiny_embedder):
+    rounds = 8 if LONG else 3
+    total = 4000 if LONG else 900
+    settings = worker_settings(kafka_bootstrap, batch_size=8)
+    create_topics(settings, partitions=6)
+    tally = Tally(settings)
+    workers = [start_worker(settings, tiny_embedder) for _ in range(3)]
+    items = images("churn", total)
+    chunk = total // rounds
+    try:
+        for r in range(rounds):
+            produce(settings, items[r * chunk : (r + 1) * chunk if r < rounds - 1 else total])
+            time.sleep(2.0)
+            leaving = workers.pop(0)
+            assert leaving.shutdown(timeout_s=60) == 0
+            workers.append(start_worker(settings, tiny_embedder))
+        assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
+        time.sleep(1.0)
+    finally:
+        for worker in workers:
+            worker.shutdown(timeout_s=60)
+        tally.close()
+    seen = tally.snapshot()
+    figures("churn", total, seen, rounds=rounds, assignor="cooperative-sticky")
+    assert set(seen) == {name for name, _ in items}
+    committed = committed_offsets(settings, 6)
+    assert sum(v or 0 for v in committed.values()) == total
