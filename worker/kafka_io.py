@@ -88,6 +88,38 @@ def producer_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _ConnectionFailures(logging.Handler):
+    """Remembers failures that retrying cannot heal. kafka-python's bootstrap only says "unable to
+    bootstrap" and logs why, so the reason (bad credentials, untrusted certificate) is read back here."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.fatal: str = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "Authentication" in text or "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify" in text:
+            self.fatal = text
+
+
+_failures = _ConnectionFailures()
+_network_log = logging.getLogger("kafka.net")
+_network_log.addHandler(_failures)
+_network_log.propagate = False  # one line per attempt comes from retry_until_deadline instead
+
+
+def _fatal_reason(servers: str) -> str | None:
+    """A one-line fix when the last failure cannot heal by retrying (credentials, TLS trust)."""
+    text = _failures.fatal
+    if "Authentication" in text:
+        return (
+            f"authentication to {servers} failed; check --sasl-username, --sasl-password and --sasl-mechanism"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return f"the TLS certificate of {servers} is not trusted; check --ssl-cafile"
+    return None
+
+
 def retry_until_deadline(what: str, factory: Callable[[], T], deadline_s: float, servers: str) -> T:
     """Call ``factory`` until it succeeds, logging one line per failed attempt, backing off up to 5 s.
 
@@ -98,9 +130,13 @@ def retry_until_deadline(what: str, factory: Callable[[], T], deadline_s: float,
     backoff = 0.5
     while True:
         attempt += 1
+        _failures.fatal = ""
         try:
             return factory()
         except KafkaError as exc:
+            fatal = _fatal_reason(servers)
+            if fatal:
+                raise StartupError(fatal) from None
             waited = time.monotonic() - started
             if waited + backoff >= deadline_s:
                 raise BrokerUnavailableError(

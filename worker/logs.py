@@ -38,6 +38,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The hub client logs every retry of an unreachable host; the model loader reports the outcome once.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    # kafka-python logs every failed connection attempt at error level; our own retry line says it once.
-    logging.getLogger("kafka.net").setLevel(logging.CRITICAL)
+    # kafka-python logs every failed connection attempt; worker.kafka_io keeps those lines to itself and
+    # says once per attempt what went wrong.
+    logging.getLogger("kafka.net").setLevel(logging.WARNING)
     logging.getLogger("kafka.conn").setLevel(logging.CRITICAL)

@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.tls import TlsFiles
 from worker.brokers import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,16 +63,48 @@ def ensure_jars() -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL listener with one SCRAM-SHA-256 user, beside the PLAINTEXT one."""
+
+    tls: TlsFiles
+    username: str
+    password: str
+
+    def scram_credential(self) -> str:
+        """The StorageTool argument that creates the user at format time."""
+        return f"SCRAM-SHA-256=[name={self.username},password={self.password}]"
+
+    def properties(self, port: int, controller_port: int, secure_port: int) -> dict[str, str]:
+        """Broker properties of both listeners."""
+        return {
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port},"
+            f"SASL_SSL://127.0.0.1:{secure_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{secure_port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-256",
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.tls.keystore),
+            "ssl.keystore.password": self.tls.keystore_password,
+            "ssl.key.password": self.tls.keystore_password,
+        }
+
+
 class ApacheKafka:
     """One KRaft node (broker + controller) on loopback."""
 
     def __init__(
-        self, workdir: Path, listeners: dict[str, str] | None = None, extra: dict[str, str] | None = None
+        self, workdir: Path, extra: dict[str, str] | None = None, secure: SecureListener | None = None
     ):
         self.workdir = workdir
         self.port = free_port()
         self.controller_port = free_port()
         self.extra = extra or {}
+        self.secure = secure
+        self.secure_port = free_port() if secure else 0
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "broker.log"
         self._formatted = False
@@ -103,6 +137,8 @@ class ApacheKafka:
             "auto.create.topics.enable": "false",  # as on most production clusters
             **self.extra,
         }
+        if self.secure is not None:
+            props.update(self.secure.properties(self.port, self.controller_port, self.secure_port))
         path = self.workdir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         log4j = self.workdir / "log4j2.properties"
@@ -130,8 +166,9 @@ class ApacheKafka:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
         if not self._formatted:
+            scram = ["--add-scram", self.secure.scram_credential()] if self.secure else []
             subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c", str(config)),
+                self._java("kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c", str(config), *scram),
                 check=True,
                 capture_output=True,
             )
