@@ -246,3 +246,40 @@ def test_churn_one_joining_one_leaving_loses_nothing(kafka_bootstrap, tiny_embed
     assert set(seen) == {name for name, _ in items}
     committed = committed_offsets(settings, 6)
     assert sum(v or 0 for v in committed.values()) == total
+
+
+def test_rolling_restart_with_static_membership_does_not_rebalance_the_others(kafka_bootstrap, tiny_embedder):
+    base = worker_settings(kafka_bootstrap, batch_size=8)
+    create_topics(base, partitions=4)
+    values = base.model_dump()
+    first = worker_settings(kafka_bootstrap, **{**values, "group_instance_id": "static-a"})
+    second = worker_settings(kafka_bootstrap, **{**values, "group_instance_id": "static-b"})
+    stable = start_worker(first, tiny_embedder)
+    restarted = start_worker(second, tiny_embedder)
+    tally = Tally(base)
+    items = images("static", 400)
+    try:
+        wait_until(
+            lambda: (
+                stable.metrics.assigned_partitions._value.get() == 2
+                and restarted.metrics.assigned_partitions._value.get() == 2
+            ),
+            60,
+            "the two static members did not split 4 partitions",
+        )
+        produce(base, items[:200])
+        assert tally.wait_for(200, 60)
+        rebalances_before = stable.metrics.rebalances._value.get()
+        assert restarted.shutdown(timeout_s=60) == 0
+        restarted = start_worker(second, tiny_embedder)
+        wait_until(lambda: restarted.metrics.assigned_partitions._value.get() == 2, 30, "no partitions back")
+        produce(base, items[200:])
+        assert tally.wait_for(400, 90), f"only {tally.distinct()} of 400 ids arrived"
+        rebalances_after = stable.metrics.rebalances._value.get()
+    finally:
+        stable.shutdown(timeout_s=60)
+        restarted.shutdown(timeout_s=60)
+        tally.close()
+    print(f"FIGURES static-membership: rebalances_of_the_other_member={rebalances_after - rebalances_before}")
+    assert rebalances_after == rebalances_before, "the member that stayed saw a rebalance"
+    assert set(tally.snapshot()) == {name for name, _ in items}
