@@ -92,6 +92,9 @@ class Settings(BaseSettings):
         64_000_000, ge=1, description="images with more pixels are rejected as image_too_large"
     )
     min_image_side: int = Field(3, ge=1, description="images with a side shorter than this are rejected")
+    jpeg_draft: bool = Field(
+        False, description="decode large JPEGs at 1/2-1/8 scale in the DCT domain (faster; see BENCHMARKS.md)"
+    )
     resize: Literal["pil", "torch"] = Field(
         "torch",
         description="bicubic resize: torch = PIL's filter as uint8 kernels (embedding cosine 0.9999998 to "

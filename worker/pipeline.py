@@ -154,7 +154,9 @@ class Pipeline:
         self._retries: deque[_Outgoing] = deque()
         self._retries_lock = threading.Lock()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
-        self._preprocessing = replace(embedder.preprocessing, resize=settings.resize)
+        self._preprocessing = replace(
+            embedder.preprocessing, resize=settings.resize, jpeg_draft=settings.jpeg_draft
+        )
         self._decode_workers = settings.decode_workers or default_decode_workers()
         self._pool = ThreadPoolExecutor(max_workers=self._decode_workers, thread_name_prefix="decode")
         self._paused = False

@@ -3,9 +3,7 @@ worker with a clear line, and the password never shows in logs, metrics or error
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from tests.support.kafka_broker import ApacheKafka, SecureListener
-from tests.support.kafka_helpers import collect, create_topics, produce, wait_until, worker_settings
+from tests.support.kafka_helpers import (
+    CLI,
+    clean_env,
+    collect,
+    create_topics,
+    produce,
+    topic_flags,
+    wait_until,
+    worker_settings,
+)
 from tests.support.tls import make_tls
 from worker.brokers import free_port
 from worker.samples import jpeg_corpus
@@ -36,41 +43,14 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKa
 
 def run_secure_worker(broker: ApacheKafka, settings, model: Path, password: str, log: Path, *extra: str):
     assert broker.secure is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
-    env["CLIP_WORKER_SASL_PASSWORD"] = password
+    env = clean_env(CLIP_WORKER_SASL_PASSWORD=password)
     command = [
-        sys.executable,
-        "-m",
-        "worker.cli",
-        "run",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--bootstrap-servers",
-        f"127.0.0.1:{broker.secure_port}",
-        "--security-protocol",
-        "SASL_SSL",
-        "--sasl-mechanism",
-        "SCRAM-SHA-256",
-        "--sasl-username",
-        USER,
-        "--ssl-cafile",
-        str(broker.secure.tls.ca_cert),
-        "--input-topic",
-        settings.input_topic,
-        "--output-topic",
-        settings.output_topic,
-        "--dlq-topic",
-        settings.dlq_topic,
-        "--group-id",
-        settings.group_id,
-        "--session-timeout-ms",
-        "6000",
-        "--log-level",
-        "debug",
-        *extra,
-    ]
+        *CLI, "run", "--model", str(model), "--device", "cpu",
+        *topic_flags(settings, bootstrap=f"127.0.0.1:{broker.secure_port}"),
+        "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-256", "--sasl-username", USER,
+        "--ssl-cafile", str(broker.secure.tls.ca_cert), "--session-timeout-ms", "6000",
+        "--log-level", "debug", *extra,
+    ]  # fmt: skip
     with log.open("wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 

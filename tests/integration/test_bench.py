@@ -1,18 +1,19 @@
 """The short bench mode runs end to end (tiny model, about a minute); speed is reported, not asserted."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+
+from tests.support.kafka_helpers import clean_env
 
 pytestmark = pytest.mark.integration
 
 
 def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
     output = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    env = clean_env()
     result = subprocess.run(
         [
             sys.executable,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,13 @@ from kafka import KafkaConsumer
 
 from tests.support.kafka_broker import ApacheKafka
 from tests.support.kafka_helpers import (
+    CLI,
+    clean_env,
     committed_offsets,
     create_topics,
     produce,
     start_worker,
+    topic_flags,
     wait_until,
     worker_settings,
 )
@@ -51,40 +53,12 @@ def figures(name: str, sent: int, seen: dict[str, int], **extra: object) -> str:
 
 
 def worker_process(settings: Settings, model: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    env = clean_env()
     command = [
-        sys.executable,
-        "-m",
-        "worker.cli",
-        "run",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--bootstrap-servers",
-        settings.bootstrap_servers,
-        "--input-topic",
-        settings.input_topic,
-        "--output-topic",
-        settings.output_topic,
-        "--dlq-topic",
-        settings.dlq_topic,
-        "--group-id",
-        settings.group_id,
-        "--metrics-port",
-        "0",
-        "--session-timeout-ms",
-        "6000",
-        "--commit-interval-ms",
-        "200",
-        "--metadata-max-age-ms",
-        "3000",
-        "--batch-size",
-        "16",
-        "--max-in-flight",
-        "256",
-        *extra,
-    ]
+        *CLI, "run", "--model", str(model), "--device", "cpu", *topic_flags(settings),
+        "--metrics-port", "0", "--session-timeout-ms", "6000", "--commit-interval-ms", "200",
+        "--metadata-max-age-ms", "3000", "--batch-size", "16", "--max-in-flight", "256", *extra,
+    ]  # fmt: skip
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 

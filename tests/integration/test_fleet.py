@@ -1,17 +1,24 @@
 """``clip-worker fleet`` starts N processes in one group; SIGTERM drains them all."""
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections import Counter
 
 import pytest
 
-from tests.support.kafka_helpers import collect, create_topics, produce, wait_until, worker_settings
+from tests.support.kafka_helpers import (
+    CLI,
+    clean_env,
+    collect,
+    create_topics,
+    produce,
+    topic_flags,
+    wait_until,
+    worker_settings,
+)
 from worker.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
@@ -54,41 +61,14 @@ def test_fleet_runs_processes_in_one_group_and_drains_on_sigterm(kafka_bootstrap
     settings = worker_settings(kafka_bootstrap)
     create_topics(settings, partitions=4)
     base = consecutive_free_ports(2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
     fleet = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "worker.cli",
-            "fleet",
-            "--gpus",
-            "none",
-            "--cpu-processes",
-            "2",
-            "--metrics-port-base",
-            str(base),
-            "--",
-            "--bootstrap-servers",
-            settings.bootstrap_servers,
-            "--input-topic",
-            settings.input_topic,
-            "--output-topic",
-            settings.output_topic,
-            "--dlq-topic",
-            settings.dlq_topic,
-            "--group-id",
-            settings.group_id,
-            "--model",
-            str(tiny_clip_dir),
-            "--metrics-host",
-            "127.0.0.1",
-            "--session-timeout-ms",
-            "6000",
-            "--log-level",
-            "warning",
+            *CLI, "fleet", "--gpus", "none", "--cpu-processes", "2", "--metrics-port-base", str(base), "--",
+            *topic_flags(settings), "--model", str(tiny_clip_dir), "--metrics-host", "127.0.0.1",
+            "--session-timeout-ms", "6000", "--log-level", "warning",
         ],
-        env=env,
-    )
+        env=clean_env(),
+    )  # fmt: skip
     try:
         wait_until(
             lambda: (

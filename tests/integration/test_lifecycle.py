@@ -1,7 +1,6 @@
 """Restarts, consumer groups, SIGTERM and health endpoints against a real broker."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from collections import Counter
 import pytest
 
 from tests.support.kafka_helpers import (
+    clean_env,
     collect,
     committed_offsets,
     create_topics,
@@ -95,7 +95,7 @@ def test_sigterm_drains_commits_and_exits_zero(kafka_bootstrap, tiny_clip_dir, t
     settings = worker_settings(kafka_bootstrap, batch_size=32, batch_timeout_ms=2000)
     create_topics(settings)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    env = clean_env()
     env.update(
         {
             "CLIP_WORKER_BOOTSTRAP_SERVERS": settings.bootstrap_servers,

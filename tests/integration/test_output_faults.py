@@ -2,19 +2,20 @@
 as too large are dead-lettered, never dropped and never stall the partition."""
 
 import io
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.support.kafka_helpers import (
+    CLI,
+    clean_env,
     collect,
     committed_offsets,
     produce,
     running_worker,
+    topic_flags,
     worker_settings,
 )
 from worker.kafka_io import ensure_topics
@@ -27,32 +28,10 @@ pytestmark = pytest.mark.integration
 def test_missing_output_topic_stops_startup_naming_the_flag(kafka_bootstrap, tiny_clip_dir):
     settings = worker_settings(kafka_bootstrap)
     ensure_topics(settings, {settings.input_topic: 1, settings.dlq_topic: 1})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker.cli",
-            "run",
-            "--model",
-            str(tiny_clip_dir),
-            "--metrics-port",
-            "0",
-            "--bootstrap-servers",
-            kafka_bootstrap,
-            "--input-topic",
-            settings.input_topic,
-            "--output-topic",
-            settings.output_topic,
-            "--dlq-topic",
-            settings.dlq_topic,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+        [*CLI, "run", "--model", str(tiny_clip_dir), "--metrics-port", "0", *topic_flags(settings)],
+        capture_output=True, text=True, timeout=120, env=clean_env(), check=False,
+    )  # fmt: skip
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert settings.output_topic in last and "--output-topic" in last

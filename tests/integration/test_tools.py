@@ -1,20 +1,19 @@
 """``clip-worker produce`` and ``clip-worker tail`` as a user runs them, against a real broker."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.support.kafka_helpers import create_topics, running_worker, worker_settings
+from tests.support.kafka_helpers import clean_env, create_topics, running_worker, worker_settings
 from worker.samples import broken_samples, sample_images
 
 pytestmark = pytest.mark.integration
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    env = clean_env()
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         capture_output=True,

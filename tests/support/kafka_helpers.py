@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import time
 import uuid
@@ -185,3 +187,24 @@ def wait_until(condition: Any, timeout_s: float, message: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(message)
+
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without CLIP_WORKER_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
+    env.update(extra)
+    return env
+
+
+def topic_flags(settings: Settings, bootstrap: str | None = None) -> list[str]:
+    """``clip-worker run`` flags naming the broker, the three topics and the group of ``settings``."""
+    return [
+        "--bootstrap-servers", bootstrap or settings.bootstrap_servers,
+        "--input-topic", settings.input_topic,
+        "--output-topic", settings.output_topic,
+        "--dlq-topic", settings.dlq_topic,
+        "--group-id", settings.group_id,
+    ]  # fmt: skip

@@ -1,17 +1,16 @@
 """The command line as a user meets it: one-line errors and exit codes (subprocesses, no broker)."""
 
-import os
 import subprocess
 import sys
 
+from tests.support.kafka_helpers import clean_env
 from worker.brokers import free_port
 
 
 def clip_worker(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_WORKER_")}
-    environment.update(env or {})
+    environment = clean_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         capture_output=True,

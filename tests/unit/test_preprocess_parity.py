@@ -56,3 +56,22 @@ def test_torch_resize_embeds_like_the_reference(tiny_embedder: Embedder):
     }
     cosine = np.sum(vectors["pil"] * vectors["torch"], axis=1)
     assert cosine.min() >= 0.9999
+
+
+def test_jpeg_draft_decodes_large_jpegs_smaller_and_embeds_alike(tiny_embedder: Embedder):
+    large = jpeg_corpus(4, 1600, 1200, 99)
+    drafted = load_rgb(large[0], ImageLimits(), draft_shortest_side=224)
+    assert drafted.size == (400, 300), "1/4 scale keeps the shortest side at least 224"
+    params = tiny_embedder.preprocessing
+    assert load_rgb(large[0], ImageLimits(), draft_shortest_side=params.size).size[1] >= params.size
+    full = np.stack([decode_and_preprocess(d, ImageLimits(), replace(params, resize="torch")) for d in large])
+    fast = np.stack(
+        [
+            decode_and_preprocess(d, ImageLimits(), replace(params, resize="torch", jpeg_draft=True))
+            for d in large
+        ]
+    )
+    cosine = np.sum(tiny_embedder.embed(full) * tiny_embedder.embed(fast), axis=1)
+    assert cosine.min() >= 0.999
+    small = jpeg_corpus(1, 400, 300)[0]  # half scale would drop below 224 on the short side: full decode
+    assert load_rgb(small, ImageLimits(), draft_shortest_side=224).size == (400, 300)

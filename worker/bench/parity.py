@@ -15,15 +15,20 @@ from worker.samples import jpeg_corpus, sample_images
 
 def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, dict[str, float]]:
     """For every resize path: max |difference| of the normalised tensor and min cosine of the embeddings."""
-    images = [s.data for s in sample_images(count // 2, seed=9)] + jpeg_corpus(
-        count - count // 2, 640, 480, 77
+    # Large JPEGs too, so the draft-mode variant actually decodes at reduced scale.
+    third = count // 3
+    images = (
+        [s.data for s in sample_images(third, seed=9)]
+        + jpeg_corpus(third, 640, 480, 77)
+        + jpeg_corpus(count - 2 * third, 1600, 1200, 78)
     )
     processor = reference_processor(embedder.preprocessing)
     reference = np.stack([reference_pixels(processor, data) for data in images])
     reference_vectors = _embed(embedder, reference)
     results: dict[str, dict[str, float]] = {}
-    for mode in RESIZERS:
-        params = replace(embedder.preprocessing, resize=mode)
+    variants = [(mode, replace(embedder.preprocessing, resize=mode)) for mode in RESIZERS]
+    variants.append(("torch+jpeg-draft", replace(embedder.preprocessing, resize="torch", jpeg_draft=True)))
+    for mode, params in variants:
         ours = np.stack([decode_and_preprocess(data, ImageLimits(), params) for data in images])
         vectors = _embed(embedder, ours)
         cosine = float(np.min(np.sum(vectors * reference_vectors, axis=1)))
@@ -31,7 +36,7 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
         results[mode] = {"max_abs_diff": difference, "min_cosine": cosine}
         report.parity[mode] = {**results[mode], "images": len(images), "model": embedder.label}
         print(
-            f"  parity      resize={mode:<6} max|diff| {difference:.2e}  min cosine {cosine:.6f}  "
+            f"  parity      {mode:<16} max|diff| {difference:.2e}  min cosine {cosine:.6f}  "
             f"({len(images)} images, {embedder.label})",
             flush=True,
         )

@@ -54,3 +54,18 @@ def bench_preprocess(report: Report, corpus: list[bytes], params: Preprocessing,
                 list(pool.map(work, corpus))
                 elapsed = time.perf_counter() - started
             report.add("preprocess", f"clip-worker resize={resize}, {count} thread(s)", len(corpus) / elapsed)
+
+
+def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None:
+    """Images/s on 1600x1200 JPEGs, one thread: full decode against libjpeg's draft mode."""
+    from worker.samples import jpeg_corpus
+
+    corpus = jpeg_corpus(count, 1600, 1200, 99)
+    limits = ImageLimits(max_pixels=64_000_000)
+    for draft in (False, True):
+        ours = replace(params, resize="torch", jpeg_draft=draft)
+        started = time.perf_counter()
+        for data in corpus:
+            decode_and_preprocess(data, limits, ours)
+        case = "1600x1200 JPEG, resize=torch" + (", jpeg-draft" if draft else "") + ", 1 thread"
+        report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))

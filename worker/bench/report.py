@@ -51,7 +51,7 @@ class Report:
             lines.append(f"| ratio | {name} | {value:.2f} | |")
         for mode, facts in self.parity.items():
             lines.append(
-                f"| parity | resize={mode} | | max abs diff {facts['max_abs_diff']:.2e}, "
+                f"| parity | {mode} | | max abs diff {facts['max_abs_diff']:.2e}, "
                 f"min cosine {facts['min_cosine']:.6f} over {facts['images']} images |"
             )
         return "\n".join(lines)

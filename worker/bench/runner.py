@@ -15,7 +15,7 @@ import torch
 from worker.bench.model import bench_model
 from worker.bench.parity import bench_parity
 from worker.bench.pipeline import Workload, bench_bare, bench_baseline, bench_worker
-from worker.bench.preprocess import bench_preprocess
+from worker.bench.preprocess import bench_large_jpegs, bench_preprocess
 from worker.bench.report import Report, machine_facts
 from worker.bench.soak import bench_soak
 from worker.brokers import TansuBroker
@@ -74,6 +74,7 @@ def run_bench(args: argparse.Namespace) -> int:
             bench_preprocess(
                 report, corpus, embedder.preprocessing, [int(t) for t in args.threads.split(",")]
             )
+            bench_large_jpegs(report, embedder.preprocessing, 16 if args.quick else 48)
         if "parity" in sections:
             bench_parity(report, embedder, args.parity_images)
         if "end-to-end" in sections:
