@@ -76,7 +76,10 @@ class TansuBroker:
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
-        wait_for_port(self.host, self.port, timeout_s, self._process)
+        try:
+            wait_for_port(self.host, self.port, timeout_s, self._process)
+        except StartupError as exc:
+            raise StartupError(f"Tansu did not start ({exc}); its output is in {self.log_path}") from None
         return self
 
     def stop(self) -> None:
@@ -91,6 +94,7 @@ class TansuBroker:
             self._process.wait()
         self._process = None
         self._log.close()
+        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TansuBroker:
         return self.start()

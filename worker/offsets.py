@@ -119,9 +119,3 @@ class OffsetTracker:
         """Offset after the last polled record, per owned partition that has polled anything."""
         with self._lock:
             return {tp: s.position for tp, s in self._partitions.items() if s.position is not None}
-
-    def pending_count(self, tp: TopicPartition) -> int:
-        """Records of one partition not yet acknowledged."""
-        with self._lock:
-            state = self._partitions.get(tp)
-            return len(state.pending) if state else 0
