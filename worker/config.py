@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         0,
         ge=0,
-        description="torch CPU threads for inference; 0 = cores left over by the decode threads (min 1)",
+        description="torch CPU threads; 0 = all cores for a large model on CPU, else what decoders leave",
     )
     commit_interval_ms: int = Field(1000, ge=0, description="how often acknowledged offsets are committed")
 

@@ -64,11 +64,13 @@ def run_worker(
         server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics, health)
         server.start()
     try:
+        embedder = embedder or load_embedder(model_spec(settings))
         threads = configure_cpu_threads(
-            settings.inference_threads, settings.decode_workers or default_decode_workers()
+            settings.inference_threads,
+            settings.decode_workers or default_decode_workers(),
+            embedder.parameters if embedder.device.type == "cpu" else 0,
         )
         log.info("torch CPU threads: %d", threads)
-        embedder = embedder or load_embedder(model_spec(settings))
         health.model_loaded = True
         if embedder.is_random:
             log.warning(

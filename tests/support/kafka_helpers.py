@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,14 +179,14 @@ def running_worker(settings: Settings, embedder: Embedder) -> Iterator[RunningWo
             assert worker.shutdown() == 0
 
 
-def wait_until(condition: Any, timeout_s: float, message: str) -> None:
-    """Poll ``condition()`` until true; fail with ``message`` after ``timeout_s``."""
+def wait_until(condition: Any, timeout_s: float, message: str | Callable[[], str]) -> None:
+    """Poll ``condition()`` until true; after ``timeout_s`` fail with ``message`` (called if callable)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.05)
-    raise AssertionError(message)
+    raise AssertionError(message() if callable(message) else message)
 
 
 CLI = [sys.executable, "-m", "worker.cli"]
