@@ -24,6 +24,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float, kill: bool = False) -> None:
+    """SIGTERM (or SIGKILL when ``kill``), then SIGKILL if it has not exited within ``timeout_s``."""
+    if kill:
+        process.kill()
+    else:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_for_port(
     host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -86,12 +99,7 @@ class TansuBroker:
         """Terminate the broker (its data lives in memory and is gone)."""
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process, timeout_s=10)
         self._process = None
         self._log.close()
         self.log_path.unlink(missing_ok=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.tls import TlsFiles
-from worker.brokers import free_port, wait_for_port
+from worker.brokers import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 POM = ROOT / ".ci" / "kafka" / "pom.xml"
@@ -187,12 +186,7 @@ class ApacheKafka:
         """Stop the node (SIGKILL when ``kill``); the log directory is kept for a restart."""
         if self._process is None:
             return
-        self._process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process, timeout_s=30, kill=kill)
         self._process = None
 
     def restart(self, downtime_s: float = 0.0) -> None:
