@@ -17,6 +17,7 @@ from worker.errors import BrokerUnavailableError, StartupError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ATTEMPT_TIMEOUT_S = 5.0
+MAX_POLL_RECORDS = 500
 
 
 def security_options(settings: Settings) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
         "auto_offset_reset": settings.auto_offset_reset,
         "max_partition_fetch_bytes": settings.max_message_bytes,
         "fetch_max_bytes": max(settings.max_message_bytes, 64 * 1024 * 1024),
-        "max_poll_records": 500,
+        "max_poll_records": MAX_POLL_RECORDS,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": max(100, settings.session_timeout_ms // 3),

@@ -31,6 +31,7 @@ from worker.embedder import Embedder, default_decode_workers
 from worker.errors import BrokerLostError, RejectedRecord, RejectReason
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits, decode_and_preprocess
+from worker.kafka_io import MAX_POLL_RECORDS
 from worker.messages import (
     VALUE_OMITTED_HEADER,
     Headers,
@@ -46,7 +47,6 @@ from worker.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = 1.0
-_MAX_POLL_RECORDS = 500
 _BATCH_QUEUE_DEPTH = 2  # one batch embedding, one waiting: enough to keep the model busy
 _STOP = None
 _IDLE_WAIT_S = 0.005
@@ -237,7 +237,7 @@ class Pipeline:
 
     def _poll_budget(self) -> int:
         room = self.settings.max_in_flight - self.tracker.in_flight
-        return max(1, min(_MAX_POLL_RECORDS, room))
+        return max(1, min(MAX_POLL_RECORDS, room))
 
     def _apply_backpressure(self) -> None:
         in_flight = self.tracker.in_flight
