@@ -85,7 +85,20 @@ class Settings(BaseSettings):
         ge=0,
         description="torch CPU threads; 0 = all cores for a large model on CPU, else what decoders leave",
     )
-    commit_interval_ms: int = Field(1000, ge=0, description="how often acknowledged offsets are committed")
+    commit_interval_ms: int = Field(
+        1000,
+        ge=0,
+        description="how often acknowledged offsets are committed (with --exactly-once: each transaction)",
+    )
+    exactly_once: bool = Field(
+        False,
+        description="publish outputs and consumed offsets in Kafka transactions; read them read_committed",
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="with --exactly-once: this worker's transactional id, stable across its restarts and "
+        "unique in the fleet (default: from --group-instance-id, else host name and process id)",
+    )
 
     # Image guards
     max_image_pixels: int = Field(
@@ -155,6 +168,12 @@ class Settings(BaseSettings):
                 raise ValueError("SASL protocols need --sasl-mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
             if not self.sasl_username or self.sasl_password is None:
                 raise ValueError("SASL needs --sasl-username and --sasl-password")
+        return self
+
+    @model_validator(mode="after")
+    def _check_transactions(self) -> Settings:
+        if self.transactional_id is not None and not self.exactly_once:
+            raise ValueError("--transactional-id only applies with --exactly-once; add it or drop the id")
         return self
 
     @property

@@ -50,3 +50,8 @@ class BrokerUnavailableError(StartupError):
 
 class BrokerLostError(Exception):
     """The broker stopped answering mid-run for longer than ``--broker-lost-timeout-s``."""
+
+
+class TransactionFencedError(Exception):
+    """Exactly-once mode cannot go on: another producer took this transactional id, or the broker refused
+    transactions. The open transaction is aborted by the broker; nothing it holds is ever visible."""

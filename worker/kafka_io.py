@@ -68,6 +68,10 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.group_instance_id:
         options["group_instance_id"] = settings.group_instance_id
+    if settings.exactly_once:
+        # Skips records of aborted upstream transactions, and makes a new owner of a partition wait for
+        # the offsets of a transaction still being committed (KIP-447) instead of reading stale ones.
+        options["isolation_level"] = "read_committed"
     return options
 
 
@@ -87,6 +91,19 @@ def producer_options(settings: Settings) -> dict[str, Any]:
         # Bounds how long a send (and the start-up topic check) waits for metadata of a missing topic.
         "max_block_ms": 15_000,
     }
+
+
+def transactional_producer_options(settings: Settings, transactional_id: str) -> dict[str, Any]:
+    """Producer options of the exactly-once mode: idempotent, transactional."""
+    options = producer_options(settings)
+    options.update(
+        enable_idempotence=True,
+        transactional_id=transactional_id,
+        # The broker aborts a transaction its producer left open (a crash) after this long; the worker
+        # commits every --commit-interval-ms, so this is only a bound for crashes without a restart.
+        transaction_timeout_ms=max(60_000, 10 * settings.commit_interval_ms),
+    )
+    return options
 
 
 class _ConnectionFailures(logging.Handler):
@@ -164,9 +181,12 @@ def make_consumer(settings: Settings, **overrides: Any) -> KafkaConsumer:
     )
 
 
-def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """A producer, retried until ``connect_timeout_s``."""
-    options = {**producer_options(settings), **overrides}
+def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
+    """A producer (transactional when ``transactional_id`` is given), retried until ``connect_timeout_s``."""
+    if transactional_id is None:
+        options = producer_options(settings)
+    else:
+        options = transactional_producer_options(settings, transactional_id)
     return retry_until_deadline(
         "producer", lambda: KafkaProducer(**options), settings.connect_timeout_s, settings.bootstrap_servers
     )

@@ -54,6 +54,12 @@ class WorkerMetrics:
             "clip_worker_publish_retries", "Records re-sent after a failed delivery", registry=r
         )
         self.rebalances = Counter("clip_worker_rebalances", "Partition assignment changes", registry=r)
+        self.transactions_aborted = Counter(
+            "clip_worker_transactions_aborted",
+            "Exactly-once mode: transactions aborted (and their records read again), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.batch_closes = Counter(
             "clip_worker_batch_closes",
             "Batches closed, by cause (size, timeout, drain)",

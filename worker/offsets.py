@@ -22,6 +22,7 @@ class _PartitionState:
     position: int | None = None  # offset after the last polled record
     next_commit: int | None = None  # offset after the highest contiguous acknowledged record
     committed: int | None = None
+    first: int | None = None  # first offset polled since the partition was assigned
 
 
 class OffsetTracker:
@@ -64,6 +65,8 @@ class OffsetTracker:
             if state is None:
                 return False
             state.position = offset + 1
+            if state.first is None:
+                state.first = offset
             if state.pending and offset <= state.pending[-1]:
                 return True  # re-delivered after a seek: already pending
             state.pending.append(offset)
@@ -102,6 +105,24 @@ class OffsetTracker:
                 state = self._partitions.get(tp)
                 if state is not None:
                     state.committed = offset
+
+    def rewind(self) -> dict[TopicPartition, int]:
+        """Forget all progress since the last commit; returns where each partition must be read again.
+
+        That is the last committed offset, or the first offset polled when nothing was committed yet;
+        partitions that have polled nothing are left where they are.
+        """
+        with self._lock:
+            targets: dict[TopicPartition, int] = {}
+            for tp, state in list(self._partitions.items()):
+                target = state.committed if state.committed is not None else state.first
+                if target is not None:
+                    targets[tp] = target
+                self._drop(tp)
+                self._partitions[tp] = _PartitionState(
+                    next_commit=state.committed, committed=state.committed, first=state.first
+                )
+            return targets
 
     @property
     def in_flight(self) -> int:

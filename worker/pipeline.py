@@ -9,6 +9,7 @@ acknowledgements and rebalance callbacks, which only touch thread-safe state and
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import queue
 import threading
@@ -28,13 +29,12 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.batcher import Batch, Batcher
 from worker.config import Settings
 from worker.embedder import Embedder, default_decode_workers
-from worker.errors import BrokerLostError, RejectedRecord, RejectReason
+from worker.errors import BrokerLostError, RejectedRecord, RejectReason, TransactionFencedError
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits, decode_and_preprocess
 from worker.kafka_io import MAX_POLL_RECORDS
 from worker.messages import (
     VALUE_OMITTED_HEADER,
-    Headers,
     ImageRequest,
     Source,
     decode_request,
@@ -44,6 +44,8 @@ from worker.messages import (
 from worker.metrics import HealthState, WorkerMetrics
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
+from worker.transactions import AbortReason, Transactions
+from worker.work import InputRecord, Outgoing
 
 log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = 1.0
@@ -55,20 +57,8 @@ _COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the p
 
 
 @dataclass
-class _InputRecord:
-    """A polled record and what the worker knows of it so far."""
-
-    source: Source
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    timestamp_ms: int
-    polled_at: float
-
-
-@dataclass
 class _Decoding:
-    record: _InputRecord
+    record: InputRecord
     request: ImageRequest
     future: Future[list[np.ndarray | Exception]]
     index: int  # position of this image in its chunk's result list
@@ -76,36 +66,31 @@ class _Decoding:
 
 @dataclass
 class _Ready:
-    record: _InputRecord
+    record: InputRecord
     request: ImageRequest
     pixels: np.ndarray
-
-
-@dataclass
-class _Outgoing:
-    """A record to (re)send: an embedding to the output topic or a rejected record to the DLQ."""
-
-    record: _InputRecord
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    is_dlq: bool
-    reason: RejectReason | None = None
-    attempt: int = 0
-    not_before: float = 0.0
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Runs on kafka-python's I/O thread: it only updates thread-safe state."""
 
-    def __init__(self, tracker: OffsetTracker, metrics: WorkerMetrics, health: HealthState) -> None:
+    def __init__(
+        self,
+        tracker: OffsetTracker,
+        metrics: WorkerMetrics,
+        health: HealthState,
+        transactions: Transactions | None,
+    ) -> None:
         self._tracker = tracker
         self._metrics = metrics
         self._health = health
+        self._transactions = transactions
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self._tracker.revoke(set(revoked))
+        if self._transactions is not None:
+            # The open transaction may hold results of these partitions: the main loop aborts it.
+            self._transactions.doom(AbortReason.REBALANCE)
         self._after_change("revoked", revoked)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -113,8 +98,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._after_change("assigned", assigned)
 
     def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        self._tracker.revoke(set(lost))
-        self._after_change("lost", lost)
+        self.on_partitions_revoked(lost)
 
     def _after_change(self, what: str, partitions: set[TopicPartition]) -> None:
         owned = self._tracker.owned()
@@ -122,6 +106,17 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.assigned_partitions.set(len(owned))
         self._health.in_group = True
         log.info("partitions %s: %s; now own %d", what, _describe(partitions), len(owned))
+
+
+class _Downgrade(enum.Enum):
+    DEAD_LETTER = "dead_letter"  # the output was too large for the broker
+    OMIT_VALUE = "omit_value"  # even the dead letter was: send it without the original bytes
+
+
+def _omit_value(out: Outgoing) -> None:
+    assert out.value is not None
+    out.headers = [*out.headers, (VALUE_OMITTED_HEADER, str(len(out.value)).encode())]
+    out.value = None
 
 
 def _describe(partitions: set[TopicPartition]) -> str:
@@ -151,7 +146,7 @@ class Pipeline:
         self.batch_size = settings.batch_size or embedder.auto_batch_size()
         self.batcher: Batcher[_Ready] = Batcher(self.batch_size, settings.batch_timeout_s)
         self._decoding: deque[_Decoding] = deque()
-        self._retries: deque[_Outgoing] = deque()
+        self._retries: deque[Outgoing] = deque()
         self._retries_lock = threading.Lock()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
         self._preprocessing = replace(
@@ -162,14 +157,28 @@ class Pipeline:
         self._paused = False
         self._last_commit = time.monotonic()
         self._last_broker_ok = time.monotonic()
-        self._listener = _RebalanceListener(self.tracker, metrics, health)
+        self._transactions: Transactions | None = None
+        if settings.exactly_once:
+            self._transactions = Transactions(
+                producer,
+                consumer,
+                settings.broker_lost_timeout_s,
+                self._on_delivered,
+                self._on_transaction_send_failed,
+            )
+        # Exactly-once: records whose output (or dead letter) the broker refused as too large, and what to
+        # send instead when the aborted transaction's records are processed again.
+        self._downgrades: dict[Source, _Downgrade] = {}
+        self._listener = _RebalanceListener(self.tracker, metrics, health, self._transactions)
         self._closed_batches: deque[Batch[_Ready]] = deque()
         self._batch_queue: queue.Queue[Batch[_Ready] | None] = queue.Queue(maxsize=_BATCH_QUEUE_DEPTH)
         self._inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self.observer = Observer(consumer, self.tracker, metrics, settings.progress_interval_s, gpu)
 
     def subscribe(self) -> None:
-        """Join the consumer group on the input topic."""
+        """Join the group on the input topic (exactly-once: after registering the transactional id)."""
+        if self._transactions is not None:
+            self._transactions.start()
         self.consumer.subscribe([self.settings.input_topic], listener=self._listener)
 
     # ---------------------------------------------------------------- main loop
@@ -180,7 +189,7 @@ class Pipeline:
         try:
             while not stop.is_set():
                 self.step()
-        except BrokerLostError:
+        except (BrokerLostError, TransactionFencedError):
             self._pool.shutdown(wait=False, cancel_futures=True)
             raise  # nothing to drain into: no commit, the next owner re-reads the pending records
         except BaseException:
@@ -190,13 +199,15 @@ class Pipeline:
 
     def step(self) -> None:
         """One loop iteration: poll, collect decodes, embed due batches, resend, commit."""
+        if self._transactions is not None and self._transactions.doomed is not None:
+            self._rewind()
         self._apply_backpressure()
         records = self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
         now = time.monotonic()
         if records:
             self._last_broker_ok = now
         self._check_broker(now)
-        accepted: list[tuple[_InputRecord, ImageRequest]] = []
+        accepted: list[tuple[InputRecord, ImageRequest]] = []
         for tp, batch in records.items():
             for message in batch:
                 item = self._accept(tp, message, now)
@@ -216,6 +227,9 @@ class Pipeline:
             self.commit()
         self.observer.maybe_observe()
         self.health.beat()
+
+    def _doomed(self) -> bool:
+        return self._transactions is not None and self._transactions.doomed is not None
 
     def _check_broker(self, now: float) -> None:
         silent = now - self._last_broker_ok
@@ -254,10 +268,12 @@ class Pipeline:
     # ---------------------------------------------------------------- intake and decoding
     def _accept(
         self, tp: TopicPartition, message: Any, now: float
-    ) -> tuple[_InputRecord, ImageRequest] | None:
+    ) -> tuple[InputRecord, ImageRequest] | None:
         """Track a polled record and decode its envelope; a bad envelope goes straight to the DLQ."""
         source = Source(message.topic, message.partition, message.offset)
         size = len(message.value or b"")
+        if self._transactions is not None and not self._transactions.expect(tp, message.offset):
+            return None  # exactly-once: already read in this transaction epoch
         if not self.tracker.track(tp, message.offset, size):
             if tp not in self.consumer.assignment():
                 return None  # partition revoked while this record was buffered; its new owner reads it again
@@ -266,13 +282,14 @@ class Pipeline:
             self.tracker.assign({tp})
             self.tracker.track(tp, message.offset, size)
         self.metrics.consumed.inc()
-        record = _InputRecord(
+        record = InputRecord(
             source=source,
             key=message.key,
             value=message.value,
             headers=list(message.headers or []),
             timestamp_ms=int(message.timestamp or 0),
             polled_at=now,
+            epoch=self._transactions.epoch if self._transactions is not None else 0,
         )
         try:
             return record, decode_request(record.value)
@@ -280,7 +297,7 @@ class Pipeline:
             self._dead_letter(record, rejected.reason, rejected.message)
             return None
 
-    def _submit_decodes(self, accepted: list[tuple[_InputRecord, ImageRequest]]) -> None:
+    def _submit_decodes(self, accepted: list[tuple[InputRecord, ImageRequest]]) -> None:
         # A task per chunk of images rather than per image: submitting costs GIL time the decoders need.
         size = max(1, min(_DECODE_CHUNK, -(-len(accepted) // (2 * self._decode_workers))))
         for start in range(0, len(accepted), size):
@@ -391,32 +408,39 @@ class Pipeline:
             message = f"output record is {len(value)} bytes, over --max-message-bytes"
             self._dead_letter(item.record, RejectReason.OUTPUT_TOO_LARGE, message)
             return
+        if item.record.source in self._downgrades:
+            message = "output record rejected by the broker as too large"
+            self._dead_letter(item.record, RejectReason.OUTPUT_TOO_LARGE, message)
+            return
         key = item.record.key if item.record.key is not None else item.request.id.encode()
         self._send(
-            _Outgoing(item.record, self.settings.output_topic, key, value, item.record.headers, is_dlq=False)
+            Outgoing(item.record, self.settings.output_topic, key, value, item.record.headers, is_dlq=False)
         )
 
-    def _dead_letter(self, record: _InputRecord, reason: RejectReason, message: str) -> None:
+    def _dead_letter(self, record: InputRecord, reason: RejectReason, message: str) -> None:
         log.debug("dead-letter %s: %s", record.source, message)
         headers = dlq_headers(record.headers, reason, message, record.source)
-        self._send(
-            _Outgoing(record, self.settings.dlq_topic, record.key, record.value, headers, True, reason)
-        )
+        out = Outgoing(record, self.settings.dlq_topic, record.key, record.value, headers, True, reason)
+        if self._downgrades.get(record.source) is _Downgrade.OMIT_VALUE:
+            _omit_value(out)
+        self._send(out)
 
-    def _send(self, out: _Outgoing) -> None:
-        tp = TopicPartition(out.record.source.topic, out.record.source.partition)
+    def _send(self, out: Outgoing) -> None:
+        if self._transactions is not None:
+            self._transactions.publish(out)
+            return
         try:
             future = self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
         except KafkaError as exc:
             self._on_send_failed(out, exc)
             return
-        future.add_callback(lambda _metadata: self._on_delivered(out, tp))
+        future.add_callback(lambda _metadata: self._on_delivered(out))
         future.add_errback(lambda exc: self._on_send_failed(out, exc))
 
-    def _on_delivered(self, out: _Outgoing, tp: TopicPartition) -> None:
+    def _on_delivered(self, out: Outgoing) -> None:
         # Producer I/O thread: cheap, non-blocking bookkeeping only.
         self._last_broker_ok = time.monotonic()
-        self.tracker.ack(tp, out.record.source.offset)
+        self.tracker.ack(out.record.partition, out.record.source.offset)
         if out.is_dlq:
             assert out.reason is not None
             self.metrics.dlq.labels(out.reason.value).inc()
@@ -427,7 +451,7 @@ class Pipeline:
                     max(0.0, time.time() - out.record.timestamp_ms / 1000)
                 )
 
-    def _on_send_failed(self, out: _Outgoing, exc: BaseException) -> None:
+    def _on_send_failed(self, out: Outgoing, exc: BaseException) -> None:
         if isinstance(exc, MessageSizeTooLargeError):
             if not out.is_dlq:
                 message = f"output record rejected by the broker as too large: {exc}"
@@ -441,8 +465,7 @@ class Pipeline:
                     len(out.value),
                     out.record.source,
                 )
-                out.headers = [*out.headers, (VALUE_OMITTED_HEADER, str(len(out.value)).encode())]
-                out.value = None
+                _omit_value(out)
                 self._send(out)
                 return
         out.attempt += 1
@@ -456,6 +479,18 @@ class Pipeline:
         )
         with self._retries_lock:
             self._retries.append(out)
+
+    def _on_transaction_send_failed(self, out: Outgoing, exc: BaseException) -> None:
+        # Producer I/O thread. The transaction is doomed; remember what to send instead next time.
+        log.warning(
+            "delivery to %s failed for %s (%s); aborting the transaction",
+            out.topic,
+            out.record.source,
+            exc,
+        )
+        if isinstance(exc, MessageSizeTooLargeError):
+            downgrade = _Downgrade.OMIT_VALUE if out.is_dlq else _Downgrade.DEAD_LETTER
+            self._downgrades[out.record.source] = downgrade
 
     def _resend_due(self) -> None:
         now = time.monotonic()
@@ -472,6 +507,10 @@ class Pipeline:
     def commit(self) -> None:
         """Commit every partition's position up to its first unacknowledged record."""
         self._last_commit = time.monotonic()
+        if self._transactions is not None:
+            if not self._commit_transaction():
+                self._rewind()
+            return
         offsets = self.tracker.committable()
         if not offsets:
             return
@@ -487,6 +526,44 @@ class Pipeline:
         self.tracker.mark_committed(offsets)
         self.metrics.commits.inc()
         self._last_broker_ok = time.monotonic()
+
+    def _commit_transaction(self) -> bool:
+        """Exactly-once: commit the open transaction with its offsets. False if it must be aborted."""
+        assert self._transactions is not None
+        committed = self._transactions.commit(self.tracker.committable)
+        if committed is None:
+            return False
+        if committed:
+            self.tracker.mark_committed(committed)
+            self.metrics.commits.inc()
+            self._last_broker_ok = time.monotonic()
+            self._downgrades.clear()  # those records are committed: never processed again
+        return True
+
+    def _rewind(self) -> None:
+        """Exactly-once: abort the open transaction and read every partition again from its committed offset.
+
+        The aborted results are invisible to read_committed consumers; work in flight is dropped (results of
+        the old epoch that still arrive are ignored by :class:`Transactions`).
+        """
+        assert self._transactions is not None
+        reason = self._transactions.abort()
+        self._decoding.clear()
+        self.batcher.drain()
+        self._closed_batches.clear()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._batch_queue.get_nowait()
+        assigned = self.consumer.assignment()
+        targets = {tp: offset for tp, offset in self.tracker.rewind().items() if tp in assigned}
+        for tp, offset in targets.items():
+            self.consumer.seek(tp, offset)
+        self.metrics.transactions_aborted.labels(reason.value).inc()
+        log.warning(
+            "transaction aborted (%s); reading %d partition(s) again from their committed offsets",
+            reason.value,
+            len(targets),
+        )
 
     def drain(self, grace_s: float) -> bool:
         """Embed and publish everything polled, flush, commit. True if nothing was left unacknowledged."""
@@ -505,10 +582,16 @@ class Pipeline:
                 self.producer.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             with self._retries_lock:
                 retrying = bool(self._retries)
-            if self.tracker.in_flight == 0 and not retrying:
+            if (self.tracker.in_flight == 0 and not retrying) or self._doomed():
                 break
             time.sleep(0.05)
-        self.commit()
+        if self._transactions is None:
+            self.commit()
+        elif not self._commit_transaction():
+            self._transactions.abort()  # its records stay uncommitted: the next owner reads them again
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            log.error("shutdown: the last transaction was aborted; its records will be read again")
+            return False
         self._pool.shutdown(wait=False, cancel_futures=True)
         left = self.tracker.in_flight
         if left:

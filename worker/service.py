@@ -20,16 +20,18 @@ from worker.embedder import (
     default_decode_workers,
     load_embedder,
 )
-from worker.errors import BrokerLostError
+from worker.errors import BrokerLostError, TransactionFencedError
 from worker.kafka_io import check_output_topics, make_consumer, make_producer
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.pipeline import Pipeline
+from worker.transactions import transactional_id
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_UNCLEAN_DRAIN = 3
 EXIT_BROKER_LOST = 4
+EXIT_TRANSACTION_FENCED = 5
 _CLOSE_TIMEOUT_MS = 5000
 
 
@@ -87,7 +89,10 @@ def run_worker(
         )
         log.info("model %s on %s (%s), dim %d", embedder.label, embedder.device, embedder.dtype, embedder.dim)
         consumer = make_consumer(settings)
-        producer = make_producer(settings)
+        txn_id = transactional_id(settings) if settings.exactly_once else None
+        if txn_id is not None:
+            log.info("exactly-once mode: transactional id %s, read_committed input", txn_id)
+        producer = make_producer(settings, txn_id)
         check_output_topics(producer, settings)
         pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health, metrics.gpu)
         _install_signal_handlers(stop)
@@ -96,6 +101,9 @@ def run_worker(
         except BrokerLostError as exc:
             log.error("%s", exc)
             return EXIT_BROKER_LOST
+        except TransactionFencedError as exc:
+            log.error("%s", exc)
+            return EXIT_TRANSACTION_FENCED
         finally:
             _close_quietly(consumer, producer)
         log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")

@@ -13,9 +13,13 @@ from worker.messages import decode_embedding
 
 
 class Tally:
-    """A background reader of the output and DLQ topics (from the start) that counts every id it sees."""
+    """A background reader of the output and DLQ topics (from the start) that counts every id it sees.
 
-    def __init__(self, settings: Settings) -> None:
+    ``read_committed`` skips records of aborted (and not yet committed) transactions, as a downstream
+    consumer of the exactly-once mode would.
+    """
+
+    def __init__(self, settings: Settings, read_committed: bool = False) -> None:
         self.ids: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -25,6 +29,7 @@ class Tally:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             fetch_max_bytes=64 * 1024 * 1024,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
         )
         self._consumer.subscribe([settings.output_topic, settings.dlq_topic])
         self._output_topic = settings.output_topic
@@ -51,6 +56,11 @@ class Tally:
         """Ids seen at least once."""
         with self._lock:
             return len(self.ids)
+
+    def records(self) -> int:
+        """Records seen, duplicates included."""
+        with self._lock:
+            return sum(self.ids.values())
 
     def snapshot(self) -> Counter[str]:
         """A copy of the counts."""

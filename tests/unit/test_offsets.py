@@ -87,3 +87,21 @@ def test_in_flight_bytes_and_positions_follow_polls_and_acks():
     tracker.track(OTHER, 9, size=10)
     tracker.revoke({OTHER})
     assert tracker.in_flight_bytes == 0
+
+
+def test_rewind_returns_the_committed_offset_and_forgets_uncommitted_progress():
+    tracker = owned_tracker()
+    for offset in range(5):
+        tracker.track(TP, offset)
+        tracker.ack(TP, offset)
+    tracker.mark_committed(tracker.committable())
+    for offset in range(5, 9):
+        tracker.track(TP, offset)
+    tracker.ack(TP, 5)
+    tracker.track(OTHER, 20)
+    assert tracker.rewind() == {TP: 5, OTHER: 20}  # OTHER never committed: back to its first polled offset
+    assert tracker.in_flight == 0
+    assert tracker.committable() == {}
+    tracker.track(TP, 5)  # read again after the seek
+    tracker.ack(TP, 5)
+    assert tracker.committable() == {TP: 6}

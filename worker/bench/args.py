@@ -38,6 +38,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--resize", default=None, choices=("pil", "torch"), help="resize path (default: the worker's)"
     )
     parser.add_argument(
+        "--exactly-once",
+        action="store_true",
+        help="end-to-end section: also run the worker in --exactly-once mode (timed until committed)",
+    )
+    parser.add_argument(
         "--bootstrap-servers",
         default=None,
         help="use this broker for end-to-end runs (default: a local Tansu broker)",

@@ -107,8 +107,17 @@ def fill_backlog(settings: Settings, corpus: list[bytes]) -> None:
     producer.close()
 
 
-def bench_worker(report: Report, embedder: Embedder, work: Workload, bootstrap: str, **extra: Any) -> float:
-    """The real worker on a backlog: first record consumed to last result acknowledged."""
+def bench_worker(
+    report: Report, embedder: Embedder, work: Workload, bootstrap: str, exactly_once: bool = False
+) -> float:
+    """The real worker on a backlog: first record consumed to last result acknowledged.
+
+    In exactly-once mode results become visible when their transaction commits, so the clock stops when
+    the group's committed offsets cover the backlog.
+    """
+    extra: dict[str, Any] = {}
+    if exactly_once:
+        extra = {"exactly_once": True, "transactional_id": f"bench-{uuid.uuid4().hex[:8]}"}
     settings = fresh_settings(bootstrap, work, **extra)
     fill_backlog(settings, work.corpus)
     metrics = WorkerMetrics()
@@ -124,13 +133,16 @@ def bench_worker(report: Report, embedder: Embedder, work: Workload, bootstrap: 
         time.sleep(_POLL_S)
         if not thread.is_alive():
             raise RuntimeError("the worker stopped during the benchmark")
+    if exactly_once:
+        _wait_until_committed(settings, work.partitions, total)
     elapsed = time.perf_counter() - started
     stop.set()
     thread.join(timeout=60)
     busy = _histogram_sum(metrics, "inference") / elapsed
+    mode = ", --exactly-once" if exactly_once else ""
     row = report.add(
         "end-to-end",
-        f"clip-worker, batch {work.batch_size}",
+        f"clip-worker, batch {work.batch_size}{mode}",
         total / elapsed,
         threads=work.decode_workers,
         resize=work.resize,
@@ -138,6 +150,17 @@ def bench_worker(report: Report, embedder: Embedder, work: Workload, bootstrap: 
         rss_mb=f"{rss_before:.0f}->{resident_mb():.0f}",
     )
     return row.images_per_s
+
+
+def _wait_until_committed(settings: Settings, partitions: int, total: int) -> None:
+    """Poll the group's committed offsets until they cover ``total`` records (offsets start at 0)."""
+    consumer = make_consumer(settings)
+    try:
+        tps = [TopicPartition(settings.input_topic, p) for p in range(partitions)]
+        while sum(consumer.committed(tp) or 0 for tp in tps) < total:
+            time.sleep(_POLL_S)
+    finally:
+        consumer.close(autocommit=False)
 
 
 def bench_baseline(report: Report, embedder: Embedder, work: Workload, bootstrap: str) -> float:

@@ -1,0 +1,268 @@
+"""Exactly-once mode: results published in a Kafka transaction together with the consumed offsets.
+
+One transaction is open at a time. Results enter it in poll order per partition (see
+:mod:`worker.ordering`); every ``--commit-interval-ms`` the main loop flushes it, adds the consumed offsets
+(which then cover exactly the records whose results it holds) and commits. Anything that breaks that
+correspondence dooms the transaction: a rebalance (kafka-python calls the rebalance listener on its I/O
+thread, where nothing may block, so the listener only marks the doom), a failed delivery, a failed commit.
+The main loop then aborts it and reads every partition again from its committed offset, so a
+read_committed consumer sees each result exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidTxnStateError,
+    KafkaError,
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
+    UnsupportedForMessageFormatError,
+    UnsupportedVersionError,
+)
+from kafka.producer.future import RecordMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.config import Settings
+from worker.errors import BrokerLostError, TransactionFencedError
+from worker.ordering import InOrderRelease, OutOfOrderError
+from worker.work import Outgoing
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_FATAL = (
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    InvalidTxnStateError,
+    UnsupportedForMessageFormatError,
+    UnsupportedVersionError,
+)
+
+
+class AbortReason(enum.StrEnum):
+    """Why a transaction was aborted (the ``reason`` label of the abort counter)."""
+
+    REBALANCE = "rebalance"
+    DELIVERY_FAILED = "delivery_failed"
+    COMMIT_FAILED = "commit_failed"
+    INCONSISTENT = "inconsistent"
+
+
+def transactional_id(settings: Settings) -> str:
+    """The producer's transactional id: stable across restarts of the same worker, unique among live ones.
+
+    With static membership the instance id is both; otherwise the host name and process id (pid 1 in a
+    container, so a restarted pod fences its previous incarnation at once).
+    """
+    if settings.transactional_id:
+        return settings.transactional_id
+    if settings.group_instance_id:
+        return f"clip-worker.{settings.group_id}.{settings.group_instance_id}"
+    return f"clip-worker.{settings.group_id}.{socket.gethostname()}.{os.getpid()}"
+
+
+class Transactions:
+    """The open transaction: in-order sends, commit with the consumed offsets, abort.
+
+    ``publish`` runs on the inference and main threads, delivery callbacks on the producer's I/O thread,
+    ``doom`` on the consumer's I/O thread; ``commit`` and ``abort`` on the main loop only.
+    """
+
+    def __init__(
+        self,
+        producer: KafkaProducer,
+        consumer: KafkaConsumer,
+        timeout_s: float,
+        on_delivered: Callable[[Outgoing], None],
+        on_failed: Callable[[Outgoing, BaseException], None],
+    ) -> None:
+        self._producer = producer
+        self._consumer = consumer
+        self._timeout_s = timeout_s
+        self._on_delivered = on_delivered
+        self._on_failed = on_failed
+        self._lock = threading.Lock()
+        self._order: InOrderRelease[Outgoing] = InOrderRelease()
+        self._open = False
+        self._doom: AbortReason | None = None
+        self.epoch = 0
+
+    def start(self) -> None:
+        """Register the transactional id; this aborts whatever a previous incarnation left open."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                self._producer.init_transactions()  # bounded by the producer's max_block_ms
+                return
+            except _FATAL as exc:
+                raise _fenced(exc) from None
+            except KafkaError as exc:
+                if time.monotonic() >= deadline:
+                    raise BrokerLostError(
+                        f"the broker did not initialise transactions within {self._timeout_s:.0f}s ({exc}); "
+                        "check that it supports transactions, or raise --broker-lost-timeout-s"
+                    ) from None
+                log.warning("initialising transactions failed (%s); retrying", exc)
+                time.sleep(1.0)
+
+    @property
+    def doomed(self) -> AbortReason | None:
+        """Why the open transaction must be aborted, or None."""
+        return self._doom
+
+    def doom(self, reason: AbortReason) -> None:
+        """Mark the open transaction for abort; safe from any thread, never blocks."""
+        if self._doom is None:
+            self._doom = reason
+
+    def expect(self, tp: TopicPartition, offset: int) -> bool:
+        """A record was polled; its result will be sent after those polled before it."""
+        with self._lock:
+            return self._order.expect(tp, offset)
+
+    def publish(self, out: Outgoing) -> None:
+        """Send ``out`` within the open transaction once every earlier record of its partition is sent."""
+        with self._lock:
+            if out.record.epoch != self.epoch:
+                return  # polled before the last abort: that record is being read again
+            try:
+                due = self._order.ready(out.record.partition, out.record.source.offset, out)
+            except OutOfOrderError as exc:
+                log.error("%s; aborting the transaction", exc)
+                self.doom(AbortReason.INCONSISTENT)
+                return
+            for item in due:
+                self._send(item)
+
+    def _send(self, out: Outgoing) -> None:
+        try:
+            if not self._open:
+                self._producer.begin_transaction()
+                self._open = True
+            future = self._producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
+        except KafkaError as exc:
+            self._failed(out, exc)
+            return
+        epoch = self.epoch
+        future.add_callback(lambda _metadata: self._delivered(out, epoch, _metadata))
+        future.add_errback(lambda exc: self._failed(out, exc))
+
+    def _delivered(self, out: Outgoing, epoch: int, _metadata: RecordMetadata) -> None:
+        if epoch == self.epoch:
+            self._on_delivered(out)
+
+    def _failed(self, out: Outgoing, exc: BaseException) -> None:
+        if out.record.epoch == self.epoch:
+            self._on_failed(out, exc)
+            self.doom(AbortReason.DELIVERY_FAILED)
+
+    def commit(
+        self, acknowledged: Callable[[], dict[TopicPartition, int]]
+    ) -> dict[TopicPartition, int] | None:
+        """Commit the open transaction with the consumed offsets it covers.
+
+        ``acknowledged`` gives, per partition, the offset after the last contiguously acknowledged record.
+        Returns the offsets committed ({} when nothing was sent), or None when the transaction must be
+        aborted instead (see :attr:`doomed`).
+        """
+        with self._lock:
+            if self._doom is not None:
+                return None
+            if not self._open:
+                return {}
+            try:
+                self._producer.flush(timeout=self._timeout_s)
+            except KafkaError:
+                self.doom(AbortReason.DELIVERY_FAILED)
+            if self._doom is not None:
+                return None
+            offsets = acknowledged()
+            released = {tp: offset + 1 for tp, offset in self._order.released_since_mark().items()}
+            if any(offsets.get(tp) != offset for tp, offset in released.items()):
+                # Every result sent was acknowledged, so each partition's offset must sit right after its
+                # last released record; anything else would commit offsets that do not match the outputs.
+                log.error("transaction offsets %s do not match the results sent %s", offsets, released)
+                self.doom(AbortReason.INCONSISTENT)
+                return None
+            committed = {tp: offsets[tp] for tp in released}
+            try:
+                self._producer.send_offsets_to_transaction(
+                    {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in committed.items()},
+                    self._consumer.group_metadata(),
+                )
+                self._bounded(self._producer.commit_transaction, "commit the transaction")
+            except _FATAL as exc:
+                raise _fenced(exc) from None
+            except KafkaError as exc:
+                log.warning("transaction commit failed (%s); aborting it", exc)
+                self.doom(AbortReason.COMMIT_FAILED)
+                return None
+            self._open = False
+            self._order.mark()
+            return committed
+
+    def abort(self) -> AbortReason:
+        """Abort the open transaction and start a new epoch; results of older epochs are dropped."""
+        with self._lock:
+            reason = self._doom or AbortReason.INCONSISTENT
+            self.epoch += 1
+            self._order.clear()
+            if self._open:
+                with contextlib.suppress(KafkaError):  # failures of the aborted records do not matter
+                    self._producer.flush(timeout=self._timeout_s)
+                try:
+                    self._bounded(self._producer.abort_transaction, "abort the transaction")
+                except _FATAL as exc:
+                    raise _fenced(exc) from None
+                self._open = False
+            self._doom = None
+            return reason
+
+    def _bounded(self, call: Callable[[], T], what: str) -> T:
+        """Run a blocking producer call, giving up after the broker-lost deadline.
+
+        kafka-python waits without limit for a transaction to end; with the broker gone that would hang
+        the worker, so the call runs on a helper thread and the worker exits if it does not return.
+        """
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(call())
+            except BaseException as exc:
+                error.append(exc)
+
+        helper = threading.Thread(target=run, name="transaction", daemon=True)
+        helper.start()
+        helper.join(self._timeout_s)
+        if helper.is_alive():
+            raise BrokerLostError(
+                f"the broker did not {what} within {self._timeout_s:.0f}s; exiting (the broker aborts the "
+                "open transaction; raise --broker-lost-timeout-s to wait longer)"
+            )
+        if error:
+            raise error[0]
+        return result[0]
+
+
+def _fenced(exc: BaseException) -> TransactionFencedError:
+    if isinstance(exc, ProducerFencedError):
+        return TransactionFencedError(
+            "another worker took over this transactional id; give every worker its own --transactional-id "
+            "(or --group-instance-id)"
+        )
+    return TransactionFencedError(f"the broker refused transactions ({type(exc).__name__}); check its ACLs")

@@ -1,0 +1,43 @@
+"""The unit of work that travels through the pipeline: a polled record and what is sent for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kafka.structs import TopicPartition
+
+from worker.errors import RejectReason
+from worker.messages import Headers, Source
+
+
+@dataclass
+class InputRecord:
+    """A polled record and what the worker knows of it so far."""
+
+    source: Source
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+    polled_at: float
+    epoch: int = 0  # exactly-once mode: the transaction epoch it was polled in; stale after an abort
+
+    @property
+    def partition(self) -> TopicPartition:
+        """The input partition the record came from."""
+        return TopicPartition(self.source.topic, self.source.partition)
+
+
+@dataclass
+class Outgoing:
+    """A record to (re)send: an embedding to the output topic or a rejected record to the DLQ."""
+
+    record: InputRecord
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    is_dlq: bool
+    reason: RejectReason | None = None
+    attempt: int = 0
+    not_before: float = 0.0
