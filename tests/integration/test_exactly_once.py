@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tests.support.kafka_helpers import (
     create_topics,
     produce,
     start_worker,
+    wait_until,
     worker_settings,
 )
 from tests.support.tally import Tally
@@ -61,40 +64,53 @@ def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap,
     assert worker.metrics.commits._value.get() > 0
 
 
+def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds: float) -> threading.Thread:
+    """Publish ``items`` in small slices spread over ``seconds``, so the workers are busy at every kill."""
+    slices = max(1, int(seconds * 10))
+    size = -(-len(items) // slices)
+
+    def run() -> None:
+        for start in range(0, len(items), size):
+            produce(settings, items[start : start + size])
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_clip_dir, tmp_path: Path):
     kills = 5 if LONG else 2
     total = 5000 if LONG else 1200
     settings = exactly_once_settings(kafka_bootstrap)
     create_topics(settings, partitions=6)
     committed_view = Tally(settings, read_committed=True)
-    raw_view = Tally(settings)  # also sees the records of aborted transactions
+    raw_view = Tally(settings)  # also sees the records of aborted and still open transactions
     flags = ["--exactly-once", "--commit-interval-ms", "1000"]
 
-    def launch(index: int):
+    def launch(index: int) -> subprocess.Popen[bytes]:
         log = tmp_path / f"w{index}.log"
         return worker_process(settings, tiny_clip_dir, log, *flags, "--transactional-id", f"eos-kill-{index}")
 
     workers = [launch(i) for i in range(2)]
     items = images("eos-kill", total)
-    chunk = total // kills
+    producer = produce_steadily(settings, items, seconds=total / 80)
     recoveries = []
     try:
         for k in range(kills):
-            produce(settings, items[k * chunk : (k + 1) * chunk if k < kills - 1 else total])
-            assert committed_view.wait_for(k * chunk + chunk // 3, 120), f"no progress before kill {k + 1}"
+            target = (k + 1) * total // (kills + 2)
+            assert committed_view.wait_for(target, 120), f"no progress before kill {k + 1}"
             # Kill while a transaction holds records that are not committed yet.
-            deadline = time.monotonic() + 30
-            while raw_view.records() <= committed_view.records() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: raw_view.records() > committed_view.records(), 30, "no open transaction")
             victim = k % 2
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait(timeout=10)
             killed_at = time.monotonic()
             before = committed_view.distinct()
             workers[victim] = launch(victim)
-            if before < total:
-                assert committed_view.wait_for(before + 1, 120), "no progress after the kill"
-                recoveries.append(round(time.monotonic() - killed_at, 1))
+            assert committed_view.wait_for(before + 1, 120), "no progress after the kill"
+            recoveries.append(round(time.monotonic() - killed_at, 1))
+        producer.join(timeout=120)
         assert committed_view.wait_for(total, 180), f"only {committed_view.distinct()} of {total} ids arrived"
         time.sleep(2.0)
     finally:
