@@ -108,10 +108,11 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at 1/2-1/8 scale in the DCT domain (faster; see BENCHMARKS.md)"
     )
-    resize: Literal["pil", "torch"] = Field(
+    resize: Literal["pil", "torch", "device"] = Field(
         "torch",
         description="bicubic resize: torch = PIL's filter as uint8 kernels (embedding cosine 0.9999998 to "
-        "the reference); pil = the reference processor's own, bit for bit",
+        "the reference); pil = the reference processor's own, bit for bit; device = resize, crop and "
+        "normalise on the model's device (GPU), decode threads only decode",
     )
 
     # Model
@@ -126,6 +127,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto = first GPU if any)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
+    )
+    compile: Literal["off", "inductor", "cuda-graphs"] = Field(
+        "off",
+        description="torch.compile the forward pass for the batch size (partial batches are padded): "
+        "inductor = fused kernels; cuda-graphs = also replay it as one CUDA graph (GPU only)",
     )
     forward_image: bool = Field(False, description="include the original image bytes in each output record")
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch.compile modes behind --compile: inductor's fused kernels, plus CUDA graphs that replay the whole
+# forward pass with one launch (fixed shapes only, hence the padding to one batch size).
+COMPILE_MODES = {"inductor": "default", "cuda-graphs": "reduce-overhead"}
 # OpenAI's ViT-L/14 vision tower, so random weights need no download.
 VIT_L14_VISION = {
     "hidden_size": 1024,
@@ -123,7 +127,13 @@ class Embedder:
         self.dim = int(model.config.projection_dim)
         self._lock = threading.Lock()
         self._pinned: torch.Tensor | None = None
+        self._compiled: Any = None
+        self._compiled_batch = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+
+    def view(self) -> Embedder:
+        """Another embedder on the same weights, without this one's compiled graph (benchmarks compare)."""
+        return Embedder(self.model, self.label, self.revision, self.preprocessing, self.device, self.dtype)
 
     @property
     def parameters(self) -> int:
@@ -145,11 +155,54 @@ class Embedder:
             with torch.cuda.stream(self._stream):
                 return self._forward(self._pin(pixels).to(self.device, non_blocking=True))
 
+    def embed_decoded(self, images: list[np.ndarray]) -> np.ndarray:
+        """Embed uint8 ``(H, W, 3)`` RGB arrays, preprocessing them on this embedder's device."""
+        from worker.device_resize import preprocess_on_device
+
+        with self._lock, torch.inference_mode():
+            if self._stream is None:
+                return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
+            with torch.cuda.stream(self._stream):
+                return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
+
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        output = self.model(pixel_values=batch.to(self.dtype))
-        features = torch.nn.functional.normalize(output.image_embeds.float(), dim=-1)
+        count = batch.shape[0]
+        model = self.model
+        if self._compiled is not None and count <= self._compiled_batch:
+            # One shape for the compiled graph: a partial batch is padded with zeros, and only its own rows
+            # are read back (rows of a ViT batch never mix).
+            if count < self._compiled_batch:
+                padding = batch.new_zeros((self._compiled_batch - count, *batch.shape[1:]))
+                batch = torch.cat([batch, padding])
+            model = self._compiled
+        try:
+            output = model(pixel_values=batch.to(self.dtype))
+        except torch.cuda.OutOfMemoryError:
+            if model is self._compiled:
+                log.warning("the compiled forward pass ran out of GPU memory; running eagerly from now on")
+                self._compiled = None
+            raise
+        features = torch.nn.functional.normalize(output.image_embeds[:count].float(), dim=-1)
         result: np.ndarray = features.cpu().numpy()
         return result
+
+    def compile(self, mode: str, batch_size: int) -> float:
+        """Compile the forward pass (``mode`` is a key of :data:`COMPILE_MODES`) for ``batch_size`` images.
+
+        Batches up to that size are padded to it, so the graph is built once; larger ones run eagerly.
+        Compiles and warms up before returning; returns the seconds that took.
+        """
+        if mode == "cuda-graphs" and self.device.type != "cuda":
+            raise StartupError("--compile cuda-graphs needs a GPU; use --compile inductor or off on a CPU")
+        started = time.perf_counter()
+        self._compiled = torch.compile(self.model, mode=COMPILE_MODES[mode], dynamic=False)
+        self._compiled_batch = batch_size
+        warmup = np.zeros((batch_size, 3, self.preprocessing.crop, self.preprocessing.crop), np.float32)
+        for _ in range(3):  # CUDA graphs are recorded on the second or third call, not the first
+            self.embed(warmup)
+        elapsed = time.perf_counter() - started
+        log.info("compiled the forward pass (%s, batch %d) in %.1fs", mode, batch_size, elapsed)
+        return elapsed
 
     def _pin(self, pixels: np.ndarray) -> torch.Tensor:
         count = pixels.shape[0]

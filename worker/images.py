@@ -28,7 +28,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None
 
 
-RESIZERS = ("pil", "torch")
+RESIZERS = ("pil", "torch", "device")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class Preprocessing:
 
     ``resize`` picks the bicubic implementation: ``pil`` is the reference itself; ``torch`` is torch's
     antialiased uint8 bicubic (a port of PIL's filter, about 5x faster on CPU, within 2/255 of PIL on a
-    few pixels: see BENCHMARKS.md for its parity).
+    few pixels: see BENCHMARKS.md for its parity); ``device`` leaves resize, crop and normalisation to the
+    model's device (:mod:`worker.device_resize`), so decoding yields uint8 RGB arrays.
     """
 
     size: int = 224
@@ -201,8 +202,11 @@ def _pad_to(pixels: np.ndarray, crop: int) -> np.ndarray:
 
 
 def decode_and_preprocess(data: bytes, limits: ImageLimits, params: Preprocessing) -> np.ndarray:
-    """Bytes to the model's input tensor for one image; raises :class:`RejectedRecord` on bad input."""
+    """Bytes to the model's input tensor for one image (``resize="device"``: to its uint8 RGB array, which
+    the model's device preprocesses); raises :class:`RejectedRecord` on bad input."""
     rgb = load_rgb(data, limits, params.size if params.jpeg_draft else None)
+    if params.resize == "device":
+        return np.asarray(rgb)
     try:
         return preprocess(rgb, params)
     except Exception as exc:

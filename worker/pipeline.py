@@ -135,6 +135,7 @@ class Pipeline:
         metrics: WorkerMetrics,
         health: HealthState,
         gpu: GpuCollector | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -143,7 +144,7 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.tracker = OffsetTracker()
-        self.batch_size = settings.batch_size or embedder.auto_batch_size()
+        self.batch_size = batch_size or settings.batch_size or embedder.auto_batch_size()
         self.batcher: Batcher[_Ready] = Batcher(self.batch_size, settings.batch_timeout_s)
         self._decoding: deque[_Decoding] = deque()
         self._retries: deque[Outgoing] = deque()
@@ -375,7 +376,10 @@ class Pipeline:
         """Embed items; on failure retry once, then split the batch to isolate the image that fails."""
         started = time.perf_counter()
         try:
-            vectors = self.embedder.embed(np.stack([item.pixels for item in items]))
+            if self._preprocessing.resize == "device":
+                vectors = self.embedder.embed_decoded([item.pixels for item in items])
+            else:
+                vectors = self.embedder.embed(np.stack([item.pixels for item in items]))
         except Exception as exc:
             out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
             if out_of_memory:

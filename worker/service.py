@@ -73,6 +73,9 @@ def run_worker(
             embedder.parameters if embedder.device.type == "cpu" else 0,
         )
         log.info("torch CPU threads: %d", threads)
+        batch_size = settings.batch_size or embedder.auto_batch_size()
+        if settings.compile != "off":
+            embedder.compile(settings.compile, batch_size)
         health.model_loaded = True
         if embedder.is_random:
             log.warning(
@@ -94,7 +97,7 @@ def run_worker(
             log.info("exactly-once mode: transactional id %s, read_committed input", txn_id)
         producer = make_producer(settings, txn_id)
         check_output_topics(producer, settings)
-        pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health, metrics.gpu)
+        pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health, metrics.gpu, batch_size)
         _install_signal_handlers(stop)
         try:
             clean = pipeline.run(stop)

@@ -21,6 +21,7 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
             "worker.cli",
             "bench",
             "--quick",
+            "--exactly-once",
             "--bootstrap-servers",
             kafka_bootstrap,
             "--output",
@@ -38,5 +39,9 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
     sections = {row["section"] for row in report["rows"]}
     assert sections == {"model", "preprocess", "bare", "end-to-end"}
     assert all(row["images_per_s"] > 0 for row in report["rows"])
-    assert set(report["ratios"]) == {"end-to-end / bare work", "end-to-end / baseline"}
+    assert set(report["ratios"]) == {
+        "end-to-end / bare work",
+        "end-to-end / baseline",
+        "exactly-once / at-least-once",
+    }
     assert report["machine"]["cpu_cores"] >= 1

@@ -2,6 +2,7 @@
 
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from tests.support.kafka_helpers import (
 )
 from tests.support.schemas import validate_dlq_headers, validate_msgpack
 from tests.support.tiny_clip import TINY_DIM
+from worker.images import ImageLimits, decode_and_preprocess
 from worker.samples import sample_images
 
 pytestmark = pytest.mark.integration
@@ -100,3 +102,23 @@ def test_key_defaults_to_id_and_forward_image(kafka_bootstrap, tiny_embedder):
     assert sorted(k or b"" for k in results.output_keys) == sorted(name.encode() for name in by_id)
     for record in results.outputs:
         assert record["image"] == by_id[record["id"]]
+
+
+@pytest.mark.parametrize("resize", ["device", "pil"])
+def test_every_resize_path_publishes_the_embeddings_it_computes(kafka_bootstrap, tiny_embedder, resize):
+    settings = worker_settings(kafka_bootstrap, resize=resize, batch_size=4)
+    create_topics(settings)
+    samples = sample_images(10, seed=3)
+    produce(settings, [(s.name, s.data) for s in samples])
+    with running_worker(settings, tiny_embedder):
+        results = collect(settings, expected=len(samples), timeout_s=60)
+    params = replace(tiny_embedder.preprocessing, resize=resize)
+    decoded = [decode_and_preprocess(s.data, ImageLimits(), params) for s in samples]
+    if resize == "device":
+        expected = tiny_embedder.embed_decoded(decoded)
+    else:
+        expected = tiny_embedder.embed(np.stack(decoded))
+    by_id = {record["id"]: record["embedding"] for record in results.outputs}
+    assert len(by_id) == len(samples) and not results.dead
+    for sample, vector in zip(samples, expected, strict=True):
+        np.testing.assert_allclose(by_id[sample.name], vector, atol=1e-5)

@@ -92,3 +92,21 @@ def test_device_and_dtype_resolution():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(StartupError, match="--device cpu"):
             resolve_device("cuda:0")
+
+
+def test_compiled_forward_pass_matches_eager_for_full_partial_and_larger_batches(tiny_embedder, pixels):
+    eager = tiny_embedder.embed(pixels)
+    compiled = tiny_embedder.view()
+    compiled.compile("inductor", batch_size=4)  # inductor on the CPU: the same graph capture as on a GPU
+    full = compiled.embed(pixels[:4])
+    partial = compiled.embed(pixels[:3])  # padded to 4 inside, only 3 rows come back
+    larger = compiled.embed(pixels)  # over the compiled size: eager
+    np.testing.assert_allclose(full, eager[:4], atol=1e-5)
+    np.testing.assert_allclose(partial, eager[:3], atol=1e-5)
+    np.testing.assert_allclose(larger, eager, atol=1e-6)
+    assert partial.shape == (3, TINY_DIM)
+
+
+def test_cuda_graphs_need_a_gpu(tiny_embedder):
+    with pytest.raises(StartupError, match="--compile cuda-graphs needs a GPU"):
+        tiny_embedder.view().compile("cuda-graphs", batch_size=4)

@@ -35,7 +35,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=2048, help="in-flight cap during the soak")
     parser.add_argument("--parity-images", type=int, default=24, help="images compared in the parity section")
     parser.add_argument(
-        "--resize", default=None, choices=("pil", "torch"), help="resize path (default: the worker's)"
+        "--resize",
+        default=None,
+        choices=("pil", "torch", "device"),
+        help="resize path (default: the worker's)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "inductor", "cuda-graphs"),
+        help="model section: add compiled rows per batch size; end-to-end: an extra worker run with it",
     )
     parser.add_argument(
         "--exactly-once",

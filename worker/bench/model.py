@@ -16,11 +16,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(report: Report, embedder: Embedder, batch_sizes: list[int], seconds: float) -> None:
-    """Images/s of ``embedder.embed`` on random normalised pixels, after one warm-up batch."""
+def bench_model(
+    report: Report, embedder: Embedder, batch_sizes: list[int], seconds: float, compile_mode: str = "off"
+) -> None:
+    """Images/s of ``embedder.embed`` on random normalised pixels, after one warm-up batch.
+
+    With ``compile_mode`` each batch size is compiled first (a fresh view of the same weights).
+    """
     size = embedder.preprocessing.crop
     for batch_size in batch_sizes:
         pixels = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
+        extra: dict[str, str] = {}
+        if compile_mode != "off":
+            embedder = embedder.view()
+            extra = {
+                "compile": compile_mode,
+                "compile_s": f"{embedder.compile(compile_mode, batch_size):.0f}",
+            }
         embedder.embed(pixels)
         _sync(embedder.device)
         done = 0
@@ -36,4 +48,5 @@ def bench_model(report: Report, embedder: Embedder, batch_sizes: list[int], seco
             done / elapsed,
             dtype=str(embedder.dtype).removeprefix("torch."),
             device=str(embedder.device),
+            **extra,
         )

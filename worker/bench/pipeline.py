@@ -57,7 +57,10 @@ def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:
         for start in range(0, len(work.corpus), work.batch_size):
             chunk = work.corpus[start : start + work.batch_size]
             pixels = list(pool.map(lambda d: decode_and_preprocess(d, limits, params), chunk))
-            embedder.embed(np.stack(pixels))
+            if work.resize == "device":
+                embedder.embed_decoded(pixels)
+            else:
+                embedder.embed(np.stack(pixels))
         elapsed = time.perf_counter() - started
     row = report.add(
         "bare",
@@ -108,7 +111,12 @@ def fill_backlog(settings: Settings, corpus: list[bytes]) -> None:
 
 
 def bench_worker(
-    report: Report, embedder: Embedder, work: Workload, bootstrap: str, exactly_once: bool = False
+    report: Report,
+    embedder: Embedder,
+    work: Workload,
+    bootstrap: str,
+    exactly_once: bool = False,
+    compile_mode: str = "off",
 ) -> float:
     """The real worker on a backlog: first record consumed to last result acknowledged.
 
@@ -118,6 +126,8 @@ def bench_worker(
     extra: dict[str, Any] = {}
     if exactly_once:
         extra = {"exactly_once": True, "transactional_id": f"bench-{uuid.uuid4().hex[:8]}"}
+    if compile_mode != "off":
+        extra["compile"] = compile_mode
     settings = fresh_settings(bootstrap, work, **extra)
     fill_backlog(settings, work.corpus)
     metrics = WorkerMetrics()
@@ -139,7 +149,9 @@ def bench_worker(
     stop.set()
     thread.join(timeout=60)
     busy = _histogram_sum(metrics, "inference") / elapsed
-    mode = ", --exactly-once" if exactly_once else ""
+    mode = (", --exactly-once" if exactly_once else "") + (
+        f", --compile {compile_mode}" * (compile_mode != "off")
+    )
     row = report.add(
         "end-to-end",
         f"clip-worker, batch {work.batch_size}{mode}",

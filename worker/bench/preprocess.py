@@ -53,7 +53,10 @@ def bench_preprocess(report: Report, corpus: list[bytes], params: Preprocessing,
                 started = time.perf_counter()
                 list(pool.map(work, corpus))
                 elapsed = time.perf_counter() - started
-            report.add("preprocess", f"clip-worker resize={resize}, {count} thread(s)", len(corpus) / elapsed)
+            what = " (decode only: the rest runs on the model's device)" if resize == "device" else ""
+            report.add(
+                "preprocess", f"clip-worker resize={resize}{what}, {count} thread(s)", len(corpus) / elapsed
+            )
 
 
 def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None:

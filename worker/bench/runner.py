@@ -70,6 +70,8 @@ def run_bench(args: argparse.Namespace) -> int:
             sizes = [int(b) for b in args.batch_sizes.split(",")]
             for dtype in args.dtypes.split(",") if args.dtypes else [None]:
                 bench_model(report, _with_dtype(embedder, dtype), sizes, args.seconds)
+                if args.compile != "off":
+                    bench_model(report, _with_dtype(embedder, dtype), sizes, args.seconds, args.compile)
         if "preprocess" in sections:
             bench_preprocess(
                 report, corpus, embedder.preprocessing, [int(t) for t in args.threads.split(",")]
@@ -80,7 +82,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if "end-to-end" in sections:
             resize = args.resize or Settings.model_fields["resize"].default
             work = Workload(corpus, args.batch_size, decode_workers, resize)
-            _end_to_end(report, embedder, work, args.bootstrap_servers, args.exactly_once)
+            _end_to_end(report, embedder, work, args.bootstrap_servers, args.exactly_once, args.compile)
         if "soak" in sections:
             small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
             soak_work = Workload(
@@ -108,24 +110,39 @@ def _with_broker(bootstrap: str | None, action: Callable[[str], T]) -> T:
 
 
 def _end_to_end(
-    report: Report, embedder: Embedder, work: Workload, bootstrap: str | None, exactly_once: bool
+    report: Report,
+    embedder: Embedder,
+    work: Workload,
+    bootstrap: str | None,
+    exactly_once: bool,
+    compile_mode: str,
 ) -> None:
     bare = bench_bare(report, embedder, work)
     rates = _with_broker(
-        bootstrap, lambda servers: _pipeline_runs(report, embedder, work, servers, exactly_once)
+        bootstrap,
+        lambda servers: _pipeline_runs(report, embedder, work, servers, exactly_once, compile_mode),
     )
     report.ratios["end-to-end / bare work"] = round(rates["worker"] / bare, 3)
     report.ratios["end-to-end / baseline"] = round(rates["worker"] / rates["baseline"], 3)
     if exactly_once:
         report.ratios["exactly-once / at-least-once"] = round(rates["exactly-once"] / rates["worker"], 3)
+    if compile_mode != "off":
+        report.ratios[f"--compile {compile_mode} / eager"] = round(rates["compiled"] / rates["worker"], 3)
 
 
 def _pipeline_runs(
-    report: Report, embedder: Embedder, work: Workload, bootstrap: str, exactly_once: bool
+    report: Report,
+    embedder: Embedder,
+    work: Workload,
+    bootstrap: str,
+    exactly_once: bool,
+    compile_mode: str,
 ) -> dict[str, float]:
-    """images/s of the worker, optionally its exactly-once mode, and the baseline, through one broker."""
+    """images/s of the worker, optionally its exactly-once and compiled runs, and the baseline."""
     rates = {"worker": bench_worker(report, embedder, work, bootstrap)}
     if exactly_once:
         rates["exactly-once"] = bench_worker(report, embedder, work, bootstrap, exactly_once=True)
+    if compile_mode != "off":
+        rates["compiled"] = bench_worker(report, embedder.view(), work, bootstrap, compile_mode=compile_mode)
     rates["baseline"] = bench_baseline(report, _with_dtype(embedder, "float32"), work, bootstrap)
     return rates
