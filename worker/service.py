@@ -73,6 +73,11 @@ def run_worker(
             embedder.parameters if embedder.device.type == "cpu" else 0,
         )
         log.info("torch CPU threads: %d", threads)
+        if settings.resize == "device" and embedder.device.type == "cpu":
+            log.warning(
+                "--resize device on a CPU resizes on the inference thread in float32; "
+                "--resize torch (the default) is several times faster there"
+            )
         batch_size = settings.batch_size or embedder.auto_batch_size()
         if settings.compile != "off":
             embedder.compile(settings.compile, batch_size)
