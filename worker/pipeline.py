@@ -9,7 +9,6 @@ acknowledgements and rebalance callbacks, which only touch thread-safe state and
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import queue
 import threading
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batcher import Batch, Batcher
@@ -34,21 +33,18 @@ from worker.gpu import GpuCollector
 from worker.images import ImageLimits, decode_and_preprocess
 from worker.kafka_io import MAX_POLL_RECORDS
 from worker.messages import (
-    VALUE_OMITTED_HEADER,
     ImageRequest,
     Source,
     decode_request,
-    dlq_headers,
-    encode_embedding,
 )
 from worker.metrics import HealthState, WorkerMetrics
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
+from worker.publisher import Publisher
 from worker.transactions import AbortReason, Transactions
-from worker.work import InputRecord, Outgoing
+from worker.work import InputRecord
 
 log = logging.getLogger(__name__)
-_RETRY_BACKOFF_S = 1.0
 _BATCH_QUEUE_DEPTH = 2  # one batch embedding, one waiting: enough to keep the model busy
 _STOP = None
 _IDLE_WAIT_S = 0.005
@@ -87,18 +83,21 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._transactions = transactions
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._tracker.revoke(set(revoked))
-        if self._transactions is not None:
-            # The open transaction may hold results of these partitions: the main loop aborts it.
-            self._transactions.doom(AbortReason.REBALANCE)
-        self._after_change("revoked", revoked)
+        self._give_up("revoked", revoked)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._tracker.assign(set(assigned))
         self._after_change("assigned", assigned)
 
     def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        self.on_partitions_revoked(lost)
+        self._give_up("lost", lost)
+
+    def _give_up(self, what: str, partitions: set[TopicPartition]) -> None:
+        self._tracker.revoke(set(partitions))
+        if self._transactions is not None:
+            # The open transaction may hold results of these partitions: the main loop aborts it.
+            self._transactions.doom(AbortReason.REBALANCE)
+        self._after_change(what, partitions)
 
     def _after_change(self, what: str, partitions: set[TopicPartition]) -> None:
         owned = self._tracker.owned()
@@ -106,17 +105,6 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.assigned_partitions.set(len(owned))
         self._health.in_group = True
         log.info("partitions %s: %s; now own %d", what, _describe(partitions), len(owned))
-
-
-class _Downgrade(enum.Enum):
-    DEAD_LETTER = "dead_letter"  # the output was too large for the broker
-    OMIT_VALUE = "omit_value"  # even the dead letter was: send it without the original bytes
-
-
-def _omit_value(out: Outgoing) -> None:
-    assert out.value is not None
-    out.headers = [*out.headers, (VALUE_OMITTED_HEADER, str(len(out.value)).encode())]
-    out.value = None
 
 
 def _describe(partitions: set[TopicPartition]) -> str:
@@ -147,8 +135,6 @@ class Pipeline:
         self.batch_size = batch_size or settings.batch_size or embedder.auto_batch_size()
         self.batcher: Batcher[_Ready] = Batcher(self.batch_size, settings.batch_timeout_s)
         self._decoding: deque[_Decoding] = deque()
-        self._retries: deque[Outgoing] = deque()
-        self._retries_lock = threading.Lock()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
         self._preprocessing = replace(
             embedder.preprocessing, resize=settings.resize, jpeg_draft=settings.jpeg_draft
@@ -158,18 +144,8 @@ class Pipeline:
         self._paused = False
         self._last_commit = time.monotonic()
         self._last_broker_ok = time.monotonic()
-        self._transactions: Transactions | None = None
-        if settings.exactly_once:
-            self._transactions = Transactions(
-                producer,
-                consumer,
-                settings.broker_lost_timeout_s,
-                self._on_delivered,
-                self._on_transaction_send_failed,
-            )
-        # Exactly-once: records whose output (or dead letter) the broker refused as too large, and what to
-        # send instead when the aborted transaction's records are processed again.
-        self._downgrades: dict[Source, _Downgrade] = {}
+        self.publisher = Publisher(settings, producer, consumer, self.tracker, metrics, embedder.label)
+        self._transactions = self.publisher.transactions
         self._listener = _RebalanceListener(self.tracker, metrics, health, self._transactions)
         self._closed_batches: deque[Batch[_Ready]] = deque()
         self._batch_queue: queue.Queue[Batch[_Ready] | None] = queue.Queue(maxsize=_BATCH_QUEUE_DEPTH)
@@ -200,7 +176,7 @@ class Pipeline:
 
     def step(self) -> None:
         """One loop iteration: poll, collect decodes, embed due batches, resend, commit."""
-        if self._transactions is not None and self._transactions.doomed is not None:
+        if self._doomed():
             self._rewind()
         self._apply_backpressure()
         records = self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
@@ -223,7 +199,7 @@ class Pipeline:
         if due is not None:
             self._closed_batches.append(due)
         self._hand_over_batches()
-        self._resend_due()
+        self.publisher.resend_due()
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
             self.commit()
         self.observer.maybe_observe()
@@ -233,7 +209,7 @@ class Pipeline:
         return self._transactions is not None and self._transactions.doomed is not None
 
     def _check_broker(self, now: float) -> None:
-        silent = now - self._last_broker_ok
+        silent = now - max(self._last_broker_ok, self.publisher.last_ack)
         if self.tracker.in_flight and silent > self.settings.broker_lost_timeout_s:
             raise BrokerLostError(
                 f"the broker at {self.settings.bootstrap_servers} has not answered for {silent:.0f}s with "
@@ -295,7 +271,7 @@ class Pipeline:
         try:
             return record, decode_request(record.value)
         except RejectedRecord as rejected:
-            self._dead_letter(record, rejected.reason, rejected.message)
+            self.publisher.dead_letter(record, rejected.reason, rejected.message)
             return None
 
     def _submit_decodes(self, accepted: list[tuple[InputRecord, ImageRequest]]) -> None:
@@ -326,11 +302,11 @@ class Pipeline:
             except Exception as exc:  # the whole chunk failed (pool shut down): never lose the record
                 pixels = exc
             if isinstance(pixels, RejectedRecord):
-                self._dead_letter(item.record, pixels.reason, pixels.message)
+                self.publisher.dead_letter(item.record, pixels.reason, pixels.message)
                 continue
             if isinstance(pixels, Exception):
                 message = f"decoder crashed: {type(pixels).__name__}: {pixels}"
-                self._dead_letter(item.record, RejectReason.CORRUPT_IMAGE, message)
+                self.publisher.dead_letter(item.record, RejectReason.CORRUPT_IMAGE, message)
                 continue
             batch = self.batcher.add(_Ready(item.record, item.request, pixels))
             if batch is not None:
@@ -394,118 +370,14 @@ class Pipeline:
                 self._embed_items(items[half:], retry=False)
             else:
                 message = f"inference failed: {type(exc).__name__}: {exc}"
-                self._dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
+                self.publisher.dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
             return
         self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
         self.metrics.embedded.inc(len(items))
         publish_started = time.perf_counter()
         for item, vector in zip(items, vectors, strict=True):
-            self._publish_embedding(item, vector)
+            self.publisher.embedding(item.record, item.request, vector)
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - publish_started)
-
-    # ---------------------------------------------------------------- publishing
-    def _publish_embedding(self, item: _Ready, vector: np.ndarray) -> None:
-        value = encode_embedding(
-            item.request, vector, self.embedder.label, item.record.source, self.settings.forward_image
-        )
-        if len(value) > self.settings.max_message_bytes:
-            message = f"output record is {len(value)} bytes, over --max-message-bytes"
-            self._dead_letter(item.record, RejectReason.OUTPUT_TOO_LARGE, message)
-            return
-        if item.record.source in self._downgrades:
-            message = "output record rejected by the broker as too large"
-            self._dead_letter(item.record, RejectReason.OUTPUT_TOO_LARGE, message)
-            return
-        key = item.record.key if item.record.key is not None else item.request.id.encode()
-        self._send(
-            Outgoing(item.record, self.settings.output_topic, key, value, item.record.headers, is_dlq=False)
-        )
-
-    def _dead_letter(self, record: InputRecord, reason: RejectReason, message: str) -> None:
-        log.debug("dead-letter %s: %s", record.source, message)
-        headers = dlq_headers(record.headers, reason, message, record.source)
-        out = Outgoing(record, self.settings.dlq_topic, record.key, record.value, headers, True, reason)
-        if self._downgrades.get(record.source) is _Downgrade.OMIT_VALUE:
-            _omit_value(out)
-        self._send(out)
-
-    def _send(self, out: Outgoing) -> None:
-        if self._transactions is not None:
-            self._transactions.publish(out)
-            return
-        try:
-            future = self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
-        except KafkaError as exc:
-            self._on_send_failed(out, exc)
-            return
-        future.add_callback(lambda _metadata: self._on_delivered(out))
-        future.add_errback(lambda exc: self._on_send_failed(out, exc))
-
-    def _on_delivered(self, out: Outgoing) -> None:
-        # Producer I/O thread: cheap, non-blocking bookkeeping only.
-        self._last_broker_ok = time.monotonic()
-        self.tracker.ack(out.record.partition, out.record.source.offset)
-        if out.is_dlq:
-            assert out.reason is not None
-            self.metrics.dlq.labels(out.reason.value).inc()
-        else:
-            self.metrics.published.inc()
-            if out.record.timestamp_ms > 0:
-                self.metrics.end_to_end_seconds.observe(
-                    max(0.0, time.time() - out.record.timestamp_ms / 1000)
-                )
-
-    def _on_send_failed(self, out: Outgoing, exc: BaseException) -> None:
-        if isinstance(exc, MessageSizeTooLargeError):
-            if not out.is_dlq:
-                message = f"output record rejected by the broker as too large: {exc}"
-                self._dead_letter(out.record, RejectReason.OUTPUT_TOO_LARGE, message)
-                return
-            if out.value is not None:
-                # Even the dead-letter topic refuses the original bytes: keep the record (key, headers,
-                # reason, source coordinates) and say how many bytes were left out, rather than stall.
-                log.error(
-                    "DLQ refused %d bytes from %s; sending it without its value",
-                    len(out.value),
-                    out.record.source,
-                )
-                _omit_value(out)
-                self._send(out)
-                return
-        out.attempt += 1
-        out.not_before = time.monotonic() + min(_RETRY_BACKOFF_S * out.attempt, 10.0)
-        log.warning(
-            "delivery to %s failed for %s (attempt %d: %s); will retry",
-            out.topic,
-            out.record.source,
-            out.attempt,
-            exc,
-        )
-        with self._retries_lock:
-            self._retries.append(out)
-
-    def _on_transaction_send_failed(self, out: Outgoing, exc: BaseException) -> None:
-        # Producer I/O thread. The transaction is doomed; remember what to send instead next time.
-        log.warning(
-            "delivery to %s failed for %s (%s); aborting the transaction",
-            out.topic,
-            out.record.source,
-            exc,
-        )
-        if isinstance(exc, MessageSizeTooLargeError):
-            downgrade = _Downgrade.OMIT_VALUE if out.is_dlq else _Downgrade.DEAD_LETTER
-            self._downgrades[out.record.source] = downgrade
-
-    def _resend_due(self) -> None:
-        now = time.monotonic()
-        with self._retries_lock:
-            due = [out for out in self._retries if out.not_before <= now]
-            if not due:
-                return
-            self._retries = deque(out for out in self._retries if out.not_before > now)
-        for out in due:
-            self.metrics.publish_retries.inc()
-            self._send(out)
 
     # ---------------------------------------------------------------- commits and shutdown
     def commit(self) -> None:
@@ -541,7 +413,7 @@ class Pipeline:
             self.tracker.mark_committed(committed)
             self.metrics.commits.inc()
             self._last_broker_ok = time.monotonic()
-            self._downgrades.clear()  # those records are committed: never processed again
+            self.publisher.forget_downgrades()
         return True
 
     def _rewind(self) -> None:
@@ -581,12 +453,10 @@ class Pipeline:
             self._hand_over_batches(wait_s=0.2)
         self._stop_inference(deadline)
         while time.monotonic() < deadline:
-            self._resend_due()
+            self.publisher.resend_due()
             with contextlib.suppress(KafkaError):  # a failed delivery arrives via the errback
                 self.producer.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            with self._retries_lock:
-                retrying = bool(self._retries)
-            if (self.tracker.in_flight == 0 and not retrying) or self._doomed():
+            if (self.tracker.in_flight == 0 and not self.publisher.retrying) or self._doomed():
                 break
             time.sleep(0.05)
         if self._transactions is None:

@@ -92,10 +92,15 @@ def tail_topic(
     max_records: int | None = None,
     idle_timeout_s: float | None = None,
     out: TextIO = sys.stdout,
+    read_committed: bool = False,
 ) -> int:
-    """Print records of the output (or DLQ) topic from the beginning as JSON lines; no offsets committed."""
+    """Print records of the output (or DLQ) topic from the beginning as JSON lines; no offsets committed.
+
+    ``read_committed`` skips records of aborted transactions (outputs of an ``--exactly-once`` worker).
+    """
     topic = settings.dlq_topic if dlq else settings.output_topic
-    consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest")
+    isolation = "read_committed" if read_committed else "read_uncommitted"
+    consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest", isolation_level=isolation)
     consumer.subscribe([topic])
     printed = 0
     last_record = time.monotonic()

@@ -5,18 +5,22 @@ Short variants run in CI; FAULTS_LONG=1 runs the sizes of RELIABILITY.md. Each t
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.test_faults import figures, images, worker_process
 from tests.support.bad_inputs import bad_requests
 from tests.support.kafka_helpers import (
+    RunningWorker,
     committed_offsets,
     create_topics,
     produce,
@@ -26,12 +30,13 @@ from tests.support.kafka_helpers import (
 )
 from tests.support.tally import Tally
 from worker.config import Settings
+from worker.tools import tail_topic
 
 pytestmark = pytest.mark.integration
 LONG = os.environ.get("FAULTS_LONG") == "1"
 
 
-def exactly_once_settings(bootstrap: str, **overrides: object) -> Settings:
+def exactly_once_settings(bootstrap: str, **overrides: Any) -> Settings:
     return worker_settings(bootstrap, exactly_once=True, **overrides)
 
 
@@ -60,6 +65,11 @@ def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap,
         tally.close()
     assert code == 0
     assert_exactly_once(tally.snapshot(), expected)
+    printed = io.StringIO()
+    tail_topic(settings, max_records=len(good), idle_timeout_s=10, read_committed=True, out=printed)
+    assert sorted(json.loads(line)["id"] for line in printed.getvalue().splitlines()) == sorted(
+        name for name, _ in good
+    )
     assert sum(v or 0 for v in committed_offsets(settings, 3).values()) == len(expected)
     assert worker.metrics.commits._value.get() > 0
 
@@ -137,7 +147,7 @@ def test_churn_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_em
     values = base.model_dump()
     serial = iter(range(1000))
 
-    def join():
+    def join() -> RunningWorker:
         txn_id = f"eos-churn-{next(serial)}"
         settings = worker_settings(kafka_bootstrap, **{**values, "transactional_id": txn_id})
         return start_worker(settings, tiny_embedder)
