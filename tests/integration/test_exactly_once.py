@@ -12,7 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 
 from tests.integration.test_faults import figures, images, worker_process
 from tests.support.bad_inputs import bad_requests
-from tests.support.kafka_broker import ApacheKafka
 from tests.support.kafka_helpers import (
     RunningWorker,
     committed_offsets,
@@ -30,7 +28,7 @@ from tests.support.kafka_helpers import (
     wait_until,
     worker_settings,
 )
-from tests.support.tally import Tally
+from tests.support.tally import Tally, assert_exactly_once
 from worker.config import Settings
 from worker.tools import tail_topic
 
@@ -40,14 +38,6 @@ LONG = os.environ.get("FAULTS_LONG") == "1"
 
 def exactly_once_settings(bootstrap: str, **overrides: Any) -> Settings:
     return worker_settings(bootstrap, exactly_once=True, **overrides)
-
-
-def assert_exactly_once(seen: dict[str, int], expected: set[str]) -> None:
-    missing = expected - set(seen)
-    repeated = {key: count for key, count in seen.items() if count > 1}
-    assert not missing, f"{len(missing)} id(s) lost, e.g. {sorted(missing)[:5]}"
-    assert not repeated, f"{len(repeated)} id(s) seen more than once, e.g. {sorted(repeated.items())[:5]}"
-    assert set(seen) == expected
 
 
 def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap, tiny_embedder):
@@ -184,50 +174,3 @@ def test_churn_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_em
     figures("exactly-once churn", total, seen, rounds=rounds, aborted_transactions=int(aborted))
     assert_exactly_once(seen, {name for name, _ in items})
     assert sum(v or 0 for v in committed_offsets(base, 6).values()) == total
-
-
-@pytest.fixture(scope="module")
-def restartable_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafka]:
-    """A broker of this module's own, because the restart test stops it."""
-    broker = ApacheKafka(tmp_path_factory.mktemp("eos-restartable-kafka")).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-def test_broker_restart_read_committed_sees_each_id_exactly_once(restartable_broker, tiny_embedder):
-    total = 3000 if LONG else 800
-    settings = exactly_once_settings(
-        restartable_broker.bootstrap_servers, transactional_id="eos-restart", batch_size=16
-    )
-    create_topics(settings, partitions=3)
-    items = images("eos-restart", total)
-    produce(settings, items)
-    worker = start_worker(settings, tiny_embedder)
-    tally = Tally(settings, read_committed=True)
-    try:
-        assert tally.wait_for(total // 4, 120), "no progress before the restart"
-        restartable_broker.restart(downtime_s=3.0)
-        restarted_at = time.monotonic()
-        before = tally.distinct()
-        assert tally.wait_for(before + 1, 120), "no progress after the restart"
-        recovery = round(time.monotonic() - restarted_at, 1)
-        assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
-        time.sleep(2.0)
-    finally:
-        code = worker.shutdown(timeout_s=90)
-        tally.close()
-    seen = tally.snapshot()
-    aborted = sum(
-        sample.value
-        for metric in worker.metrics.transactions_aborted.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    )
-    figures(
-        "exactly-once broker-restart", total, seen, recovery_s=recovery, aborted_transactions=int(aborted)
-    )
-    assert code == 0
-    assert_exactly_once(seen, {name for name, _ in items})
-    assert sum(v or 0 for v in committed_offsets(settings, 3).values()) == total

@@ -28,7 +28,7 @@ from tests.support.kafka_helpers import (
     wait_until,
     worker_settings,
 )
-from tests.support.tally import Tally
+from tests.support.tally import Tally, assert_exactly_once
 from worker.config import Settings
 from worker.messages import decode_embedding
 from worker.samples import jpeg_corpus
@@ -112,14 +112,15 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheK
         broker.stop()
 
 
-def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder):
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, exactly_once):
     total = 3000 if LONG else 800
-    settings = worker_settings(private_broker.bootstrap_servers, batch_size=16)
+    settings = worker_settings(private_broker.bootstrap_servers, batch_size=16, exactly_once=exactly_once)
     create_topics(settings, partitions=3)
     items = images("restart", total)
     produce(settings, items)
     worker = start_worker(settings, tiny_embedder)
-    tally = Tally(settings)
+    tally = Tally(settings, read_committed=exactly_once)
     try:
         assert tally.wait_for(total // 4, 120), "no progress before the restart"
         private_broker.restart(downtime_s=3.0)
@@ -133,8 +134,11 @@ def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder):
         code = worker.shutdown(timeout_s=90)
         tally.close()
     seen = tally.snapshot()
-    figures("broker-restart", total, seen, recovery_s=recovery, downtime_s=3)
+    name = "exactly-once broker-restart" if exactly_once else "broker-restart"
+    figures(name, total, seen, recovery_s=recovery, downtime_s=3)
     assert code == 0
+    if exactly_once:
+        assert_exactly_once(seen, {name for name, _ in items})
     assert set(seen) == {name for name, _ in items}
     assert sum(v or 0 for v in committed_offsets(settings, 3).values()) == total
 

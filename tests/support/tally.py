@@ -81,3 +81,12 @@ class Tally:
         self._stop.set()
         self._thread.join(timeout=10)
         self._consumer.close()
+
+
+def assert_exactly_once(seen: dict[str, int], expected: set[str]) -> None:
+    """Every expected id seen once, and nothing else."""
+    missing = expected - set(seen)
+    repeated = {key: count for key, count in seen.items() if count > 1}
+    assert not missing, f"{len(missing)} id(s) lost, e.g. {sorted(missing)[:5]}"
+    assert not repeated, f"{len(repeated)} id(s) seen more than once, e.g. {sorted(repeated.items())[:5]}"
+    assert set(seen) == expected
