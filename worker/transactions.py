@@ -198,11 +198,14 @@ class Transactions:
                 self.doom(AbortReason.INCONSISTENT)
                 return None
             committed = {tp: offsets[tp] for tp in released}
+            offsets_metadata = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in committed.items()}
+            group = self._consumer.group_metadata()
             try:
-                self._producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in committed.items()},
-                    self._consumer.group_metadata(),
-                )
+                if offsets_metadata:
+                    self._bounded(
+                        lambda: self._producer.send_offsets_to_transaction(offsets_metadata, group),
+                        "add the consumed offsets to the transaction",
+                    )
                 self._bounded(self._producer.commit_transaction, "commit the transaction")
             except _FATAL as exc:
                 raise _fenced(exc) from None

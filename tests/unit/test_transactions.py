@@ -1,0 +1,123 @@
+"""The transaction bookkeeping of the exactly-once mode, against a recording stand-in for the producer.
+
+The real broker side (fencing, read_committed, kill -9, rebalances) is in
+tests/integration/test_exactly_once.py; here the order of sends and the offsets a commit carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka.errors import KafkaError
+from kafka.future import Future
+from kafka.structs import TopicPartition
+
+from worker.messages import Source
+from worker.transactions import AbortReason, Transactions
+from worker.work import InputRecord, Outgoing
+
+TP = TopicPartition("images", 0)
+
+
+class RecordingProducer:
+    """Records the transactional calls; each send's future is resolved by the test."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.futures: list[Future] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append(("begin", None))
+
+    def send(self, topic: str, key: Any, value: Any, headers: Any) -> Future:
+        self.calls.append(("send", value))
+        future = Future()
+        self.futures.append(future)
+        return future
+
+    def flush(self, timeout: float) -> None:
+        self.calls.append(("flush", None))
+
+    def send_offsets_to_transaction(self, offsets: Any, group: Any) -> None:
+        self.calls.append(("offsets", {tp: meta.offset for tp, meta in offsets.items()}))
+
+    def commit_transaction(self) -> None:
+        self.calls.append(("commit", None))
+
+    def abort_transaction(self) -> None:
+        self.calls.append(("abort", None))
+
+
+class Consumer:
+    def group_metadata(self) -> str:
+        return "group"
+
+
+def outgoing(offset: int, epoch: int = 0) -> Outgoing:
+    record = InputRecord(Source("images", 0, offset), None, b"", [], 0, 0.0, epoch)
+    return Outgoing(record, "out", None, f"result-{offset}".encode(), [], is_dlq=False)
+
+
+def make() -> tuple[Transactions, RecordingProducer, list[int]]:
+    producer = RecordingProducer()
+    acked: list[int] = []
+    transactions = Transactions(
+        producer,
+        Consumer(),
+        timeout_s=5.0,
+        on_delivered=lambda out: acked.append(out.record.source.offset),
+        on_failed=lambda out, exc: None,
+    )
+    return transactions, producer, acked
+
+
+def sent(producer: RecordingProducer) -> list[Any]:
+    return [value for name, value in producer.calls if name == "send"]
+
+
+def test_results_are_sent_in_offset_order_and_committed_with_the_offset_after_them():
+    transactions, producer, acked = make()
+    for offset in (0, 1, 2):
+        assert transactions.expect(TP, offset)
+    transactions.publish(outgoing(2))
+    transactions.publish(outgoing(1))
+    assert sent(producer) == []  # offset 0 has no result yet
+    transactions.publish(outgoing(0))
+    assert sent(producer) == [b"result-0", b"result-1", b"result-2"]
+    for future in producer.futures:
+        future.success(None)
+    assert transactions.commit(lambda: {TP: 3}) == {TP: 3}
+    assert ("offsets", {TP: 3}) in producer.calls and producer.calls[-1] == ("commit", None)
+    assert acked == [0, 1, 2]
+
+
+def test_a_commit_whose_offsets_do_not_match_the_results_is_refused():
+    transactions, _producer, _acked = make()
+    transactions.expect(TP, 0)
+    transactions.publish(outgoing(0))
+    assert transactions.commit(lambda: {}) is None  # result sent but its acknowledgement is missing
+    assert transactions.doomed is AbortReason.INCONSISTENT
+
+
+def test_a_failed_delivery_dooms_the_transaction_and_the_abort_drops_older_results():
+    transactions, producer, acked = make()
+    transactions.expect(TP, 0)
+    transactions.expect(TP, 1)
+    transactions.publish(outgoing(0))
+    producer.futures[0].failure(KafkaError("refused"))
+    assert transactions.doomed is AbortReason.DELIVERY_FAILED
+    assert transactions.commit(lambda: {}) is None
+    assert transactions.abort() is AbortReason.DELIVERY_FAILED
+    assert ("abort", None) in producer.calls and transactions.doomed is None
+    transactions.publish(outgoing(1, epoch=0))  # polled before the abort: dropped
+    assert sent(producer) == [b"result-0"]
+    assert transactions.expect(TP, 0)  # read again from the committed offset
+    transactions.publish(outgoing(0, epoch=transactions.epoch))
+    assert sent(producer) == [b"result-0", b"result-0"]
+    assert acked == []
+
+
+def test_nothing_sent_means_nothing_to_commit():
+    transactions, producer, _acked = make()
+    assert transactions.commit(lambda: {}) == {}
+    assert producer.calls == []
