@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tests.support.kafka_helpers import (
     committed_offsets,
     create_topics,
     produce,
+    produce_steadily,
     start_worker,
     wait_until,
     worker_settings,
@@ -64,21 +64,6 @@ def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap,
     )
     assert sum(v or 0 for v in committed_offsets(settings, 3).values()) == len(expected)
     assert worker.metrics.commits._value.get() > 0
-
-
-def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds: float) -> threading.Thread:
-    """Publish ``items`` in small slices spread over ``seconds``, so the workers are busy at every kill."""
-    slices = max(1, int(seconds * 10))
-    size = -(-len(items) // slices)
-
-    def run() -> None:
-        for start in range(0, len(items), size):
-            produce(settings, items[start : start + size])
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_clip_dir, tmp_path: Path):

@@ -23,6 +23,7 @@ from tests.support.kafka_helpers import (
     committed_offsets,
     create_topics,
     produce,
+    produce_steadily,
     start_worker,
     topic_flags,
     wait_until,
@@ -71,12 +72,12 @@ def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path):
     tally = Tally(settings)
     workers = [worker_process(settings, tiny_clip_dir, tmp_path / f"w{i}.log") for i in range(2)]
     items = images("kill", total)
-    chunk = total // kills
+    producer = produce_steadily(settings, items, seconds=total / 80)
     recoveries = []
     try:
         for k in range(kills):
-            produce(settings, items[k * chunk : (k + 1) * chunk if k < kills - 1 else total])
-            assert tally.wait_for(k * chunk + chunk // 3, 120), f"no progress before kill {k + 1}"
+            target = (k + 1) * total // (kills + 2)
+            assert tally.wait_for(target, 120), f"no progress before kill {k + 1}"
             victim = k % 2
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait(timeout=10)
@@ -85,6 +86,7 @@ def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path):
             workers[victim] = worker_process(settings, tiny_clip_dir, tmp_path / f"w{victim}.log")
             assert tally.wait_for(before + 1, 120), "no progress after the kill"
             recoveries.append(round(time.monotonic() - killed_at, 1))
+        producer.join(timeout=180)
         assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
         time.sleep(1.0)
     finally:
@@ -118,7 +120,7 @@ def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, 
     settings = worker_settings(private_broker.bootstrap_servers, batch_size=16, exactly_once=exactly_once)
     create_topics(settings, partitions=3)
     items = images("restart", total)
-    produce(settings, items)
+    producer = produce_steadily(settings, items, seconds=total / 100)
     worker = start_worker(settings, tiny_embedder)
     tally = Tally(settings, read_committed=exactly_once)
     try:
@@ -128,6 +130,7 @@ def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, 
         before = tally.distinct()
         assert tally.wait_for(before + 1, 120), "no progress after the restart"
         recovery = round(time.monotonic() - restarted_at, 1)
+        producer.join(timeout=180)
         assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
         time.sleep(1.0)
     finally:

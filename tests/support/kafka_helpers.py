@@ -71,6 +71,37 @@ def produce(
     producer.close()
 
 
+def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds: float) -> threading.Thread:
+    """Publish requests spread over ``seconds`` from a thread, so a fault test always has work in flight.
+
+    One idempotent producer: records sent while the broker is away wait in its buffer and are delivered,
+    once each, when it is back.
+    """
+    slices = max(1, int(seconds * 10))
+    size = -(-len(items) // slices)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        max_request_size=32 * 1024 * 1024,
+        enable_idempotence=True,
+        delivery_timeout_ms=180_000,
+    )
+
+    def run() -> None:
+        try:
+            for start in range(0, len(items), size):
+                for request_id, data in items[start : start + size]:
+                    value = encode_request(request_id, data, {"n": request_id})
+                    producer.send(settings.input_topic, key=request_id.encode(), value=value)
+                time.sleep(0.1)
+            producer.flush(timeout=180)
+        finally:
+            producer.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass
 class Results:
     """Everything read back from the output and DLQ topics."""
