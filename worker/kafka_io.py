@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -18,6 +19,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ATTEMPT_TIMEOUT_S = 5.0
 MAX_POLL_RECORDS = 500
+# Bytes a record batch of one record adds to its key, value and headers (batch header, varints), rounded
+# up; each header adds its name, value and two varints on top.
+RECORD_OVERHEAD_BYTES = 128
+HEADER_OVERHEAD_BYTES = 10
+_PRODUCER_BATCH_BYTES = 256 * 1024
+
+
+def record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    """An upper bound of the size the broker checks against ``max.message.bytes`` for this one record."""
+    size = RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
+    for name, data in headers:
+        size += len(name.encode()) + len(data) + HEADER_OVERHEAD_BYTES
+    return size
 
 
 def security_options(settings: Settings) -> dict[str, Any]:
@@ -75,8 +89,15 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def producer_options(settings: Settings) -> dict[str, Any]:
-    """Producer options: acks from all replicas, image-sized requests, small linger."""
+def producer_options(settings: Settings, smallest_topic_limit: int | None = None) -> dict[str, Any]:
+    """Producer options: acks from all replicas, image-sized requests, small linger.
+
+    With ``smallest_topic_limit`` (the lowest ``max.message.bytes`` of the topics it writes), batches of
+    several records stay under it, so the broker never refuses a batch that only its sum made too large.
+    """
+    batch_bytes = _PRODUCER_BATCH_BYTES
+    if smallest_topic_limit is not None:
+        batch_bytes = max(1024, min(batch_bytes, smallest_topic_limit - RECORD_OVERHEAD_BYTES))
     return {
         **common_options(settings),
         "acks": "all",
@@ -87,15 +108,17 @@ def producer_options(settings: Settings) -> dict[str, Any]:
         # Room for a dead-lettered input (up to the fetch limit) plus its headers; outputs are checked
         # against --max-message-bytes before they are sent.
         "max_request_size": 2 * settings.max_message_bytes,
-        "batch_size": 256 * 1024,
+        "batch_size": batch_bytes,
         # Bounds how long a send (and the start-up topic check) waits for metadata of a missing topic.
         "max_block_ms": 15_000,
     }
 
 
-def transactional_producer_options(settings: Settings, transactional_id: str) -> dict[str, Any]:
+def transactional_producer_options(
+    settings: Settings, transactional_id: str, smallest_topic_limit: int | None = None
+) -> dict[str, Any]:
     """Producer options of the exactly-once mode: idempotent, transactional."""
-    options = producer_options(settings)
+    options = producer_options(settings, smallest_topic_limit)
     options.update(
         enable_idempotence=True,
         transactional_id=transactional_id,
@@ -181,12 +204,14 @@ def make_consumer(settings: Settings, **overrides: Any) -> KafkaConsumer:
     )
 
 
-def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
+def make_producer(
+    settings: Settings, transactional_id: str | None = None, smallest_topic_limit: int | None = None
+) -> KafkaProducer:
     """A producer (transactional when ``transactional_id`` is given), retried until ``connect_timeout_s``."""
     if transactional_id is None:
-        options = producer_options(settings)
+        options = producer_options(settings, smallest_topic_limit)
     else:
-        options = transactional_producer_options(settings, transactional_id)
+        options = transactional_producer_options(settings, transactional_id, smallest_topic_limit)
     return retry_until_deadline(
         "producer", lambda: KafkaProducer(**options), settings.connect_timeout_s, settings.bootstrap_servers
     )
@@ -205,6 +230,34 @@ def check_output_topics(producer: KafkaProducer, settings: Settings) -> None:
             raise StartupError(
                 f"topic {topic!r} does not exist on {settings.bootstrap_servers}; create it or fix {flag}"
             ) from None
+
+
+def topic_message_limits(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes`` as the broker reports it; topics it cannot tell are left out.
+
+    The worker checks records against these before sending: a refusal by the broker would cost a round
+    trip, and in exactly-once mode a whole transaction.
+    """
+    admin = retry_until_deadline(
+        "admin",
+        lambda: KafkaAdminClient(**common_options(settings)),
+        settings.connect_timeout_s,
+        settings.bootstrap_servers,
+    )
+    try:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t, ["max.message.bytes"]) for t in topics]
+        described = admin.describe_configs(resources, config_filter="all")
+    except KafkaError as exc:
+        log.warning("cannot read max.message.bytes of %s (%s); relying on the broker's refusals", topics, exc)
+        return {}
+    finally:
+        admin.close()
+    limits: dict[str, int] = {}
+    for name, configs in described.get("topic", {}).items():
+        value = configs.get("max.message.bytes", {}).get("value")
+        if value is not None:
+            limits[name] = int(value)
+    return limits
 
 
 def ensure_topics(settings: Settings, topics: dict[str, int], max_message_bytes: int | None = None) -> None:

@@ -124,6 +124,7 @@ class Pipeline:
         health: HealthState,
         gpu: GpuCollector | None = None,
         batch_size: int | None = None,
+        topic_limits: dict[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -144,7 +145,9 @@ class Pipeline:
         self._paused = False
         self._last_commit = time.monotonic()
         self._last_broker_ok = time.monotonic()
-        self.publisher = Publisher(settings, producer, consumer, self.tracker, metrics, embedder.label)
+        self.publisher = Publisher(
+            settings, producer, consumer, self.tracker, metrics, embedder.label, topic_limits
+        )
         self._transactions = self.publisher.transactions
         self._listener = _RebalanceListener(self.tracker, metrics, health, self._transactions)
         self._closed_batches: deque[Batch[_Ready]] = deque()
@@ -413,7 +416,6 @@ class Pipeline:
             self.tracker.mark_committed(committed)
             self.metrics.commits.inc()
             self._last_broker_ok = time.monotonic()
-            self.publisher.forget_downgrades()
         return True
 
     def _rewind(self) -> None:
@@ -424,6 +426,7 @@ class Pipeline:
         """
         assert self._transactions is not None
         reason = self._transactions.abort()
+        self.publisher.after_abort()
         self._decoding.clear()
         self.batcher.drain()
         self._closed_batches.clear()

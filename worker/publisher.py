@@ -1,14 +1,15 @@
 """Publishing results: embeddings to the output topic, rejected records to the DLQ, acknowledgements.
 
-At-least-once (the default): every send is tracked until the broker acknowledges it; a failed delivery is
-retried with backoff, and one refused as too large is dead-lettered (or sent to the DLQ without its
-value). Exactly-once: sends go through :class:`worker.transactions.Transactions`; a failed delivery dooms
-the transaction instead, and what to send differently next time is remembered here.
+Every record is checked against its topic's ``max.message.bytes`` before it is sent: an output too large
+is dead-lettered (``output_too_large``) and a dead letter too large goes without its value. At-least-once
+(the default): every send is tracked until the broker acknowledges it; a failed delivery is retried with
+backoff, and one the broker refuses as too large is handled as above. Exactly-once: sends go through
+:class:`worker.transactions.Transactions`; a failed delivery dooms the transaction instead, and a refusal
+as too large lowers the topic's known limit for the records read again.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -20,7 +21,8 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from worker.config import Settings
 from worker.errors import RejectReason
-from worker.messages import VALUE_OMITTED_HEADER, ImageRequest, Source, dlq_headers, encode_embedding
+from worker.kafka_io import record_bytes
+from worker.messages import VALUE_OMITTED_HEADER, ImageRequest, dlq_headers, encode_embedding
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.transactions import Transactions
@@ -28,11 +30,6 @@ from worker.work import InputRecord, Outgoing
 
 log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = 1.0
-
-
-class _Downgrade(enum.Enum):
-    DEAD_LETTER = "dead_letter"  # the output was too large for the broker
-    OMIT_VALUE = "omit_value"  # even the dead letter was: send it without the original bytes
 
 
 class Publisher:
@@ -50,6 +47,7 @@ class Publisher:
         tracker: OffsetTracker,
         metrics: WorkerMetrics,
         model_label: str,
+        topic_limits: dict[str, int] | None = None,
     ) -> None:
         self._settings = settings
         self._producer = producer
@@ -59,9 +57,9 @@ class Publisher:
         self._retries: deque[Outgoing] = deque()
         self._retries_lock = threading.Lock()
         self.last_ack = time.monotonic()
-        # Exactly-once: records whose output (or dead letter) the broker refused as too large, and what to
-        # send instead when the aborted transaction's records are processed again.
-        self._downgrades: dict[Source, _Downgrade] = {}
+        self._limits = dict(topic_limits or {})
+        # Exactly-once: the largest record each topic refused in the open transaction.
+        self._refused: dict[str, int] = {}
         self.transactions: Transactions | None = None
         if settings.exactly_once:
             timeout = settings.broker_lost_timeout_s
@@ -78,10 +76,6 @@ class Publisher:
             message = f"output record is {len(value)} bytes, over --max-message-bytes"
             self.dead_letter(record, RejectReason.OUTPUT_TOO_LARGE, message)
             return
-        if record.source in self._downgrades:
-            message = "output record rejected by the broker as too large"
-            self.dead_letter(record, RejectReason.OUTPUT_TOO_LARGE, message)
-            return
         key = record.key if record.key is not None else request.id.encode()
         self._send(Outgoing(record, self._settings.output_topic, key, value, record.headers, is_dlq=False))
 
@@ -89,10 +83,9 @@ class Publisher:
         """Send ``record`` unchanged to the DLQ with the error headers."""
         log.debug("dead-letter %s: %s", record.source, message)
         headers = dlq_headers(record.headers, reason, message, record.source)
-        out = Outgoing(record, self._settings.dlq_topic, record.key, record.value, headers, True, reason)
-        if self._downgrades.get(record.source) is _Downgrade.OMIT_VALUE:
-            _omit_value(out)
-        self._send(out)
+        self._send(
+            Outgoing(record, self._settings.dlq_topic, record.key, record.value, headers, True, reason)
+        )
 
     def resend_due(self) -> None:
         """Re-send the failed deliveries whose backoff has passed (at-least-once mode)."""
@@ -112,11 +105,22 @@ class Publisher:
         with self._retries_lock:
             return bool(self._retries)
 
-    def forget_downgrades(self) -> None:
-        """The transaction holding the downgraded records was committed: they are never processed again."""
-        self._downgrades.clear()
+    def after_abort(self) -> None:
+        """Exactly-once: the transaction was aborted; records larger than those refused will not be sent."""
+        for topic, size in self._refused.items():
+            self._limits[topic] = min(self._limits.get(topic, size), size - 1)
+            log.warning(
+                "%s refused a record of %d bytes; larger ones are now handled as too large", topic, size
+            )
+        self._refused.clear()
 
     def _send(self, out: Outgoing) -> None:
+        limit = self._limits.get(out.topic)
+        if limit is not None and out.value is not None:
+            size = record_bytes(out.key, out.value, out.headers)
+            if size > limit:
+                self._too_large(out, f"{size} bytes, over max.message.bytes {limit} of {out.topic}")
+                return
         if self.transactions is not None:
             self.transactions.publish(out)
             return
@@ -142,23 +146,21 @@ class Publisher:
                     max(0.0, time.time() - out.record.timestamp_ms / 1000)
                 )
 
+    def _too_large(self, out: Outgoing, detail: str) -> None:
+        if not out.is_dlq:
+            self.dead_letter(out.record, RejectReason.OUTPUT_TOO_LARGE, f"output record is {detail}")
+            return
+        assert out.value is not None
+        # Even the dead-letter topic refuses the original bytes: keep the record (key, headers, reason,
+        # source coordinates) and say how many bytes were left out, rather than stall.
+        log.error("dead letter of %s is %s; sending it without its value", out.record.source, detail)
+        _omit_value(out)
+        self._send(out)
+
     def _send_failed(self, out: Outgoing, exc: BaseException) -> None:
-        if isinstance(exc, MessageSizeTooLargeError):
-            if not out.is_dlq:
-                message = f"output record rejected by the broker as too large: {exc}"
-                self.dead_letter(out.record, RejectReason.OUTPUT_TOO_LARGE, message)
-                return
-            if out.value is not None:
-                # Even the dead-letter topic refuses the original bytes: keep the record (key, headers,
-                # reason, source coordinates) and say how many bytes were left out, rather than stall.
-                log.error(
-                    "DLQ refused %d bytes from %s; sending it without its value",
-                    len(out.value),
-                    out.record.source,
-                )
-                _omit_value(out)
-                self._send(out)
-                return
+        if isinstance(exc, MessageSizeTooLargeError) and out.value is not None:
+            self._too_large(out, f"refused by the broker as too large ({exc})")
+            return
         out.attempt += 1
         out.not_before = time.monotonic() + min(_RETRY_BACKOFF_S * out.attempt, 10.0)
         log.warning(
@@ -176,9 +178,10 @@ class Publisher:
         log.warning(
             "delivery to %s failed for %s (%s); aborting the transaction", out.topic, out.record.source, exc
         )
-        if isinstance(exc, MessageSizeTooLargeError):
-            downgrade = _Downgrade.OMIT_VALUE if out.is_dlq else _Downgrade.DEAD_LETTER
-            self._downgrades[out.record.source] = downgrade
+        if isinstance(exc, MessageSizeTooLargeError) and out.value is not None:
+            # The records of one refused batch all report the error; the largest is the one too large.
+            size = record_bytes(out.key, out.value, out.headers)
+            self._refused[out.topic] = max(self._refused.get(out.topic, 0), size)
 
 
 def _omit_value(out: Outgoing) -> None:

@@ -21,7 +21,7 @@ from worker.embedder import (
     load_embedder,
 )
 from worker.errors import BrokerLostError, TransactionFencedError
-from worker.kafka_io import check_output_topics, make_consumer, make_producer
+from worker.kafka_io import check_output_topics, make_consumer, make_producer, topic_message_limits
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.pipeline import Pipeline
 from worker.transactions import transactional_id
@@ -100,9 +100,12 @@ def run_worker(
         txn_id = transactional_id(settings) if settings.exactly_once else None
         if txn_id is not None:
             log.info("exactly-once mode: transactional id %s, read_committed input", txn_id)
-        producer = make_producer(settings, txn_id)
+        limits = topic_message_limits(settings, [settings.output_topic, settings.dlq_topic])
+        producer = make_producer(settings, txn_id, min(limits.values(), default=None))
         check_output_topics(producer, settings)
-        pipeline = Pipeline(settings, embedder, consumer, producer, metrics, health, metrics.gpu, batch_size)
+        pipeline = Pipeline(
+            settings, embedder, consumer, producer, metrics, health, metrics.gpu, batch_size, limits
+        )
         _install_signal_handlers(stop)
         try:
             clean = pipeline.run(stop)

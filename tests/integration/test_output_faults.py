@@ -44,8 +44,13 @@ def noise_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_outputs_the_broker_refuses_as_too_large_are_dead_lettered(kafka_bootstrap, tiny_embedder):
-    settings = worker_settings(kafka_bootstrap, forward_image=True)
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_outputs_the_broker_refuses_as_too_large_are_dead_lettered(
+    kafka_bootstrap, tiny_embedder, exactly_once
+):
+    # The worker reads both topics' max.message.bytes at start-up and checks records before sending, so
+    # the broker never has to refuse one: no transaction is aborted in exactly-once mode either.
+    settings = worker_settings(kafka_bootstrap, forward_image=True, exactly_once=exactly_once)
     ensure_topics(settings, {settings.input_topic: 1})
     # The output and DLQ topics accept 100 kB; the 190 kB image fits the input topic only.
     ensure_topics(settings, {settings.output_topic: 1, settings.dlq_topic: 1}, max_message_bytes=100_000)
@@ -53,11 +58,18 @@ def test_outputs_the_broker_refuses_as_too_large_are_dead_lettered(kafka_bootstr
     assert len(big) > 150_000
     small = [(f"small-{i}.jpg", data) for i, data in enumerate(jpeg_corpus(4, 96, 64))]
     produce(settings, [*small[:2], ("big.png", big), *small[2:]])
-    with running_worker(settings, tiny_embedder):
-        results = collect(settings, expected=5, timeout_s=60)
+    with running_worker(settings, tiny_embedder) as worker:
+        results = collect(settings, expected=5, timeout_s=60, read_committed=exactly_once, settle_s=1.0)
     assert sorted(r["id"] for r in results.outputs) == sorted(name for name, _ in small)
     assert results.reasons() == {"big.png": "output_too_large"}
     [dead] = results.dead
     headers = dict(dead.headers)
     assert int(headers[VALUE_OMITTED_HEADER]) > 150_000, "the DLQ refused the value too: its size is recorded"
     assert committed_offsets(settings, 1) == {0: 5}
+    aborted = {
+        sample.labels["reason"]: sample.value
+        for metric in worker.metrics.transactions_aborted.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+    assert aborted == {}

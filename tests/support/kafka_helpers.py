@@ -124,7 +124,13 @@ class Results:
         return len(self.outputs) + len(self.dead)
 
 
-def collect(settings: Settings, expected: int, timeout_s: float = 60.0, settle_s: float = 0.0) -> Results:
+def collect(
+    settings: Settings,
+    expected: int,
+    timeout_s: float = 60.0,
+    settle_s: float = 0.0,
+    read_committed: bool = False,
+) -> Results:
     """Read output and DLQ topics from the start until ``expected`` records (then ``settle_s`` more)."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
@@ -133,6 +139,7 @@ def collect(settings: Settings, expected: int, timeout_s: float = 60.0, settle_s
         enable_auto_commit=False,
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=32 * 1024 * 1024,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
     )
     consumer.subscribe([settings.output_topic, settings.dlq_topic])
     results = Results()
