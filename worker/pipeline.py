@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any
@@ -125,11 +126,11 @@ class Pipeline:
         gpu: GpuCollector | None = None,
         batch_size: int | None = None,
         topic_limits: dict[str, int] | None = None,
+        reopen_producer: Callable[[], KafkaProducer] | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
         self.consumer = consumer
-        self.producer = producer
         self.metrics = metrics
         self.health = health
         self.tracker = OffsetTracker()
@@ -146,7 +147,7 @@ class Pipeline:
         self._last_commit = time.monotonic()
         self._last_broker_ok = time.monotonic()
         self.publisher = Publisher(
-            settings, producer, consumer, self.tracker, metrics, embedder.label, topic_limits
+            settings, producer, consumer, self.tracker, metrics, embedder.label, topic_limits, reopen_producer
         )
         self._transactions = self.publisher.transactions
         self._listener = _RebalanceListener(self.tracker, metrics, health, self._transactions)
@@ -458,7 +459,7 @@ class Pipeline:
         while time.monotonic() < deadline:
             self.publisher.resend_due()
             with contextlib.suppress(KafkaError):  # a failed delivery arrives via the errback
-                self.producer.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                self.publisher.producer.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             if (self.tracker.in_flight == 0 and not self.publisher.retrying) or self._doomed():
                 break
             time.sleep(0.05)

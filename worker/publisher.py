@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
@@ -48,6 +49,7 @@ class Publisher:
         metrics: WorkerMetrics,
         model_label: str,
         topic_limits: dict[str, int] | None = None,
+        reopen: Callable[[], KafkaProducer] | None = None,
     ) -> None:
         self._settings = settings
         self._producer = producer
@@ -64,7 +66,7 @@ class Publisher:
         if settings.exactly_once:
             timeout = settings.broker_lost_timeout_s
             self.transactions = Transactions(
-                producer, consumer, timeout, self._delivered, self._transaction_send_failed
+                producer, consumer, timeout, self._delivered, self._transaction_send_failed, reopen
             )
 
     def embedding(self, record: InputRecord, request: ImageRequest, vector: np.ndarray) -> None:
@@ -98,6 +100,11 @@ class Publisher:
         for out in due:
             self._metrics.publish_retries.inc()
             self._send(out)
+
+    @property
+    def producer(self) -> KafkaProducer:
+        """The producer in use (exactly-once mode replaces one that got stuck)."""
+        return self.transactions.producer if self.transactions is not None else self._producer
 
     @property
     def retrying(self) -> bool:

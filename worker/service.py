@@ -101,10 +101,20 @@ def run_worker(
         if txn_id is not None:
             log.info("exactly-once mode: transactional id %s, read_committed input", txn_id)
         limits = topic_message_limits(settings, [settings.output_topic, settings.dlq_topic])
-        producer = make_producer(settings, txn_id, min(limits.values(), default=None))
+        smallest_limit = min(limits.values(), default=None)
+        producer = make_producer(settings, txn_id, smallest_limit)
         check_output_topics(producer, settings)
         pipeline = Pipeline(
-            settings, embedder, consumer, producer, metrics, health, metrics.gpu, batch_size, limits
+            settings,
+            embedder,
+            consumer,
+            producer,
+            metrics,
+            health,
+            metrics.gpu,
+            batch_size,
+            limits,
+            reopen_producer=lambda: make_producer(settings, txn_id, smallest_limit),
         )
         _install_signal_handlers(stop)
         try:
@@ -116,7 +126,7 @@ def run_worker(
             log.error("%s", exc)
             return EXIT_TRANSACTION_FENCED
         finally:
-            _close_quietly(consumer, producer)
+            _close_quietly(consumer, pipeline.publisher.producer)
         log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
         return EXIT_OK if clean else EXIT_UNCLEAN_DRAIN
     finally:

@@ -59,6 +59,17 @@ class AbortReason(enum.StrEnum):
     DELIVERY_FAILED = "delivery_failed"
     COMMIT_FAILED = "commit_failed"
     INCONSISTENT = "inconsistent"
+    PRODUCER_STUCK = "producer_stuck"
+
+
+# A transactional call normally ends within a second; one that has not after this long (the broker being
+# up) is stuck in kafka-python: seen after broker restarts, where its sender kept waiting for a connection
+# that never came back. The worker then replaces the producer (see Transactions._replace_producer).
+STUCK_AFTER_S = 30.0
+
+
+class _StuckError(Exception):
+    """A transactional producer call did not return in time."""
 
 
 def transactional_id(settings: Settings) -> str:
@@ -88,8 +99,12 @@ class Transactions:
         timeout_s: float,
         on_delivered: Callable[[Outgoing], None],
         on_failed: Callable[[Outgoing, BaseException], None],
+        reopen: Callable[[], KafkaProducer] | None = None,
+        stuck_after_s: float = STUCK_AFTER_S,
     ) -> None:
         self._producer = producer
+        self._reopen = reopen
+        self._stuck_after_s = min(timeout_s, stuck_after_s)
         self._consumer = consumer
         self._timeout_s = timeout_s
         self._on_delivered = on_delivered
@@ -99,6 +114,11 @@ class Transactions:
         self._open = False
         self._doom: AbortReason | None = None
         self.epoch = 0
+
+    @property
+    def producer(self) -> KafkaProducer:
+        """The producer in use (a stuck one is replaced)."""
+        return self._producer
 
     def start(self) -> None:
         """Register the transactional id; this aborts whatever a previous incarnation left open."""
@@ -184,7 +204,7 @@ class Transactions:
             if not self._open:
                 return {}
             try:
-                self._producer.flush(timeout=self._timeout_s)
+                self._producer.flush(timeout=self._stuck_after_s)
             except KafkaError:
                 self.doom(AbortReason.DELIVERY_FAILED)
             if self._doom is not None:
@@ -209,6 +229,10 @@ class Transactions:
                 self._bounded(self._producer.commit_transaction, "commit the transaction")
             except _FATAL as exc:
                 raise _fenced(exc) from None
+            except _StuckError as stuck:
+                self._replace_producer(str(stuck))
+                self.doom(AbortReason.PRODUCER_STUCK)
+                return None
             except KafkaError as exc:
                 log.warning("transaction commit failed (%s); aborting it", exc)
                 self.doom(AbortReason.COMMIT_FAILED)
@@ -225,20 +249,37 @@ class Transactions:
             self._order.clear()
             if self._open:
                 with contextlib.suppress(KafkaError):  # failures of the aborted records do not matter
-                    self._producer.flush(timeout=self._timeout_s)
+                    self._producer.flush(timeout=self._stuck_after_s)
                 try:
                     self._bounded(self._producer.abort_transaction, "abort the transaction")
                 except _FATAL as exc:
                     raise _fenced(exc) from None
+                except _StuckError as stuck:
+                    self._replace_producer(str(stuck))
                 self._open = False
             self._doom = None
             return reason
 
-    def _bounded(self, call: Callable[[], T], what: str) -> T:
-        """Run a blocking producer call, giving up after the broker-lost deadline.
+    def _replace_producer(self, what: str) -> None:
+        """Close a stuck producer and register a new one under the same transactional id.
 
-        kafka-python waits without limit for a transaction to end; with the broker gone that would hang
-        the worker, so the call runs on a helper thread and the worker exits if it does not return.
+        Registering fences the old producer and makes the broker abort its open transaction, so nothing it
+        sent becomes visible. If the broker is really gone, registering fails past the broker-lost deadline
+        and the worker exits.
+        """
+        if self._reopen is None:
+            raise BrokerLostError(f"the producer could not {what}; exiting")
+        log.warning("the producer could not %s within %.0fs; replacing it", what, self._stuck_after_s)
+        stuck = self._producer
+        threading.Thread(target=_close_quietly, args=(stuck,), name="close-stuck", daemon=True).start()
+        self._producer = self._reopen()
+        self._open = False
+        self.start()
+
+    def _bounded(self, call: Callable[[], T], what: str) -> T:
+        """Run a blocking producer call on a helper thread; raise :class:`_StuckError` if it hangs.
+
+        kafka-python waits without limit for a transaction to end, so a stuck call would hang the worker.
         """
         result: list[T] = []
         error: list[BaseException] = []
@@ -251,15 +292,17 @@ class Transactions:
 
         helper = threading.Thread(target=run, name="transaction", daemon=True)
         helper.start()
-        helper.join(self._timeout_s)
+        helper.join(self._stuck_after_s)
         if helper.is_alive():
-            raise BrokerLostError(
-                f"the broker did not {what} within {self._timeout_s:.0f}s; exiting (the broker aborts the "
-                "open transaction; raise --broker-lost-timeout-s to wait longer)"
-            )
+            raise _StuckError(what)
         if error:
             raise error[0]
         return result[0]
+
+
+def _close_quietly(producer: KafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        producer.close(timeout=1)
 
 
 def _fenced(exc: BaseException) -> TransactionFencedError:

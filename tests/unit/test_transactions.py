@@ -6,6 +6,7 @@ tests/integration/test_exactly_once.py; here the order of sends and the offsets 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from kafka.errors import KafkaError
@@ -121,3 +122,47 @@ def test_nothing_sent_means_nothing_to_commit():
     transactions, producer, _acked = make()
     assert transactions.commit(lambda: {}) == {}
     assert producer.calls == []
+
+
+class StuckProducer(RecordingProducer):
+    """Commits never return, as kafka-python's did after some broker restarts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def commit_transaction(self) -> None:
+        self.release.wait()
+
+    def close(self, timeout: float) -> None:
+        self.calls.append(("close", None))
+        self.release.set()
+
+
+class FreshProducer(RecordingProducer):
+    def init_transactions(self) -> None:
+        self.calls.append(("init", None))
+
+
+def test_a_stuck_commit_replaces_the_producer_and_aborts_the_transaction():
+    stuck = StuckProducer()
+    fresh = FreshProducer()
+    acked: list[int] = []
+    transactions = Transactions(
+        stuck,
+        Consumer(),
+        timeout_s=5.0,
+        on_delivered=lambda out: acked.append(out.record.source.offset),
+        on_failed=lambda out, exc: None,
+        reopen=lambda: fresh,
+        stuck_after_s=0.2,
+    )
+    transactions.expect(TP, 0)
+    transactions.publish(outgoing(0))
+    stuck.futures[0].success(None)
+    assert transactions.commit(lambda: {TP: 1}) is None
+    assert transactions.doomed is AbortReason.PRODUCER_STUCK
+    assert transactions.producer is fresh and fresh.calls == [("init", None)]
+    assert transactions.abort() is AbortReason.PRODUCER_STUCK
+    assert ("abort", None) not in fresh.calls  # the broker aborts the old transaction when init fences it
+    assert ("close", None) in stuck.calls or stuck.release.wait(2)
