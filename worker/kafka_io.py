@@ -169,9 +169,10 @@ def retry_until_deadline(what: str, factory: Callable[[], T], deadline_s: float,
     started = time.monotonic()
     attempt = 0
     backoff = 0.5
+    # Kept across attempts: the client's I/O thread may log why an attempt failed after it has failed.
+    _failures.fatal = ""
     while True:
         attempt += 1
-        _failures.fatal = ""
         try:
             return factory()
         except KafkaError as exc:
@@ -232,18 +233,23 @@ def check_output_topics(producer: KafkaProducer, settings: Settings) -> None:
             ) from None
 
 
+def make_admin(settings: Settings) -> KafkaAdminClient:
+    """An admin client, retried until ``connect_timeout_s``."""
+    return retry_until_deadline(
+        "admin",
+        lambda: KafkaAdminClient(**common_options(settings)),
+        settings.connect_timeout_s,
+        settings.bootstrap_servers,
+    )
+
+
 def topic_message_limits(settings: Settings, topics: list[str]) -> dict[str, int]:
     """Each topic's ``max.message.bytes`` as the broker reports it; topics it cannot tell are left out.
 
     The worker checks records against these before sending: a refusal by the broker would cost a round
     trip, and in exactly-once mode a whole transaction.
     """
-    admin = retry_until_deadline(
-        "admin",
-        lambda: KafkaAdminClient(**common_options(settings)),
-        settings.connect_timeout_s,
-        settings.bootstrap_servers,
-    )
+    admin = make_admin(settings)
     try:
         resources = [ConfigResource(ConfigResourceType.TOPIC, t, ["max.message.bytes"]) for t in topics]
         described = admin.describe_configs(resources, config_filter="all")
@@ -262,12 +268,7 @@ def topic_message_limits(settings: Settings, topics: list[str]) -> dict[str, int
 
 def ensure_topics(settings: Settings, topics: dict[str, int], max_message_bytes: int | None = None) -> None:
     """Create topics that do not exist yet (``name -> partitions``); existing ones are left alone."""
-    admin = retry_until_deadline(
-        "admin",
-        lambda: KafkaAdminClient(**common_options(settings)),
-        settings.connect_timeout_s,
-        settings.bootstrap_servers,
-    )
+    admin = make_admin(settings)
     try:
         limit = str(max_message_bytes or settings.max_message_bytes)
         for name, partitions in topics.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_faults import figures, images, worker_process
+from tests.integration.test_faults import figures, images, kill_and_restart, stop_all, worker_process
 from tests.support.bad_inputs import bad_requests
 from tests.support.kafka_helpers import (
     RunningWorker,
@@ -25,7 +24,6 @@ from tests.support.kafka_helpers import (
     produce,
     produce_steadily,
     start_worker,
-    wait_until,
     worker_settings,
 )
 from tests.support.tally import Tally, assert_exactly_once
@@ -82,30 +80,21 @@ def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tin
     workers = [launch(i) for i in range(2)]
     items = images("eos-kill", total)
     producer = produce_steadily(settings, items, seconds=total / 80)
-    recoveries = []
     try:
-        for k in range(kills):
-            target = (k + 1) * total // (kills + 2)
-            assert committed_view.wait_for(target, 120), f"no progress before kill {k + 1}"
-            # Kill while a transaction holds records that are not committed yet.
-            wait_until(lambda: raw_view.records() > committed_view.records(), 30, "no open transaction")
-            victim = k % 2
-            workers[victim].send_signal(signal.SIGKILL)
-            workers[victim].wait(timeout=10)
-            killed_at = time.monotonic()
-            before = committed_view.distinct()
-            workers[victim] = launch(victim)
-            assert committed_view.wait_for(before + 1, 120), "no progress after the kill"
-            recoveries.append(round(time.monotonic() - killed_at, 1))
+        # Each kill lands while a transaction holds records that are not committed yet.
+        recoveries = kill_and_restart(
+            workers,
+            launch,
+            committed_view,
+            total,
+            kills,
+            ready_to_kill=lambda: raw_view.records() > committed_view.records(),
+        )
         producer.join(timeout=120)
         assert committed_view.wait_for(total, 180), f"only {committed_view.distinct()} of {total} ids arrived"
         time.sleep(2.0)
     finally:
-        for process in workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in workers:
-            process.wait(timeout=60)
+        stop_all(workers)
         committed_view.close()
         raw_view.close()
     seen = committed_view.snapshot()

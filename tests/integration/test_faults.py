@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,37 +64,65 @@ def worker_process(settings: Settings, model: Path, log: Path, *extra: str) -> s
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+Launcher = Callable[[int], "subprocess.Popen[bytes]"]
+
+
+def kill_and_restart(
+    workers: list[subprocess.Popen[bytes]],
+    launch: Launcher,
+    tally: Tally,
+    total: int,
+    kills: int,
+    ready_to_kill: Callable[[], bool] = lambda: True,
+) -> list[float]:
+    """kill -9 worker ``k % 2`` at evenly spaced points of progress and start it again.
+
+    Returns the recovery times: from each kill to the next new id seen by ``tally``.
+    """
+    recoveries = []
+    for k in range(kills):
+        assert tally.wait_for((k + 1) * total // (kills + 2), 120), f"no progress before kill {k + 1}"
+        wait_until(ready_to_kill, 30, "the workers never reached the state to kill them in")
+        victim = k % 2
+        workers[victim].send_signal(signal.SIGKILL)
+        workers[victim].wait(timeout=10)
+        killed_at = time.monotonic()
+        before = tally.distinct()
+        workers[victim] = launch(victim)
+        assert tally.wait_for(before + 1, 120), "no progress after the kill"
+        recoveries.append(round(time.monotonic() - killed_at, 1))
+    return recoveries
+
+
+def stop_all(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every worker still running and wait for it."""
+    for process in workers:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in workers:
+        process.wait(timeout=60)
+
+
 def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path):
     kills = 5 if LONG else 2
     total = 5000 if LONG else 1200
     settings = worker_settings(kafka_bootstrap)
     create_topics(settings, partitions=6)
     tally = Tally(settings)
-    workers = [worker_process(settings, tiny_clip_dir, tmp_path / f"w{i}.log") for i in range(2)]
+
+    def launch(index: int) -> subprocess.Popen[bytes]:
+        return worker_process(settings, tiny_clip_dir, tmp_path / f"w{index}.log")
+
+    workers = [launch(i) for i in range(2)]
     items = images("kill", total)
     producer = produce_steadily(settings, items, seconds=total / 80)
-    recoveries = []
     try:
-        for k in range(kills):
-            target = (k + 1) * total // (kills + 2)
-            assert tally.wait_for(target, 120), f"no progress before kill {k + 1}"
-            victim = k % 2
-            workers[victim].send_signal(signal.SIGKILL)
-            workers[victim].wait(timeout=10)
-            killed_at = time.monotonic()
-            before = tally.distinct()
-            workers[victim] = worker_process(settings, tiny_clip_dir, tmp_path / f"w{victim}.log")
-            assert tally.wait_for(before + 1, 120), "no progress after the kill"
-            recoveries.append(round(time.monotonic() - killed_at, 1))
+        recoveries = kill_and_restart(workers, launch, tally, total, kills)
         producer.join(timeout=180)
         assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
         time.sleep(1.0)
     finally:
-        for process in workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in workers:
-            process.wait(timeout=60)
+        stop_all(workers)
         tally.close()
     seen = tally.snapshot()
     figures("kill-9", total, seen, kills=kills, recovery_s=recoveries)
