@@ -59,8 +59,10 @@ def outgoing(offset: int, epoch: int = 0) -> Outgoing:
     return Outgoing(record, "out", None, f"result-{offset}".encode(), [], is_dlq=False)
 
 
-def make() -> tuple[Transactions, RecordingProducer, list[int]]:
-    producer = RecordingProducer()
+def make(
+    producer: RecordingProducer | None = None, **options: Any
+) -> tuple[Transactions, RecordingProducer, list[int]]:
+    producer = producer or RecordingProducer()
     acked: list[int] = []
     transactions = Transactions(
         producer,
@@ -68,6 +70,7 @@ def make() -> tuple[Transactions, RecordingProducer, list[int]]:
         timeout_s=5.0,
         on_delivered=lambda out: acked.append(out.record.source.offset),
         on_failed=lambda out, exc: None,
+        **options,
     )
     return transactions, producer, acked
 
@@ -147,16 +150,7 @@ class FreshProducer(RecordingProducer):
 def test_a_stuck_commit_replaces_the_producer_and_aborts_the_transaction():
     stuck = StuckProducer()
     fresh = FreshProducer()
-    acked: list[int] = []
-    transactions = Transactions(
-        stuck,
-        Consumer(),
-        timeout_s=5.0,
-        on_delivered=lambda out: acked.append(out.record.source.offset),
-        on_failed=lambda out, exc: None,
-        reopen=lambda: fresh,
-        stuck_after_s=0.2,
-    )
+    transactions, _producer, _acked = make(stuck, reopen=lambda: fresh, stuck_after_s=0.2)
     transactions.expect(TP, 0)
     transactions.publish(outgoing(0))
     stuck.futures[0].success(None)
