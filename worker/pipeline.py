@@ -51,6 +51,7 @@ _STOP = None
 _IDLE_WAIT_S = 0.005
 _DECODE_CHUNK = 8
 _COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the poll loop
+_IDLE_COMMIT_S = 0.1  # shortest gap between commits made because the worker caught up
 
 
 @dataclass
@@ -204,10 +205,18 @@ class Pipeline:
             self._closed_batches.append(due)
         self._hand_over_batches()
         self.publisher.resend_due()
-        if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
+        if self._commit_due():
             self.commit()
         self.observer.maybe_observe()
         self.health.beat()
+
+    def _commit_due(self) -> bool:
+        """Every --commit-interval-ms, and as soon as everything polled is acknowledged: a worker that has
+        caught up makes its results final at once (in exactly-once mode, visible to read_committed)."""
+        since = time.monotonic() - self._last_commit
+        if since >= self.settings.commit_interval_ms / 1000:
+            return True
+        return since >= _IDLE_COMMIT_S and self.tracker.in_flight == 0 and bool(self.tracker.committable())
 
     def _doomed(self) -> bool:
         return self._transactions is not None and self._transactions.doomed is not None
