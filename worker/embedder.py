@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from worker.config import DEFAULT_MODEL
+from worker.device_resize import preprocess_on_device
 from worker.errors import ModelLoadError, StartupError
 from worker.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
 
@@ -147,23 +149,20 @@ class Embedder:
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a ``(N, 3, H, W)`` float32 batch; returns ``(N, dim)`` float32 unit vectors."""
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._on_own_stream():
             if self._stream is None:
                 return self._forward(torch.from_numpy(pixels))
-            # GPU: copy through a reused pinned buffer on this embedder's own stream, so the host-to-device
-            # copy is asynchronous and never waits behind another stream's work.
-            with torch.cuda.stream(self._stream):
-                return self._forward(self._pin(pixels).to(self.device, non_blocking=True))
+            # GPU: copy through a reused pinned buffer, so the host-to-device copy is asynchronous.
+            return self._forward(self._pin(pixels).to(self.device, non_blocking=True))
 
     def embed_decoded(self, images: list[np.ndarray]) -> np.ndarray:
         """Embed uint8 ``(H, W, 3)`` RGB arrays, preprocessing them on this embedder's device."""
-        from worker.device_resize import preprocess_on_device
+        with self._lock, torch.inference_mode(), self._on_own_stream():
+            return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
 
-        with self._lock, torch.inference_mode():
-            if self._stream is None:
-                return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
-            with torch.cuda.stream(self._stream):
-                return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
+    def _on_own_stream(self) -> contextlib.AbstractContextManager[Any]:
+        # GPU work runs on this embedder's own CUDA stream, so it never waits behind another stream's work.
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
         count = batch.shape[0]

@@ -31,7 +31,6 @@ from kafka.errors import (
     UnsupportedForMessageFormatError,
     UnsupportedVersionError,
 )
-from kafka.producer.future import RecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings
@@ -176,12 +175,11 @@ class Transactions:
         except KafkaError as exc:
             self._failed(out, exc)
             return
-        epoch = self.epoch
-        future.add_callback(lambda _metadata: self._delivered(out, epoch, _metadata))
+        future.add_callback(lambda _metadata: self._delivered(out))
         future.add_errback(lambda exc: self._failed(out, exc))
 
-    def _delivered(self, out: Outgoing, epoch: int, _metadata: RecordMetadata) -> None:
-        if epoch == self.epoch:
+    def _delivered(self, out: Outgoing) -> None:
+        if out.record.epoch == self.epoch:  # acknowledgements of an aborted epoch count for nothing
             self._on_delivered(out)
 
     def _failed(self, out: Outgoing, exc: BaseException) -> None:
