@@ -159,7 +159,10 @@ def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, 
         assert tally.wait_for(before + 1, 120), "no progress after the restart"
         recovery = round(time.monotonic() - restarted_at, 1)
         producer.join(timeout=180)
-        assert tally.wait_for(total, 180), f"only {tally.distinct()} of {total} ids arrived"
+        assert tally.wait_for(total, 180), (
+            f"only {tally.distinct()} of {total} ids arrived; committed offsets "
+            f"{committed_offsets(settings, 3)}, in flight {worker.metrics.in_flight_images._value.get()}"
+        )
         time.sleep(1.0)
     finally:
         code = worker.shutdown(timeout_s=90)

@@ -71,7 +71,21 @@ def produce(
     producer.close()
 
 
-def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds: float) -> threading.Thread:
+@dataclass
+class SteadyProducer:
+    """The thread of :func:`produce_steadily` and what went wrong in it."""
+
+    thread: threading.Thread
+    errors: list[BaseException] = field(default_factory=list)
+
+    def join(self, timeout: float) -> None:
+        """Wait until every request is acknowledged; fail the test if one was not."""
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), f"the test's producer was still sending after {timeout:.0f}s"
+        assert not self.errors, f"the test's producer failed: {self.errors[0]!r}"
+
+
+def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds: float) -> SteadyProducer:
     """Publish requests spread over ``seconds`` from a thread, so a fault test always has work in flight.
 
     One idempotent producer: records sent while the broker is away wait in its buffer and are delivered,
@@ -85,21 +99,27 @@ def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds
         enable_idempotence=True,
         delivery_timeout_ms=180_000,
     )
+    errors: list[BaseException] = []
 
     def run() -> None:
         try:
+            futures = []
             for start in range(0, len(items), size):
                 for request_id, data in items[start : start + size]:
                     value = encode_request(request_id, data, {"n": request_id})
-                    producer.send(settings.input_topic, key=request_id.encode(), value=value)
+                    futures.append(producer.send(settings.input_topic, key=request_id.encode(), value=value))
                 time.sleep(0.1)
             producer.flush(timeout=180)
+            for future in futures:
+                future.get(timeout=1)
+        except BaseException as exc:
+            errors.append(exc)
         finally:
             producer.close()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    return thread
+    return SteadyProducer(thread, errors)
 
 
 @dataclass
