@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         "the reference); pil = the reference processor's own, bit for bit; device = resize, crop and "
         "normalise on the model's device (GPU), decode threads only decode",
     )
+    decode: Literal["pil", "device"] = Field(
+        "pil",
+        description="JPEG decoding: pil = on the decode threads; device = on the model's device (nvJPEG via "
+        "torchvision on a GPU; needs --resize device), other formats stay on the decode threads",
+    )
 
     # Model
     model: str = Field(
@@ -180,6 +185,14 @@ class Settings(BaseSettings):
     def _check_transactions(self) -> Settings:
         if self.transactional_id is not None and not self.exactly_once:
             raise ValueError("--transactional-id only applies with --exactly-once; add it or drop the id")
+        return self
+
+    @model_validator(mode="after")
+    def _check_decoding(self) -> Settings:
+        if self.decode == "device" and self.resize != "device":
+            raise ValueError("--decode device leaves pixels on the device: add --resize device")
+        if self.decode == "device" and self.jpeg_draft:
+            raise ValueError("--jpeg-draft applies to host decoding: drop it or use --decode pil")
         return self
 
     @property

@@ -3,12 +3,14 @@
 The decode threads only decode (to uint8 RGB); the antialiased bicubic resize, the centre crop and the
 normalisation run as a few tensor operations per distinct image size on the GPU, which frees the CPU cores
 that the resize would take. The result is rounded to uint8 levels before normalising, as PIL's resize is,
-so it stays within a level of the reference (BENCHMARKS.md has the measured parity).
+so it stays within a level of the reference (BENCHMARKS.md has the measured parity). With ``--decode device``
+the images arrive already decoded on the device.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,18 +19,26 @@ from worker.images import Preprocessing, resized_shape
 
 
 def preprocess_on_device(
-    images: list[np.ndarray], params: Preprocessing, device: torch.device
+    images: Sequence[np.ndarray | torch.Tensor], params: Preprocessing, device: torch.device
 ) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` RGB arrays to a normalised float32 ``(N, 3, crop, crop)`` batch on ``device``."""
+    """uint8 RGB images to a normalised float32 ``(N, 3, crop, crop)`` batch on ``device``.
+
+    Each image is a host array ``(H, W, 3)`` or a tensor ``(3, H, W)`` already on ``device`` (decoded
+    there by :mod:`worker.device_decode`).
+    """
     crop = params.crop
     batch = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=device)
-    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    by_shape: dict[tuple[bool, int, int], list[int]] = defaultdict(list)
     for index, image in enumerate(images):
-        by_shape[image.shape].append(index)
-    for shape, indices in by_shape.items():
-        height, width = shape[0], shape[1]
-        stacked = torch.from_numpy(np.stack([images[i] for i in indices])).to(device, non_blocking=True)
-        pixels = stacked.permute(0, 3, 1, 2).float()
+        on_device = isinstance(image, torch.Tensor)
+        height, width = image.shape[1:] if on_device else image.shape[:2]
+        by_shape[(on_device, height, width)].append(index)
+    for (on_device, height, width), indices in by_shape.items():
+        if on_device:
+            pixels = torch.stack([torch.as_tensor(images[i]) for i in indices]).float()
+        else:
+            stacked = np.stack([np.asarray(images[i]) for i in indices])
+            pixels = torch.from_numpy(stacked).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         new_w, new_h = resized_shape(width, height, params.size)
         if (new_w, new_h) != (width, height):
             pixels = torch.nn.functional.interpolate(

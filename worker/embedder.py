@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,18 +150,20 @@ class Embedder:
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a ``(N, 3, H, W)`` float32 batch; returns ``(N, dim)`` float32 unit vectors."""
-        with self._lock, torch.inference_mode(), self._on_own_stream():
+        with self._lock, torch.inference_mode(), self.on_own_stream():
             if self._stream is None:
                 return self._forward(torch.from_numpy(pixels))
             # GPU: copy through a reused pinned buffer, so the host-to-device copy is asynchronous.
             return self._forward(self._pin(pixels).to(self.device, non_blocking=True))
 
-    def embed_decoded(self, images: list[np.ndarray]) -> np.ndarray:
-        """Embed uint8 ``(H, W, 3)`` RGB arrays, preprocessing them on this embedder's device."""
-        with self._lock, torch.inference_mode(), self._on_own_stream():
+    def embed_decoded(self, images: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """Embed uint8 RGB images (host ``(H, W, 3)`` arrays or ``(3, H, W)`` tensors on this embedder's
+        device), preprocessing them on the device."""
+        with self._lock, torch.inference_mode(), self.on_own_stream():
             return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
 
-    def _on_own_stream(self) -> contextlib.AbstractContextManager[Any]:
+    def on_own_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """Make this embedder's CUDA stream current (a no-op on a CPU); device decoding runs on it too."""
         # GPU work runs on this embedder's own CUDA stream, so it never waits behind another stream's work.
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 

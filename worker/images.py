@@ -21,6 +21,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # merely a big photo (a real photo compresses to a few bits per pixel, a bomb to far below one).
 BOMB_PIXELS_PER_BYTE = 1000
 _EXIF_ORIENTATION = 0x0112
+_JPEG_END_OF_IMAGE = b"\xff\xd9"
 
 # Refuse to fill in truncated files: a truncated image is an error, not a grey rectangle.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -29,6 +30,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 RESIZERS = ("pil", "torch", "device")
+DECODERS = ("pil", "device")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class Preprocessing:
     ``resize`` picks the bicubic implementation: ``pil`` is the reference itself; ``torch`` is torch's
     antialiased uint8 bicubic (a port of PIL's filter, about 5x faster on CPU, within 2/255 of PIL on a
     few pixels: see BENCHMARKS.md for its parity); ``device`` leaves resize, crop and normalisation to the
-    model's device (:mod:`worker.device_resize`), so decoding yields uint8 RGB arrays.
+    model's device (:mod:`worker.device_resize`), so decoding yields uint8 RGB arrays. ``decode="device"``
+    (with ``resize="device"``) also leaves the JPEG decoding itself to the device
+    (:mod:`worker.device_decode`).
     """
 
     size: int = 224
@@ -47,6 +51,16 @@ class Preprocessing:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resize: str = "pil"
     jpeg_draft: bool = False
+    decode: str = "pil"
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG that the decode threads checked and left encoded for the model's device to decode."""
+
+    data: bytes
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
@@ -64,19 +78,7 @@ def load_rgb(data: bytes, limits: ImageLimits, draft_shortest_side: int | None =
     shortest side stays at least that long (libjpeg's draft mode): much less to decode and resize.
     Raises :class:`RejectedRecord` with a typed reason for every way the bytes can be unusable.
     """
-    if not data:
-        raise RejectedRecord(RejectReason.EMPTY_IMAGE, "image is zero bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise RejectedRecord(RejectReason.NOT_AN_IMAGE, "bytes are not a supported image format") from None
-    except Exception as exc:
-        if _looks_truncated(exc):
-            raise RejectedRecord(RejectReason.TRUNCATED_IMAGE, f"image header ends early: {exc}") from None
-        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot read image header: {exc}") from None
-    _check_dimensions(image, len(data), limits)
+    image = _open_checked(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -98,6 +100,44 @@ def load_rgb(data: bytes, limits: ImageLimits, draft_shortest_side: int | None =
         raise RejectedRecord(
             RejectReason.CORRUPT_IMAGE, f"cannot decode image: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Read the header only (format, size, mode) and apply the guards; raises :class:`RejectedRecord`."""
+    if not data:
+        raise RejectedRecord(RejectReason.EMPTY_IMAGE, "image is zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedRecord(RejectReason.NOT_AN_IMAGE, "bytes are not a supported image format") from None
+    except Exception as exc:
+        if _looks_truncated(exc):
+            raise RejectedRecord(RejectReason.TRUNCATED_IMAGE, f"image header ends early: {exc}") from None
+        raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot read image header: {exc}") from None
+    _check_dimensions(image, len(data), limits)
+    return image
+
+
+def device_decodable(data: bytes, limits: ImageLimits) -> EncodedJpeg | None:
+    """The JPEG to leave for the model's device to decode (``--decode device``), or None to decode here.
+
+    Only the header is read. Baseline RGB and greyscale JPEGs without an EXIF rotation that end in their
+    end-of-image marker go to the device; everything else (other formats, CMYK, progressive scans,
+    rotations, truncated files) is decoded on the host as usual, so it keeps the host decoder's parity and
+    typed errors. Raises :class:`RejectedRecord` when the header already fails the guards.
+    """
+    image = _open_checked(data, limits)
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    if image.info.get("progressive") or image.info.get("progression"):
+        return None
+    if image.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
+        return None
+    if not data.rstrip(b"\0").endswith(_JPEG_END_OF_IMAGE):
+        return None  # truncated, or trailing bytes: the host decoder says which
+    return EncodedJpeg(data, image.width, image.height)
 
 
 def _draft(image: Image.Image, shortest_side: int) -> None:
@@ -211,3 +251,13 @@ def decode_and_preprocess(data: bytes, limits: ImageLimits, params: Preprocessin
         return preprocess(rgb, params)
     except Exception as exc:
         raise RejectedRecord(RejectReason.CORRUPT_IMAGE, f"cannot preprocess image: {exc}") from None
+
+
+def prepare(data: bytes, limits: ImageLimits, params: Preprocessing) -> np.ndarray | EncodedJpeg:
+    """What the decode threads hand to the batcher: :func:`decode_and_preprocess`'s result, or with
+    ``decode="device"`` a JPEG that the device can decode, left encoded (:func:`device_decodable`)."""
+    if params.decode == "device":
+        jpeg = device_decodable(data, limits)
+        if jpeg is not None:
+            return jpeg
+    return decode_and_preprocess(data, limits, params)

@@ -54,6 +54,11 @@ class WorkerMetrics:
             "clip_worker_publish_retries", "Records re-sent after a failed delivery", registry=r
         )
         self.rebalances = Counter("clip_worker_rebalances", "Partition assignment changes", registry=r)
+        self.device_decode_fallbacks = Counter(
+            "clip_worker_device_decode_fallbacks",
+            "--decode device: JPEGs the device refused, decoded on the host instead",
+            registry=r,
+        )
         self.transactions_aborted = Counter(
             "clip_worker_transactions_aborted",
             "Exactly-once mode: transactions aborted (and their records read again), by reason",
@@ -74,7 +79,7 @@ class WorkerMetrics:
         )
         self.stage_seconds = Histogram(
             "clip_worker_stage_seconds",
-            "Seconds per stage: decode and queue_wait per image, inference and publish per batch",
+            "Seconds per stage: decode and queue_wait per image; device_decode, inference, publish per batch",
             ["stage"],
             buckets=_STAGE_SECONDS,
             registry=r,

@@ -28,10 +28,11 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batcher import Batch, Batcher
 from worker.config import Settings
+from worker.device_decode import DeviceJpegDecoder
 from worker.embedder import Embedder, default_decode_workers
 from worker.errors import BrokerLostError, RejectedRecord, RejectReason, TransactionFencedError
 from worker.gpu import GpuCollector
-from worker.images import ImageLimits, decode_and_preprocess
+from worker.images import EncodedJpeg, ImageLimits, prepare
 from worker.kafka_io import MAX_POLL_RECORDS
 from worker.messages import (
     ImageRequest,
@@ -58,7 +59,7 @@ _IDLE_COMMIT_S = 0.1  # shortest gap between commits made because the worker cau
 class _Decoding:
     record: InputRecord
     request: ImageRequest
-    future: Future[list[np.ndarray | Exception]]
+    future: Future[list[np.ndarray | EncodedJpeg | Exception]]
     index: int  # position of this image in its chunk's result list
 
 
@@ -66,7 +67,7 @@ class _Decoding:
 class _Ready:
     record: InputRecord
     request: ImageRequest
-    pixels: np.ndarray
+    pixels: np.ndarray | EncodedJpeg
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -109,6 +110,12 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions %s: %s; now own %d", what, _describe(partitions), len(owned))
 
 
+def _host_pixels(item: _Ready) -> np.ndarray:
+    # Without --decode device every image was decoded on the host.
+    assert isinstance(item.pixels, np.ndarray)
+    return item.pixels
+
+
 def _describe(partitions: set[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
 
@@ -140,7 +147,13 @@ class Pipeline:
         self._decoding: deque[_Decoding] = deque()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
         self._preprocessing = replace(
-            embedder.preprocessing, resize=settings.resize, jpeg_draft=settings.jpeg_draft
+            embedder.preprocessing,
+            resize=settings.resize,
+            jpeg_draft=settings.jpeg_draft,
+            decode=settings.decode,
+        )
+        self._device_decoder = (
+            DeviceJpegDecoder(embedder.device, self._limits) if settings.decode == "device" else None
         )
         self._decode_workers = settings.decode_workers or default_decode_workers()
         self._pool = ThreadPoolExecutor(max_workers=self._decode_workers, thread_name_prefix="decode")
@@ -296,12 +309,12 @@ class Pipeline:
             for index, (record, request) in enumerate(chunk):
                 self._decoding.append(_Decoding(record, request, future, index))
 
-    def _decode_images(self, images: list[bytes]) -> list[np.ndarray | Exception]:
-        results: list[np.ndarray | Exception] = []
+    def _decode_images(self, images: list[bytes]) -> list[np.ndarray | EncodedJpeg | Exception]:
+        results: list[np.ndarray | EncodedJpeg | Exception] = []
         for data in images:
             started = time.perf_counter()
             try:
-                results.append(decode_and_preprocess(data, self._limits, self._preprocessing))
+                results.append(prepare(data, self._limits, self._preprocessing))
             except Exception as exc:  # a rejection, or a decoder bug: either way this image's own result
                 results.append(exc)
             self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
@@ -363,12 +376,18 @@ class Pipeline:
 
     def _embed_items(self, items: list[_Ready], retry: bool) -> None:
         """Embed items; on failure retry once, then split the batch to isolate the image that fails."""
+        if self._device_decoder is not None:
+            items, pixels = self._decode_on_device(items)
+            if not items:
+                return
         started = time.perf_counter()
         try:
-            if self._preprocessing.resize == "device":
-                vectors = self.embedder.embed_decoded([item.pixels for item in items])
+            if self._device_decoder is not None:
+                vectors = self.embedder.embed_decoded(pixels)
+            elif self._preprocessing.resize == "device":
+                vectors = self.embedder.embed_decoded([_host_pixels(item) for item in items])
             else:
-                vectors = self.embedder.embed(np.stack([item.pixels for item in items]))
+                vectors = self.embedder.embed(np.stack([_host_pixels(item) for item in items]))
         except Exception as exc:
             out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
             if out_of_memory:
@@ -391,6 +410,25 @@ class Pipeline:
         for item, vector in zip(items, vectors, strict=True):
             self.publisher.embedding(item.record, item.request, vector)
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - publish_started)
+
+    def _decode_on_device(self, items: list[_Ready]) -> tuple[list[_Ready], list[np.ndarray | torch.Tensor]]:
+        """``--decode device``: decode the batch's JPEGs on the model's device; dead-letter what fails."""
+        assert self._device_decoder is not None
+        started = time.perf_counter()
+        refused_before = self._device_decoder.fallbacks
+        with self.embedder.on_own_stream():
+            results = self._device_decoder.materialise([item.pixels for item in items])
+        self.metrics.device_decode_fallbacks.inc(self._device_decoder.fallbacks - refused_before)
+        self.metrics.stage_seconds.labels("device_decode").observe(time.perf_counter() - started)
+        kept: list[_Ready] = []
+        pixels: list[np.ndarray | torch.Tensor] = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, RejectedRecord):
+                self.publisher.dead_letter(item.record, result.reason, result.message)
+            else:
+                kept.append(item)
+                pixels.append(result)
+        return kept, pixels
 
     # ---------------------------------------------------------------- commits and shutdown
     def commit(self) -> None:

@@ -13,6 +13,7 @@ from kafka.errors import KafkaError
 
 from worker import __version__
 from worker.config import Settings
+from worker.device_decode import load_jpeg_decoder
 from worker.embedder import (
     Embedder,
     ModelSpec,
@@ -66,6 +67,8 @@ def run_worker(
         server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics, health)
         server.start()
     try:
+        if settings.decode == "device":
+            load_jpeg_decoder()  # fail before the model loads when torchvision is missing
         embedder = embedder or load_embedder(model_spec(settings))
         threads = configure_cpu_threads(
             settings.inference_threads,
@@ -75,8 +78,9 @@ def run_worker(
         log.info("torch CPU threads: %d", threads)
         if settings.resize == "device" and embedder.device.type == "cpu":
             log.warning(
-                "--resize device on a CPU resizes on the inference thread in float32; "
-                "--resize torch (the default) is several times faster there"
+                "--resize device%s on a CPU runs on the inference thread; "
+                "--resize torch (the default) is several times faster there",
+                " --decode device" if settings.decode == "device" else "",
             )
         batch_size = settings.batch_size or embedder.auto_batch_size()
         if settings.compile != "off":

@@ -91,6 +91,42 @@ def test_device_resize_embeds_like_the_host_resize(cuda_embedder):
     assert cosine(on_device, on_host) >= 0.999
 
 
+def test_nvjpeg_decoding_matches_the_host_decoder_and_embeds_like_it(cuda_embedder):
+    from worker.device_decode import DeviceJpegDecoder
+    from worker.errors import RejectedRecord
+    from worker.images import EncodedJpeg, prepare
+
+    params = replace(cuda_embedder.preprocessing, resize="device", decode="device")
+    prepared = [prepare(d, ImageLimits(), params) for d in IMAGES]
+    decoder = DeviceJpegDecoder(torch.device("cuda"), ImageLimits())
+    with cuda_embedder.on_own_stream():
+        decoded = decoder.materialise(prepared)
+    pixel_levels = 0
+    for data, before, after in zip(IMAGES, prepared, decoded, strict=True):
+        assert not isinstance(after, RejectedRecord)
+        if isinstance(before, EncodedJpeg):
+            assert isinstance(after, torch.Tensor) and after.is_cuda
+            host = torch.from_numpy(np.asarray(load_rgb(data, ImageLimits()))).permute(2, 0, 1)
+            pixel_levels = max(pixel_levels, int((after.cpu().int() - host.int()).abs().max()))
+    on_device = cuda_embedder.embed_decoded([p for p in decoded if not isinstance(p, RejectedRecord)])
+    on_host = cuda_embedder.embed(
+        np.stack(
+            [
+                decode_and_preprocess(d, ImageLimits(), replace(params, resize="pil", decode="pil"))
+                for d in IMAGES
+            ]
+        )
+    )
+    jpegs = sum(isinstance(p, EncodedJpeg) for p in prepared)
+    print(
+        f"FIGURES nvJPEG: {jpegs} of {len(IMAGES)} images decoded on the GPU, {decoder.fallbacks} refused; "
+        f"max pixel difference to libjpeg {pixel_levels} levels; min cosine to the reference "
+        f"{cosine(on_device, on_host):.6f}"
+    )
+    assert jpegs >= 8 and decoder.fallbacks == 0
+    assert cosine(on_device, on_host) >= 0.999
+
+
 def test_nvml_reports_memory_and_utilisation():
     families = {family.name: family for family in GpuCollector().collect()}
     total = families["clip_worker_gpu_memory_total_bytes"].samples

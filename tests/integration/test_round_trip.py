@@ -20,7 +20,7 @@ from tests.support.kafka_helpers import (
 from tests.support.schemas import validate_dlq_headers, validate_msgpack
 from tests.support.tiny_clip import TINY_DIM
 from worker.images import ImageLimits, decode_and_preprocess
-from worker.samples import sample_images
+from worker.samples import Sample, jpeg_corpus, sample_images
 
 pytestmark = pytest.mark.integration
 
@@ -104,14 +104,28 @@ def test_key_defaults_to_id_and_forward_image(kafka_bootstrap, tiny_embedder):
         assert record["image"] == by_id[record["id"]]
 
 
-@pytest.mark.parametrize("resize", ["device", "pil"])
-def test_every_resize_path_publishes_the_embeddings_it_computes(kafka_bootstrap, tiny_embedder, resize):
-    settings = worker_settings(kafka_bootstrap, resize=resize, batch_size=4)
+@pytest.mark.parametrize(
+    ("resize", "decode"),
+    [("device", "pil"), ("device", "device"), ("pil", "pil")],
+    ids=["device", "device-decode", "pil"],
+)
+def test_every_preprocessing_path_publishes_the_embeddings_it_computes(
+    kafka_bootstrap, tiny_embedder, resize, decode
+):
+    settings = worker_settings(kafka_bootstrap, resize=resize, decode=decode, batch_size=4)
     create_topics(settings)
-    samples = sample_images(10, seed=3)
-    produce(settings, [(s.name, s.data) for s in samples])
-    with running_worker(settings, tiny_embedder):
-        results = collect(settings, expected=len(samples), timeout_s=60)
+    samples = sample_images(10, seed=3) + [
+        Sample(f"large-{i}.jpg", data, "900x600 JPEG") for i, data in enumerate(jpeg_corpus(3, 900, 600))
+    ]
+    bad = [(key, value) for key, value, _reason in bad_requests()]
+    produce(settings, [(s.name, s.data) for s in samples] + bad)
+    with running_worker(settings, tiny_embedder) as worker:
+        results = collect(settings, expected=len(samples) + len(bad), timeout_s=60)
+    device_batches = worker.metrics.registry.get_sample_value(
+        "clip_worker_stage_seconds_count", {"stage": "device_decode"}
+    )
+    assert (device_batches or 0) > 0 if decode == "device" else device_batches is None
+    # The same images embedded outside the worker, decoded on the host.
     params = replace(tiny_embedder.preprocessing, resize=resize)
     decoded = [decode_and_preprocess(s.data, ImageLimits(), params) for s in samples]
     if resize == "device":
@@ -119,6 +133,8 @@ def test_every_resize_path_publishes_the_embeddings_it_computes(kafka_bootstrap,
     else:
         expected = tiny_embedder.embed(np.stack(decoded))
     by_id = {record["id"]: record["embedding"] for record in results.outputs}
-    assert len(by_id) == len(samples) and not results.dead
+    assert len(by_id) == len(samples)
     for sample, vector in zip(samples, expected, strict=True):
         np.testing.assert_allclose(by_id[sample.name], vector, atol=1e-5)
+    expected_reasons = {key: reason.value for key, _value, reason in bad_requests()}
+    assert results.reasons() == expected_reasons

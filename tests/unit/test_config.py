@@ -48,6 +48,9 @@ def test_settings_are_frozen():
         ({"ssl_cafile": "/no/such/ca.pem"}, {}, "no such file"),
         ({"security_protocol": "SASL_SSL"}, {}, "--sasl-mechanism"),
         ({}, {"CLIP_WORKER_BATCHSIZE": "8"}, "unknown environment variable CLIP_WORKER_BATCHSIZE"),
+        ({"decode": "device"}, {}, "--decode device leaves pixels on the device: add --resize device"),
+        ({"decode": "device", "resize": "device", "jpeg_draft": "1"}, {}, "drop it or use --decode pil"),
+        ({"decode": "gpu"}, {}, "--decode / CLIP_WORKER_DECODE"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_fix(overrides, env, fragment):

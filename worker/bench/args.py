@@ -41,6 +41,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="resize path (default: the worker's)",
     )
     parser.add_argument(
+        "--decode",
+        default="pil",
+        choices=("pil", "device"),
+        help="end-to-end: JPEG decoding on the decode threads or the model's device (needs --resize device)",
+    )
+    parser.add_argument(
         "--compile",
         default="off",
         choices=("off", "inductor", "cuda-graphs"),

@@ -5,19 +5,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from worker.bench.preprocess import reference_pixels, reference_processor
 from worker.bench.report import Report
+from worker.device_decode import DeviceJpegDecoder, load_jpeg_decoder
 from worker.device_resize import preprocess_on_device
 from worker.embedder import Embedder
-from worker.images import RESIZERS, ImageLimits, decode_and_preprocess
+from worker.errors import RejectedRecord, StartupError
+from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, prepare
 from worker.samples import jpeg_corpus, sample_images
 
 
 def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, dict[str, float]]:
     """For every resize path: max |difference| of the normalised tensor and min cosine of the embeddings.
 
-    ``device`` runs on the embedder's device: its figures on a CPU say nothing of the GPU kernels.
+    ``device`` and ``device+decode`` run on the embedder's device: their figures on a CPU say nothing of
+    the GPU kernels (nor of nvJPEG, for which torchvision's CPU decoder stands in there).
     """
     # Large JPEGs too, so the draft-mode variant actually decodes at reduced scale.
     third = count // 3
@@ -32,12 +36,10 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
     results: dict[str, dict[str, float]] = {}
     variants = [(mode, replace(embedder.preprocessing, resize=mode)) for mode in RESIZERS]
     variants.append(("torch+jpeg-draft", replace(embedder.preprocessing, resize="torch", jpeg_draft=True)))
+    if device_decoding_available():
+        variants.append(("device+decode", replace(embedder.preprocessing, resize="device", decode="device")))
     for mode, params in variants:
-        decoded = [decode_and_preprocess(data, ImageLimits(), params) for data in images]
-        if mode == "device":
-            ours = preprocess_on_device(decoded, params, embedder.device).cpu().numpy()
-        else:
-            ours = np.stack(decoded)
+        ours = _pixels(images, params, embedder.device)
         vectors = _embed(embedder, ours)
         cosine = float(np.min(np.sum(vectors * reference_vectors, axis=1)))
         difference = float(np.abs(ours - reference).max())
@@ -49,6 +51,29 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
             flush=True,
         )
     return results
+
+
+def device_decoding_available() -> bool:
+    """True when torchvision's ``decode_jpeg`` loads (``--decode device`` can run)."""
+    try:
+        load_jpeg_decoder()
+    except StartupError as exc:
+        print(f"  (no --decode device rows: {exc})", flush=True)
+        return False
+    return True
+
+
+def _pixels(images: list[bytes], params: Preprocessing, device: torch.device) -> np.ndarray:
+    """The normalised batch one preprocessing path makes of ``images``, on the host."""
+    limits = ImageLimits()
+    if params.decode == "device":
+        decoded = DeviceJpegDecoder(device, limits).materialise([prepare(d, limits, params) for d in images])
+        kept = [p for p in decoded if not isinstance(p, RejectedRecord)]
+        return preprocess_on_device(kept, params, device).cpu().numpy()
+    pixels = [decode_and_preprocess(data, limits, params) for data in images]
+    if params.resize == "device":
+        return preprocess_on_device(pixels, params, device).cpu().numpy()
+    return np.stack(pixels)
 
 
 def _embed(embedder: Embedder, pixels: np.ndarray, batch: int = 8) -> np.ndarray:

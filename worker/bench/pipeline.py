@@ -20,8 +20,10 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.bench.preprocess import reference_pixels, reference_processor
 from worker.bench.report import Report
 from worker.config import Settings, load_settings
+from worker.device_decode import DeviceJpegDecoder
 from worker.embedder import Embedder
-from worker.images import ImageLimits, decode_and_preprocess
+from worker.errors import RejectedRecord
+from worker.images import ImageLimits, prepare
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
 from worker.messages import Source, decode_request, encode_embedding, encode_request
 from worker.metrics import WorkerMetrics
@@ -45,22 +47,28 @@ class Workload:
     batch_size: int
     decode_workers: int
     resize: str
+    decode: str = "pil"
     partitions: int = 4
 
 
 def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:
     """Decode + preprocess (same thread count as the worker) + forward, batch after batch, no Kafka."""
     limits = ImageLimits()
-    params = replace(embedder.preprocessing, resize=work.resize)
+    params = replace(embedder.preprocessing, resize=work.resize, decode=work.decode)
+    device_decoder = DeviceJpegDecoder(embedder.device, limits) if work.decode == "device" else None
     with ThreadPoolExecutor(max_workers=work.decode_workers) as pool:
         started = time.perf_counter()
         for start in range(0, len(work.corpus), work.batch_size):
             chunk = work.corpus[start : start + work.batch_size]
-            pixels = list(pool.map(lambda d: decode_and_preprocess(d, limits, params), chunk))
-            if work.resize == "device":
-                embedder.embed_decoded(pixels)
+            prepared = list(pool.map(lambda d: prepare(d, limits, params), chunk))
+            if device_decoder is not None:
+                with embedder.on_own_stream():
+                    decoded = device_decoder.materialise(prepared)
+                embedder.embed_decoded([p for p in decoded if not isinstance(p, RejectedRecord)])
+            elif work.resize == "device":
+                embedder.embed_decoded([p for p in prepared if isinstance(p, np.ndarray)])
             else:
-                embedder.embed(np.stack(pixels))
+                embedder.embed(np.stack([p for p in prepared if isinstance(p, np.ndarray)]))
         elapsed = time.perf_counter() - started
     row = report.add(
         "bare",
@@ -68,6 +76,7 @@ def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:
         len(work.corpus) / elapsed,
         threads=work.decode_workers,
         resize=work.resize,
+        decode=work.decode,
     )
     return row.images_per_s
 
@@ -83,6 +92,7 @@ def fresh_settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
         "batch_size": work.batch_size,
         "decode_workers": work.decode_workers,
         "resize": work.resize,
+        "decode": work.decode,
         "metrics_port": 0,
         "session_timeout_ms": 6000,
         "log_level": "warning",
@@ -158,6 +168,7 @@ def bench_worker(
         total / elapsed,
         threads=work.decode_workers,
         resize=work.resize,
+        decode=work.decode,
         model_busy=f"{busy:.0%}",
         rss_mb=f"{rss_before:.0f}->{resident_mb():.0f}",
     )

@@ -8,9 +8,14 @@ from dataclasses import replace
 from functools import partial
 
 import numpy as np
+import torch
 
 from worker.bench.report import Report
-from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb
+from worker.device_decode import DeviceJpegDecoder
+from worker.device_resize import preprocess_on_device
+from worker.embedder import Embedder
+from worker.errors import RejectedRecord, StartupError
+from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
 
 
 def reference_processor(params: Preprocessing) -> object:
@@ -44,19 +49,22 @@ def bench_preprocess(report: Report, corpus: list[bytes], params: Preprocessing,
     report.add(
         "preprocess", "reference CLIPImageProcessor, 1 thread", len(corpus) / (time.perf_counter() - started)
     )
-    for resize in RESIZERS:
-        ours = replace(params, resize=resize)
+    variants = [(f"resize={resize}", replace(params, resize=resize)) for resize in RESIZERS]
+    variants.append(("decode=device", replace(params, resize="device", decode="device")))
+    notes = {
+        "resize=device": " (decode only: the rest runs on the model's device)",
+        "decode=device": " (header checks only: JPEGs decode on the model's device)",
+    }
+    for name, ours in variants:
         for count in workers:
             with ThreadPoolExecutor(max_workers=count) as pool:
-                work = partial(decode_and_preprocess, limits=limits, params=ours)
+                work = partial(prepare, limits=limits, params=ours)
                 list(pool.map(work, corpus[:count]))
                 started = time.perf_counter()
                 list(pool.map(work, corpus))
                 elapsed = time.perf_counter() - started
-            what = " (decode only: the rest runs on the model's device)" if resize == "device" else ""
-            report.add(
-                "preprocess", f"clip-worker resize={resize}{what}, {count} thread(s)", len(corpus) / elapsed
-            )
+            case = f"clip-worker {name}{notes.get(name, '')}, {count} thread(s)"
+            report.add("preprocess", case, len(corpus) / elapsed)
 
 
 def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None:
@@ -72,3 +80,43 @@ def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None
             decode_and_preprocess(data, limits, ours)
         case = "1600x1200 JPEG, resize=torch" + (", jpeg-draft" if draft else "") + ", 1 thread"
         report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))
+
+
+def bench_device_preprocess(report: Report, embedder: Embedder, corpus: list[bytes], batch_size: int) -> None:
+    """Images/s of the preprocessing that ``--resize device`` (and ``--decode device``) leave to the model's
+    device, batch after batch: the host decodes for the first row, the device decodes too for the second."""
+    limits = ImageLimits()
+    host_decoded = [
+        decode_and_preprocess(d, limits, replace(embedder.preprocessing, resize="device")) for d in corpus
+    ]
+    batches = range(0, len(corpus), batch_size)
+    params, device = embedder.preprocessing, embedder.device
+    with torch.inference_mode(), embedder.on_own_stream():
+        preprocess_on_device(host_decoded[:batch_size], params, device)
+        _synchronise(device)
+        started = time.perf_counter()
+        for start in batches:
+            preprocess_on_device(host_decoded[start : start + batch_size], params, device)
+        _synchronise(embedder.device)
+        case = f"resize on {embedder.device} (--resize device), batch {batch_size}"
+        report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))
+        try:
+            decoder = DeviceJpegDecoder(embedder.device, limits)
+        except StartupError as exc:
+            print(f"  (no --decode device row: {exc})", flush=True)
+            return
+        params = replace(embedder.preprocessing, resize="device", decode="device")
+        encoded = [prepare(d, limits, params) for d in corpus]
+        started = time.perf_counter()
+        for start in batches:
+            decoded = decoder.materialise(encoded[start : start + batch_size])
+            kept = [p for p in decoded if not isinstance(p, RejectedRecord)]
+            preprocess_on_device(kept, embedder.preprocessing, embedder.device)
+        _synchronise(embedder.device)
+        case = f"decode + resize on {embedder.device} (--decode device), batch {batch_size}"
+        report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

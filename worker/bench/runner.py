@@ -15,7 +15,7 @@ import torch
 from worker.bench.model import bench_model
 from worker.bench.parity import bench_parity
 from worker.bench.pipeline import Workload, bench_bare, bench_baseline, bench_worker
-from worker.bench.preprocess import bench_large_jpegs, bench_preprocess
+from worker.bench.preprocess import bench_device_preprocess, bench_large_jpegs, bench_preprocess
 from worker.bench.report import Report, machine_facts
 from worker.bench.soak import bench_soak
 from worker.brokers import TansuBroker
@@ -77,11 +77,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 report, corpus, embedder.preprocessing, [int(t) for t in args.threads.split(",")]
             )
             bench_large_jpegs(report, embedder.preprocessing, 16 if args.quick else 48)
+            bench_device_preprocess(report, embedder, corpus, args.batch_size)
         if "parity" in sections:
             bench_parity(report, embedder, args.parity_images)
         if "end-to-end" in sections:
-            resize = args.resize or Settings.model_fields["resize"].default
-            work = Workload(corpus, args.batch_size, decode_workers, resize)
+            default_resize = "device" if args.decode == "device" else Settings.model_fields["resize"].default
+            resize = args.resize or default_resize
+            work = Workload(corpus, args.batch_size, decode_workers, resize, args.decode)
             _end_to_end(report, embedder, work, args.bootstrap_servers, args.exactly_once, args.compile)
         if "soak" in sections:
             small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
