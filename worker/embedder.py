@@ -109,6 +109,25 @@ class ModelSpec:
     dtype: str = "auto"
 
 
+class PendingEmbeddings:
+    """Embeddings whose work is queued on the device: :meth:`result` waits for them.
+
+    On a GPU the forward pass and the copy back to pinned host memory run asynchronously, so the caller can
+    queue the next batch before it waits for this one; on a CPU the vectors are ready at once.
+    """
+
+    def __init__(self, vectors: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        self._vectors = vectors
+        self._ready = ready
+
+    def result(self) -> np.ndarray:
+        """The ``(N, dim)`` float32 unit vectors, once the device has produced them."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        vectors: np.ndarray = self._vectors.numpy()
+        return vectors
+
+
 class Embedder:
     """A loaded CLIP vision tower: ``embed(pixels)`` returns L2-normalised float32 embeddings."""
 
@@ -130,6 +149,7 @@ class Embedder:
         self.dim = int(model.config.projection_dim)
         self._lock = threading.Lock()
         self._pinned: torch.Tensor | None = None
+        self._pinned_copied: torch.cuda.Event | None = None
         self._compiled: Any = None
         self._compiled_batch = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
@@ -150,15 +170,28 @@ class Embedder:
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a ``(N, 3, H, W)`` float32 batch; returns ``(N, dim)`` float32 unit vectors."""
-        with self._lock, torch.inference_mode(), self.on_own_stream():
-            if self._stream is None:
-                return self._forward(torch.from_numpy(pixels))
-            # GPU: copy through a reused pinned buffer, so the host-to-device copy is asynchronous.
-            return self._forward(self._pin(pixels).to(self.device, non_blocking=True))
+        return self.launch(pixels).result()
 
     def embed_decoded(self, images: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
         """Embed uint8 RGB images (host ``(H, W, 3)`` arrays or ``(3, H, W)`` tensors on this embedder's
         device), preprocessing them on the device."""
+        return self.launch_decoded(images).result()
+
+    def launch(self, pixels: np.ndarray) -> PendingEmbeddings:
+        """Queue :meth:`embed`'s work on the device and return without waiting for it (on a CPU the work is
+        done by the time this returns)."""
+        with self._lock, torch.inference_mode(), self.on_own_stream():
+            if self._stream is None:
+                return self._forward(torch.from_numpy(pixels))
+            # GPU: copy through a reused pinned buffer, so the host-to-device copy is asynchronous.
+            pinned = self._pin(pixels)
+            on_device = pinned.to(self.device, non_blocking=True)
+            self._pinned_copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._pinned_copied.record(self._stream)
+            return self._forward(on_device)
+
+    def launch_decoded(self, images: Sequence[np.ndarray | torch.Tensor]) -> PendingEmbeddings:
+        """Queue :meth:`embed_decoded`'s work on the device and return without waiting for it."""
         with self._lock, torch.inference_mode(), self.on_own_stream():
             return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
 
@@ -167,7 +200,7 @@ class Embedder:
         # GPU work runs on this embedder's own CUDA stream, so it never waits behind another stream's work.
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+    def _forward(self, batch: torch.Tensor) -> PendingEmbeddings:
         count = batch.shape[0]
         model = self.model
         if self._compiled is not None and count <= self._compiled_batch:
@@ -185,8 +218,14 @@ class Embedder:
                 self._compiled = None
             raise
         features = torch.nn.functional.normalize(output.image_embeds[:count].float(), dim=-1)
-        result: np.ndarray = features.cpu().numpy()
-        return result
+        if self._stream is None:
+            return PendingEmbeddings(features, None)
+        # Read back into pinned memory without waiting; the event says when the vectors are there.
+        host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+        host.copy_(features, non_blocking=True)
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ready.record(self._stream)
+        return PendingEmbeddings(host, ready)
 
     def compile(self, mode: str, batch_size: int) -> float:
         """Compile the forward pass (``mode`` is a key of :data:`COMPILE_MODES`) for ``batch_size`` images.
@@ -207,6 +246,9 @@ class Embedder:
         return elapsed
 
     def _pin(self, pixels: np.ndarray) -> torch.Tensor:
+        if self._pinned_copied is not None:
+            # The previous batch's copy out of this buffer may still be queued behind a forward pass.
+            self._pinned_copied.synchronize()
         count = pixels.shape[0]
         if (
             self._pinned is None

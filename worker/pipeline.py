@@ -1,8 +1,9 @@
 """The worker loop: poll, decode, batch, embed, publish, track acknowledgements, commit, drain.
 
 Threads: the main loop polls, batches and commits, so the consumer stays in its group however long a
-batch takes; a thread pool decodes images (PIL releases the GIL); one inference thread embeds closed
-batches from a small bounded queue and publishes them; kafka-python's I/O threads deliver
+batch takes; a thread pool decodes images (PIL releases the GIL); one inference thread
+(:mod:`worker.inference`) embeds closed batches from a small bounded queue and publishes them, overlapping
+each batch's publishing with the next one's forward pass on a GPU; kafka-python's I/O threads deliver
 acknowledgements and rebalance callbacks, which only touch thread-safe state and never block.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
@@ -28,11 +27,11 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batcher import Batch, Batcher
 from worker.config import Settings
-from worker.device_decode import DeviceJpegDecoder
 from worker.embedder import Embedder, default_decode_workers
 from worker.errors import BrokerLostError, RejectedRecord, RejectReason, TransactionFencedError
 from worker.gpu import GpuCollector
 from worker.images import EncodedJpeg, ImageLimits, prepare
+from worker.inference import InferenceStage, ReadyImage
 from worker.kafka_io import MAX_POLL_RECORDS
 from worker.messages import (
     ImageRequest,
@@ -47,8 +46,6 @@ from worker.transactions import AbortReason, Transactions
 from worker.work import InputRecord
 
 log = logging.getLogger(__name__)
-_BATCH_QUEUE_DEPTH = 2  # one batch embedding, one waiting: enough to keep the model busy
-_STOP = None
 _IDLE_WAIT_S = 0.005
 _DECODE_CHUNK = 8
 _COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the poll loop
@@ -61,13 +58,6 @@ class _Decoding:
     request: ImageRequest
     future: Future[list[np.ndarray | EncodedJpeg | Exception]]
     index: int  # position of this image in its chunk's result list
-
-
-@dataclass
-class _Ready:
-    record: InputRecord
-    request: ImageRequest
-    pixels: np.ndarray | EncodedJpeg
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -110,12 +100,6 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions %s: %s; now own %d", what, _describe(partitions), len(owned))
 
 
-def _host_pixels(item: _Ready) -> np.ndarray:
-    # Without --decode device every image was decoded on the host.
-    assert isinstance(item.pixels, np.ndarray)
-    return item.pixels
-
-
 def _describe(partitions: set[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
 
@@ -143,7 +127,7 @@ class Pipeline:
         self.health = health
         self.tracker = OffsetTracker()
         self.batch_size = batch_size or settings.batch_size or embedder.auto_batch_size()
-        self.batcher: Batcher[_Ready] = Batcher(self.batch_size, settings.batch_timeout_s)
+        self.batcher: Batcher[ReadyImage] = Batcher(self.batch_size, settings.batch_timeout_s)
         self._decoding: deque[_Decoding] = deque()
         self._limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
         self._preprocessing = replace(
@@ -151,9 +135,6 @@ class Pipeline:
             resize=settings.resize,
             jpeg_draft=settings.jpeg_draft,
             decode=settings.decode,
-        )
-        self._device_decoder = (
-            DeviceJpegDecoder(embedder.device, self._limits) if settings.decode == "device" else None
         )
         self._decode_workers = settings.decode_workers or default_decode_workers()
         self._pool = ThreadPoolExecutor(max_workers=self._decode_workers, thread_name_prefix="decode")
@@ -165,9 +146,8 @@ class Pipeline:
         )
         self._transactions = self.publisher.transactions
         self._listener = _RebalanceListener(self.tracker, metrics, health, self._transactions)
-        self._closed_batches: deque[Batch[_Ready]] = deque()
-        self._batch_queue: queue.Queue[Batch[_Ready] | None] = queue.Queue(maxsize=_BATCH_QUEUE_DEPTH)
-        self._inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        self._closed_batches: deque[Batch[ReadyImage]] = deque()
+        self.inference = InferenceStage(embedder, self.publisher, metrics, self._preprocessing, self._limits)
         self.observer = Observer(consumer, self.tracker, metrics, settings.progress_interval_s, gpu)
 
     def subscribe(self) -> None:
@@ -180,7 +160,7 @@ class Pipeline:
     def run(self, stop: threading.Event) -> bool:
         """Process until ``stop`` is set, then drain. Returns True if everything polled was acknowledged."""
         self.subscribe()
-        self._inference.start()
+        self.inference.start()
         try:
             while not stop.is_set():
                 self.step()
@@ -334,101 +314,15 @@ class Pipeline:
                 message = f"decoder crashed: {type(pixels).__name__}: {pixels}"
                 self.publisher.dead_letter(item.record, RejectReason.CORRUPT_IMAGE, message)
                 continue
-            batch = self.batcher.add(_Ready(item.record, item.request, pixels))
+            batch = self.batcher.add(ReadyImage(item.record, item.request, pixels))
             if batch is not None:
                 self._closed_batches.append(batch)
 
     # ---------------------------------------------------------------- inference
     def _hand_over_batches(self, wait_s: float = 0.0) -> None:
         """Move closed batches to the inference thread's queue without blocking the poll loop."""
-        while self._closed_batches:
-            try:
-                self._batch_queue.put(self._closed_batches[0], timeout=wait_s or None, block=wait_s > 0)
-            except queue.Full:
-                return
+        while self._closed_batches and self.inference.offer(self._closed_batches[0], wait_s):
             self._closed_batches.popleft()
-
-    def _stop_inference(self, deadline: float) -> None:
-        """Let the inference thread finish the queued batches, then end it."""
-        if not self._inference.is_alive():
-            return
-        try:
-            self._batch_queue.put(_STOP, timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Full:
-            log.error("inference did not drain its queue before the shutdown deadline")
-            return
-        self._inference.join(timeout=max(0.1, deadline - time.monotonic()))
-
-    def _inference_loop(self) -> None:
-        while True:
-            batch = self._batch_queue.get()
-            if batch is _STOP:
-                return
-            self._embed(batch)
-
-    def _embed(self, batch: Batch[_Ready]) -> None:
-        self.metrics.batch_closes.labels(batch.cause.value).inc()
-        self.metrics.batch_size.observe(len(batch.items))
-        now = time.monotonic()
-        for item in batch.items:
-            self.metrics.stage_seconds.labels("queue_wait").observe(now - item.record.polled_at)
-        self._embed_items(batch.items, retry=True)
-
-    def _embed_items(self, items: list[_Ready], retry: bool) -> None:
-        """Embed items; on failure retry once, then split the batch to isolate the image that fails."""
-        if self._device_decoder is not None:
-            items, pixels = self._decode_on_device(items)
-            if not items:
-                return
-        started = time.perf_counter()
-        try:
-            if self._device_decoder is not None:
-                vectors = self.embedder.embed_decoded(pixels)
-            elif self._preprocessing.resize == "device":
-                vectors = self.embedder.embed_decoded([_host_pixels(item) for item in items])
-            else:
-                vectors = self.embedder.embed(np.stack([_host_pixels(item) for item in items]))
-        except Exception as exc:
-            out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
-            if out_of_memory:
-                self.embedder.release_cached_memory()
-                log.warning("GPU out of memory on a batch of %d; splitting it", len(items))
-            if retry and not out_of_memory:
-                log.warning("inference failed on a batch of %d (%s); retrying once", len(items), exc)
-                self._embed_items(items, retry=False)
-            elif len(items) > 1:
-                half = len(items) // 2
-                self._embed_items(items[:half], retry=False)
-                self._embed_items(items[half:], retry=False)
-            else:
-                message = f"inference failed: {type(exc).__name__}: {exc}"
-                self.publisher.dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
-            return
-        self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
-        self.metrics.embedded.inc(len(items))
-        publish_started = time.perf_counter()
-        for item, vector in zip(items, vectors, strict=True):
-            self.publisher.embedding(item.record, item.request, vector)
-        self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - publish_started)
-
-    def _decode_on_device(self, items: list[_Ready]) -> tuple[list[_Ready], list[np.ndarray | torch.Tensor]]:
-        """``--decode device``: decode the batch's JPEGs on the model's device; dead-letter what fails."""
-        assert self._device_decoder is not None
-        started = time.perf_counter()
-        refused_before = self._device_decoder.fallbacks
-        with self.embedder.on_own_stream():
-            results = self._device_decoder.materialise([item.pixels for item in items])
-        self.metrics.device_decode_fallbacks.inc(self._device_decoder.fallbacks - refused_before)
-        self.metrics.stage_seconds.labels("device_decode").observe(time.perf_counter() - started)
-        kept: list[_Ready] = []
-        pixels: list[np.ndarray | torch.Tensor] = []
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, RejectedRecord):
-                self.publisher.dead_letter(item.record, result.reason, result.message)
-            else:
-                kept.append(item)
-                pixels.append(result)
-        return kept, pixels
 
     # ---------------------------------------------------------------- commits and shutdown
     def commit(self) -> None:
@@ -478,9 +372,7 @@ class Pipeline:
         self._decoding.clear()
         self.batcher.drain()
         self._closed_batches.clear()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._batch_queue.get_nowait()
+        self.inference.discard_queued()
         assigned = self.consumer.assignment()
         targets = {tp: offset for tp, offset in self.tracker.rewind().items() if tp in assigned}
         for tp, offset in targets.items():
@@ -502,7 +394,7 @@ class Pipeline:
             self._closed_batches.append(remaining)
         while self._closed_batches and time.monotonic() < deadline:
             self._hand_over_batches(wait_s=0.2)
-        self._stop_inference(deadline)
+        self.inference.stop(deadline)
         while time.monotonic() < deadline:
             self.publisher.resend_due()
             with contextlib.suppress(KafkaError):  # a failed delivery arrives via the errback

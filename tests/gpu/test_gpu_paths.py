@@ -127,6 +127,18 @@ def test_nvjpeg_decoding_matches_the_host_decoder_and_embeds_like_it(cuda_embedd
     assert cosine(on_device, on_host) >= 0.999
 
 
+def test_batches_launched_back_to_back_read_back_their_own_vectors(cuda_embedder, pixels):
+    # The inference stage launches batch N+1 before it awaits batch N: the pinned input buffer and the
+    # asynchronous readback must not mix batches up.
+    batches = [pixels[start : start + 4] for start in range(0, len(pixels), 4)]
+    one_at_a_time = [cuda_embedder.embed(batch) for batch in batches]
+    pending = [cuda_embedder.launch(batch) for batch in batches]
+    overlapped = [handle.result() for handle in pending]
+    worst = min(cosine(a, b) for a, b in zip(overlapped, one_at_a_time, strict=True))
+    print(f"FIGURES {len(batches)} batches launched back to back: min cosine to one at a time {worst:.6f}")
+    assert worst >= 0.9999
+
+
 def test_nvml_reports_memory_and_utilisation():
     families = {family.name: family for family in GpuCollector().collect()}
     total = families["clip_worker_gpu_memory_total_bytes"].samples

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.support.kafka_helpers import (
@@ -14,27 +15,41 @@ from tests.support.kafka_helpers import (
     running_worker,
     worker_settings,
 )
-from worker.embedder import Embedder
+from worker.embedder import Embedder, PendingEmbeddings
 from worker.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 
 
-class PoisonedEmbedder(Embedder):
-    """The tiny model, except that any batch holding an all-white image raises, as a bad kernel would."""
+class FailedResult(PendingEmbeddings):
+    """Vectors that never arrive: the asynchronous device error surfaces when they are awaited."""
 
-    def __init__(self, inner: Embedder) -> None:
+    def __init__(self) -> None:
+        super().__init__(torch.empty(0), None)
+
+    def result(self) -> np.ndarray:
+        raise RuntimeError("injected asynchronous inference failure")
+
+
+class PoisonedEmbedder(Embedder):
+    """The tiny model, except that any batch holding an all-white image fails, as a bad kernel would:
+    when it is launched, or only when its vectors are awaited (as an asynchronous CUDA error does)."""
+
+    def __init__(self, inner: Embedder, fails_at: str) -> None:
         super().__init__(
             inner.model, inner.label, inner.revision, inner.preprocessing, inner.device, inner.dtype
         )
+        self.fails_at = fails_at
         self.calls = 0
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def launch(self, pixels: np.ndarray) -> PendingEmbeddings:
         self.calls += 1
         white = (1.0 - np.asarray(self.preprocessing.mean)) / np.asarray(self.preprocessing.std)
-        if any(np.allclose(image[:, 0, 0], white, atol=1e-3) for image in pixels):
+        if not any(np.allclose(image[:, 0, 0], white, atol=1e-3) for image in pixels):
+            return super().launch(pixels)
+        if self.fails_at == "launch":
             raise RuntimeError("injected inference failure")
-        return super().embed(pixels)
+        return FailedResult()
 
 
 def white_png() -> bytes:
@@ -43,13 +58,14 @@ def white_png() -> bytes:
     return buffer.getvalue()
 
 
-def test_poison_image_is_dead_lettered_and_the_rest_embedded(kafka_bootstrap, tiny_embedder):
+@pytest.mark.parametrize("fails_at", ["launch", "result"])
+def test_poison_image_is_dead_lettered_and_the_rest_embedded(kafka_bootstrap, tiny_embedder, fails_at):
     settings = worker_settings(kafka_bootstrap, batch_size=16, batch_timeout_ms=500)
     create_topics(settings)
     items = [(f"ok-{i:02d}.jpg", data) for i, data in enumerate(jpeg_corpus(15, 96, 64))]
     items.insert(7, ("poison.png", white_png()))
     produce(settings, items)
-    embedder = PoisonedEmbedder(tiny_embedder)
+    embedder = PoisonedEmbedder(tiny_embedder, fails_at)
     with running_worker(settings, embedder):
         results = collect(settings, expected=16, timeout_s=60)
     assert sorted(r["id"] for r in results.outputs) == sorted(

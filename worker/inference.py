@@ -1,0 +1,229 @@
+"""The inference stage: one thread that embeds closed batches and hands the vectors to the publisher.
+
+On a GPU the forward pass is asynchronous, so the stage queues batch N+1's work on the device before it
+waits for batch N's vectors and publishes them: the device computes while the host encodes and sends,
+instead of idling through every publish. (On a CPU each launch finishes its work before it returns, so
+the order is the same as embedding batch after batch.) With ``--decode device`` the next batch's JPEGs are
+decoded here too, also while the device still works on the previous batch.
+
+A batch that fails is retried once, then split in halves down to the image that fails, which is
+dead-lettered (a CUDA out-of-memory error splits at once), so no image is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worker.batcher import Batch
+from worker.device_decode import DeviceJpegDecoder
+from worker.embedder import Embedder, PendingEmbeddings
+from worker.errors import RejectedRecord, RejectReason
+from worker.images import EncodedJpeg, ImageLimits, Preprocessing
+from worker.messages import ImageRequest
+from worker.metrics import WorkerMetrics
+from worker.publisher import Publisher
+from worker.work import InputRecord
+
+log = logging.getLogger(__name__)
+_QUEUE_DEPTH = 2  # closed batches waiting for the stage: one launching while one is being finished
+_STOP = None
+
+
+@dataclass
+class ReadyImage:
+    """A decoded (or, with ``--decode device``, checked and still encoded) image waiting for a batch."""
+
+    record: InputRecord
+    request: ImageRequest
+    pixels: np.ndarray | EncodedJpeg
+
+
+@dataclass
+class _Launched:
+    items: list[ReadyImage]
+    pending: PendingEmbeddings
+    started: float
+
+
+class InferenceStage:
+    """Embeds the batches offered to it on its own thread, in the order offered."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        publisher: Publisher,
+        metrics: WorkerMetrics,
+        preprocessing: Preprocessing,
+        limits: ImageLimits,
+    ) -> None:
+        self.embedder = embedder
+        self.publisher = publisher
+        self.metrics = metrics
+        self._on_device = preprocessing.resize == "device"
+        self._device_decoder = (
+            DeviceJpegDecoder(embedder.device, limits) if preprocessing.decode == "device" else None
+        )
+        self._queue: queue.Queue[Batch[ReadyImage] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._device_free_at = 0.0  # when the device finished the last batch (perf_counter)
+
+    def start(self) -> None:
+        """Start the inference thread."""
+        self._thread.start()
+
+    def offer(self, batch: Batch[ReadyImage], wait_s: float = 0.0) -> bool:
+        """Queue a closed batch, waiting up to ``wait_s`` for room; False if there was none."""
+        try:
+            self._queue.put(batch, timeout=wait_s or None, block=wait_s > 0)
+        except queue.Full:
+            return False
+        return True
+
+    def discard_queued(self) -> None:
+        """Drop the batches not yet started (exactly-once abort: they will be read again)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+
+    def stop(self, deadline: float) -> None:
+        """Let the thread finish the queued batches, then end it."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._queue.put(_STOP, timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Full:
+            log.error("inference did not drain its queue before the shutdown deadline")
+            return
+        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    # ---------------------------------------------------------------- the thread
+    def _loop(self) -> None:
+        pending: _Launched | None = None
+        while True:
+            try:
+                batch = self._queue.get(block=pending is None)
+            except queue.Empty:
+                # Nothing to overlap with: publish what the device is finishing now.
+                assert pending is not None
+                self._finish(pending)
+                pending = None
+                continue
+            launched = self._launch(batch) if batch is not _STOP else None
+            if pending is not None:
+                self._finish(pending)
+            pending = launched
+            if batch is _STOP:
+                return
+
+    def _launch(self, batch: Batch[ReadyImage]) -> _Launched | None:
+        self.metrics.batch_closes.labels(batch.cause.value).inc()
+        self.metrics.batch_size.observe(len(batch.items))
+        now = time.monotonic()
+        for item in batch.items:
+            self.metrics.stage_seconds.labels("queue_wait").observe(now - item.record.polled_at)
+        items, pixels = self._decode_on_device(batch.items)
+        if not items:
+            return None
+        started = time.perf_counter()
+        try:
+            pending = self._start_embedding(items, pixels)
+        except Exception as exc:
+            self._recover(items, exc, retry=True)
+            return None
+        return _Launched(items, pending, started)
+
+    def _finish(self, launched: _Launched) -> None:
+        try:
+            vectors = launched.pending.result()
+        except Exception as exc:  # an asynchronous device error surfaces here, not at launch
+            self._recover(launched.items, exc, retry=True)
+            return
+        self._publish(launched.items, vectors, launched.started)
+
+    def _embed_now(self, items: list[ReadyImage], retry: bool) -> None:
+        """Embed and publish synchronously: the path of retries and split halves."""
+        items, pixels = self._decode_on_device(items)
+        if not items:
+            return
+        started = time.perf_counter()
+        try:
+            vectors = self._start_embedding(items, pixels).result()
+        except Exception as exc:
+            self._recover(items, exc, retry)
+            return
+        self._publish(items, vectors, started)
+
+    def _start_embedding(
+        self, items: list[ReadyImage], pixels: list[np.ndarray | torch.Tensor] | None
+    ) -> PendingEmbeddings:
+        if pixels is not None:
+            return self.embedder.launch_decoded(pixels)
+        if self._on_device:
+            return self.embedder.launch_decoded([_host_pixels(item) for item in items])
+        return self.embedder.launch(np.stack([_host_pixels(item) for item in items]))
+
+    def _recover(self, items: list[ReadyImage], exc: Exception, retry: bool) -> None:
+        """Retry once, then split in halves to isolate the image that fails; out of memory splits at once."""
+        out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
+        if out_of_memory:
+            self.embedder.release_cached_memory()
+            log.warning("GPU out of memory on a batch of %d; splitting it", len(items))
+        if retry and not out_of_memory:
+            log.warning("inference failed on a batch of %d (%s); retrying once", len(items), exc)
+            self._embed_now(items, retry=False)
+        elif len(items) > 1:
+            half = len(items) // 2
+            self._embed_now(items[:half], retry=False)
+            self._embed_now(items[half:], retry=False)
+        else:
+            message = f"inference failed: {type(exc).__name__}: {exc}"
+            self.publisher.dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
+
+    def _publish(self, items: list[ReadyImage], vectors: np.ndarray, started: float) -> None:
+        ready = time.perf_counter()
+        # The device works on one batch at a time: count this batch from when it could start on it.
+        self.metrics.stage_seconds.labels("inference").observe(ready - max(started, self._device_free_at))
+        self._device_free_at = ready
+        self.metrics.embedded.inc(len(items))
+        for item, vector in zip(items, vectors, strict=True):
+            self.publisher.embedding(item.record, item.request, vector)
+        self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - ready)
+
+    def _decode_on_device(
+        self, items: list[ReadyImage]
+    ) -> tuple[list[ReadyImage], list[np.ndarray | torch.Tensor] | None]:
+        """``--decode device``: decode the batch's JPEGs on the model's device; dead-letter what fails.
+
+        Without it, returns the items as they are and no pixels.
+        """
+        if self._device_decoder is None:
+            return items, None
+        started = time.perf_counter()
+        refused_before = self._device_decoder.fallbacks
+        with self.embedder.on_own_stream():
+            results = self._device_decoder.materialise([item.pixels for item in items])
+        self.metrics.device_decode_fallbacks.inc(self._device_decoder.fallbacks - refused_before)
+        self.metrics.stage_seconds.labels("device_decode").observe(time.perf_counter() - started)
+        kept: list[ReadyImage] = []
+        pixels: list[np.ndarray | torch.Tensor] = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, RejectedRecord):
+                self.publisher.dead_letter(item.record, result.reason, result.message)
+            else:
+                kept.append(item)
+                pixels.append(result)
+        return kept, pixels
+
+
+def _host_pixels(item: ReadyImage) -> np.ndarray:
+    # Without --decode device every image was decoded on the host.
+    assert isinstance(item.pixels, np.ndarray)
+    return item.pixels
