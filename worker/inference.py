@@ -168,7 +168,7 @@ class InferenceStage:
             return self.embedder.launch_decoded(pixels)
         if self._on_device:
             return self.embedder.launch_decoded([_host_pixels(item) for item in items])
-        return self.embedder.launch(np.stack([_host_pixels(item) for item in items]))
+        return self.embedder.launch([_host_pixels(item) for item in items])
 
     def _recover(self, items: list[ReadyImage], exc: Exception, retry: bool) -> None:
         """Retry once, then split in halves to isolate the image that fails; out of memory splits at once."""

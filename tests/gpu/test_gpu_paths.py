@@ -132,7 +132,7 @@ def test_batches_launched_back_to_back_read_back_their_own_vectors(cuda_embedder
     # asynchronous readback must not mix batches up.
     batches = [pixels[start : start + 4] for start in range(0, len(pixels), 4)]
     one_at_a_time = [cuda_embedder.embed(batch) for batch in batches]
-    pending = [cuda_embedder.launch(batch) for batch in batches]
+    pending = [cuda_embedder.launch(list(batch)) for batch in batches]  # lists, as the inference stage
     overlapped = [handle.result() for handle in pending]
     worst = min(cosine(a, b) for a, b in zip(overlapped, one_at_a_time, strict=True))
     print(f"FIGURES {len(batches)} batches launched back to back: min cosine to one at a time {worst:.6f}")

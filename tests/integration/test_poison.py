@@ -1,6 +1,7 @@
 """An image that makes inference fail is isolated by splitting its batch; the partition keeps moving."""
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ class PoisonedEmbedder(Embedder):
         self.fails_at = fails_at
         self.calls = 0
 
-    def launch(self, pixels: np.ndarray) -> PendingEmbeddings:
+    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
         self.calls += 1
         white = (1.0 - np.asarray(self.preprocessing.mean)) / np.asarray(self.preprocessing.std)
         if not any(np.allclose(image[:, 0, 0], white, atol=1e-3) for image in pixels):

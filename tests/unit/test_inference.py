@@ -24,8 +24,8 @@ class RecordingEmbedder:
         self.fail_batches = fail_batches
         self.first_result_allowed = threading.Event()  # holds batch 1's result until the test allows it
 
-    def launch(self, pixels: np.ndarray) -> "RecordingPending":
-        batch = int(pixels[0, 0, 0, 0])
+    def launch(self, pixels: list[np.ndarray]) -> "RecordingPending":
+        batch = int(pixels[0][0, 0, 0])
         self.events.append(("launch", batch))
         return RecordingPending(self, batch, len(pixels))
 
