@@ -164,6 +164,11 @@ class Embedder:
         return int(sum(p.numel() for p in self.model.parameters()))
 
     @property
+    def runs_asynchronously(self) -> bool:
+        """True on a GPU, where :meth:`launch` returns before the work is done (on a CPU it is done)."""
+        return self._stream is not None
+
+    @property
     def is_random(self) -> bool:
         """True when the weights are random: every output says so in its ``model`` field."""
         return self.label.startswith(RANDOM_PREFIX)

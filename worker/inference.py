@@ -3,7 +3,7 @@
 On a GPU the forward pass is asynchronous, so the stage queues batch N+1's work on the device before it
 waits for batch N's vectors and publishes them: the device computes while the host encodes and sends,
 instead of idling through every publish. (On a CPU each launch finishes its work before it returns, so
-the order is the same as embedding batch after batch.) With ``--decode device`` the next batch's JPEGs are
+each batch is published at once, batch after batch.) With ``--decode device`` the next batch's JPEGs are
 decoded here too, also while the device still works on the previous batch.
 
 A batch that fails is retried once, then split in halves down to the image that fails, which is
@@ -120,6 +120,9 @@ class InferenceStage:
             if pending is not None:
                 self._finish(pending)
             pending = launched
+            if pending is not None and not self.embedder.runs_asynchronously:
+                self._finish(pending)  # the work is done already: holding it back would only add latency
+                pending = None
             if batch is _STOP:
                 return
 

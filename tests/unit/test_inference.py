@@ -19,7 +19,8 @@ class RecordingEmbedder:
 
     device = torch.device("cpu")
 
-    def __init__(self, fail_batches: frozenset[int] = frozenset()) -> None:
+    def __init__(self, fail_batches: frozenset[int] = frozenset(), runs_asynchronously: bool = True) -> None:
+        self.runs_asynchronously = runs_asynchronously  # as on a GPU unless told otherwise
         self.events: list[tuple[str, int]] = []
         self.fail_batches = fail_batches
         self.first_result_allowed = threading.Event()  # holds batch 1's result until the test allows it
@@ -99,6 +100,22 @@ def test_the_next_batch_is_launched_before_the_previous_one_is_awaited():
     ]
     assert [name for name, _ in publisher.published] == ["b1-0", "b1-1", "b2-0", "b2-1", "b3-0", "b3-1"]
     assert all(value == int(name[1]) for name, value in publisher.published), "each batch its own vectors"
+
+
+def test_on_a_cpu_each_batch_is_published_before_the_next_is_launched():
+    embedder = RecordingEmbedder(runs_asynchronously=False)
+    stage, publisher = stage_with(embedder)
+    queue_three(stage, embedder)
+    stage.stop(time.monotonic() + 5)
+    assert embedder.events == [
+        ("launch", 1),
+        ("result", 1),
+        ("launch", 2),
+        ("result", 2),
+        ("launch", 3),
+        ("result", 3),
+    ]
+    assert len(publisher.published) == 6
 
 
 def test_a_lone_batch_is_published_without_waiting_for_another():
