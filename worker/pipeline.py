@@ -405,9 +405,14 @@ class Pipeline:
         if self._transactions is None:
             self.commit()
         elif not self._commit_transaction():
-            self._transactions.abort()  # its records stay uncommitted: the next owner reads them again
+            reason = self._transactions.abort()  # its records stay uncommitted: the next owner reads them
             self._pool.shutdown(wait=False, cancel_futures=True)
-            log.error("shutdown: the last transaction was aborted; its records will be read again")
+            if reason is AbortReason.REBALANCE:
+                # As in at-least-once mode, where records of partitions revoked during the drain are left to
+                # their new owner: the group moved work while this worker left, which is no failure.
+                log.warning("shutdown: a rebalance aborted the last transaction; new owners read it again")
+                return True
+            log.error("shutdown: the last transaction was aborted (%s); it will be read again", reason.value)
             return False
         self._pool.shutdown(wait=False, cancel_futures=True)
         left = self.tracker.in_flight
