@@ -97,6 +97,13 @@ class DeviceJpegDecoder:
             return rejected
 
 
+def decoded_only(
+    results: Sequence[np.ndarray | torch.Tensor | RejectedRecord],
+) -> list[np.ndarray | torch.Tensor]:
+    """The pixels among :meth:`DeviceJpegDecoder.materialise`'s results, rejected images left out."""
+    return [pixels for pixels in results if not isinstance(pixels, RejectedRecord)]
+
+
 def _checked(pixels: torch.Tensor, jpeg: EncodedJpeg) -> torch.Tensor | Exception:
     if tuple(pixels.shape) != (3, jpeg.height, jpeg.width):
         return ValueError(f"decoded to {tuple(pixels.shape)}, header says 3x{jpeg.height}x{jpeg.width}")

@@ -92,7 +92,7 @@ def test_device_resize_embeds_like_the_host_resize(cuda_embedder):
 
 
 def test_nvjpeg_decoding_matches_the_host_decoder_and_embeds_like_it(cuda_embedder):
-    from worker.device_decode import DeviceJpegDecoder
+    from worker.device_decode import DeviceJpegDecoder, decoded_only
     from worker.errors import RejectedRecord
     from worker.images import EncodedJpeg, prepare
 
@@ -108,7 +108,7 @@ def test_nvjpeg_decoding_matches_the_host_decoder_and_embeds_like_it(cuda_embedd
             assert isinstance(after, torch.Tensor) and after.is_cuda
             host = torch.from_numpy(np.asarray(load_rgb(data, ImageLimits()))).permute(2, 0, 1)
             pixel_levels = max(pixel_levels, int((after.cpu().int() - host.int()).abs().max()))
-    on_device = cuda_embedder.embed_decoded([p for p in decoded if not isinstance(p, RejectedRecord)])
+    on_device = cuda_embedder.embed_decoded(decoded_only(decoded))
     on_host = cuda_embedder.embed(
         np.stack(
             [

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.support.bad_inputs import bad_requests
 from tests.support.hostile import _exif_orientation
-from worker.device_decode import DeviceJpegDecoder
+from worker.device_decode import DeviceJpegDecoder, decoded_only
 from worker.embedder import Embedder
 from worker.errors import RejectedRecord, RejectReason
 from worker.images import (
@@ -145,7 +145,7 @@ def test_device_decoding_embeds_like_the_reference_path(tiny_embedder: Embedder)
     prepared = [prepare(d, LIMITS, device_params) for d in datas]
     pixels = DeviceJpegDecoder(CPU, LIMITS).materialise(prepared)
     assert not any(isinstance(p, RejectedRecord) for p in pixels)
-    on_device = tiny_embedder.embed_decoded([p for p in pixels if not isinstance(p, RejectedRecord)])
+    on_device = tiny_embedder.embed_decoded(decoded_only(pixels))
     reference = tiny_embedder.embed(
         np.stack([decode_and_preprocess(d, LIMITS, replace(tiny, resize="pil")) for d in datas])
     )

@@ -7,12 +7,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from worker.bench.preprocess import reference_pixels, reference_processor
+from worker.bench.preprocess import device_decoding_available, reference_pixels, reference_processor
 from worker.bench.report import Report
-from worker.device_decode import DeviceJpegDecoder, load_jpeg_decoder
+from worker.device_decode import DeviceJpegDecoder, decoded_only
 from worker.device_resize import preprocess_on_device
 from worker.embedder import Embedder
-from worker.errors import RejectedRecord, StartupError
 from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, prepare
 from worker.samples import jpeg_corpus, sample_images
 
@@ -53,23 +52,12 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
     return results
 
 
-def device_decoding_available() -> bool:
-    """True when torchvision's ``decode_jpeg`` loads (``--decode device`` can run)."""
-    try:
-        load_jpeg_decoder()
-    except StartupError as exc:
-        print(f"  (no --decode device rows: {exc})", flush=True)
-        return False
-    return True
-
-
 def _pixels(images: list[bytes], params: Preprocessing, device: torch.device) -> np.ndarray:
     """The normalised batch one preprocessing path makes of ``images``, on the host."""
     limits = ImageLimits()
     if params.decode == "device":
         decoded = DeviceJpegDecoder(device, limits).materialise([prepare(d, limits, params) for d in images])
-        kept = [p for p in decoded if not isinstance(p, RejectedRecord)]
-        return preprocess_on_device(kept, params, device).cpu().numpy()
+        return preprocess_on_device(decoded_only(decoded), params, device).cpu().numpy()
     pixels = [decode_and_preprocess(data, limits, params) for data in images]
     if params.resize == "device":
         return preprocess_on_device(pixels, params, device).cpu().numpy()

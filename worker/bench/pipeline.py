@@ -20,9 +20,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.bench.preprocess import reference_pixels, reference_processor
 from worker.bench.report import Report
 from worker.config import Settings, load_settings
-from worker.device_decode import DeviceJpegDecoder
+from worker.device_decode import DeviceJpegDecoder, decoded_only
 from worker.embedder import Embedder
-from worker.errors import RejectedRecord
 from worker.images import ImageLimits, prepare
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
 from worker.messages import Source, decode_request, encode_embedding, encode_request
@@ -64,7 +63,7 @@ def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:
             if device_decoder is not None:
                 with embedder.on_own_stream():
                     decoded = device_decoder.materialise(prepared)
-                embedder.embed_decoded([p for p in decoded if not isinstance(p, RejectedRecord)])
+                embedder.embed_decoded(decoded_only(decoded))
             elif work.resize == "device":
                 embedder.embed_decoded([p for p in prepared if isinstance(p, np.ndarray)])
             else:

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from worker.bench.report import Report
-from worker.device_decode import DeviceJpegDecoder
+from worker.device_decode import DeviceJpegDecoder, decoded_only, load_jpeg_decoder
 from worker.device_resize import preprocess_on_device
 from worker.embedder import Embedder
-from worker.errors import RejectedRecord, StartupError
+from worker.errors import StartupError
 from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
 
 
@@ -101,18 +101,15 @@ def bench_device_preprocess(report: Report, embedder: Embedder, corpus: list[byt
         _synchronise(embedder.device)
         case = f"resize on {embedder.device} (--resize device), batch {batch_size}"
         report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))
-        try:
-            decoder = DeviceJpegDecoder(embedder.device, limits)
-        except StartupError as exc:
-            print(f"  (no --decode device row: {exc})", flush=True)
+        if not device_decoding_available():
             return
+        decoder = DeviceJpegDecoder(embedder.device, limits)
         params = replace(embedder.preprocessing, resize="device", decode="device")
         encoded = [prepare(d, limits, params) for d in corpus]
         started = time.perf_counter()
         for start in batches:
             decoded = decoder.materialise(encoded[start : start + batch_size])
-            kept = [p for p in decoded if not isinstance(p, RejectedRecord)]
-            preprocess_on_device(kept, embedder.preprocessing, embedder.device)
+            preprocess_on_device(decoded_only(decoded), embedder.preprocessing, embedder.device)
         _synchronise(embedder.device)
         case = f"decode + resize on {embedder.device} (--decode device), batch {batch_size}"
         report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))
@@ -121,3 +118,13 @@ def bench_device_preprocess(report: Report, embedder: Embedder, corpus: list[byt
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_decoding_available() -> bool:
+    """True when torchvision's ``decode_jpeg`` loads (``--decode device`` can run); says why not if not."""
+    try:
+        load_jpeg_decoder()
+    except StartupError as exc:
+        print(f"  (no --decode device rows: {exc})", flush=True)
+        return False
+    return True
