@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import MessageSizeTooLargeError
 
 from worker.config import Settings
 from worker.errors import RejectReason
@@ -27,7 +27,7 @@ from worker.messages import VALUE_OMITTED_HEADER, ImageRequest, dlq_headers, enc
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.transactions import Transactions
-from worker.work import InputRecord, Outgoing
+from worker.work import InputRecord, Outgoing, send
 
 log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = 1.0
@@ -131,13 +131,7 @@ class Publisher:
         if self.transactions is not None:
             self.transactions.publish(out)
             return
-        try:
-            future = self._producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
-        except KafkaError as exc:
-            self._send_failed(out, exc)
-            return
-        future.add_callback(lambda _metadata: self._delivered(out))
-        future.add_errback(lambda exc: self._send_failed(out, exc))
+        send(self._producer, out, self._delivered, self._send_failed)
 
     def _delivered(self, out: Outgoing) -> None:
         # Producer I/O thread: cheap, non-blocking bookkeeping only.

@@ -36,7 +36,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.config import Settings
 from worker.errors import BrokerLostError, TransactionFencedError
 from worker.ordering import InOrderRelease, OutOfOrderError
-from worker.work import Outgoing
+from worker.work import Outgoing, send
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,16 +169,14 @@ class Transactions:
                 self._send(item)
 
     def _send(self, out: Outgoing) -> None:
-        try:
-            if not self._open:
+        if not self._open:
+            try:
                 self._producer.begin_transaction()
-                self._open = True
-            future = self._producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
-        except KafkaError as exc:
-            self._failed(out, exc)
-            return
-        future.add_callback(lambda _metadata: self._delivered(out))
-        future.add_errback(lambda exc: self._failed(out, exc))
+            except KafkaError as exc:
+                self._failed(out, exc)
+                return
+            self._open = True
+        send(self._producer, out, self._delivered, self._failed)
 
     def _delivered(self, out: Outgoing) -> None:
         if out.record.epoch == self.epoch:  # acknowledgements of an aborted epoch count for nothing
