@@ -30,7 +30,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 RESIZERS = ("pil", "torch", "device")
-DECODERS = ("pil", "device")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class _Launched:
     items: list[ReadyImage]
     pending: PendingEmbeddings
     started: float
+    retry: bool  # a failure may still be retried once before the batch is split
 
 
 class InferenceStage:
@@ -132,37 +133,35 @@ class InferenceStage:
         now = time.monotonic()
         for item in batch.items:
             self.metrics.stage_seconds.labels("queue_wait").observe(now - item.record.polled_at)
-        items, pixels = self._decode_on_device(batch.items)
+        return self._start(batch.items, retry=True)
+
+    def _start(self, items: list[ReadyImage], retry: bool) -> _Launched | None:
+        """Queue the items' embedding on the device; None if nothing is left to wait for (all rejected, or
+        a failure handled on the spot)."""
+        items, pixels = self._decode_on_device(items)
         if not items:
             return None
         started = time.perf_counter()
         try:
             pending = self._start_embedding(items, pixels)
         except Exception as exc:
-            self._recover(items, exc, retry=True)
+            self._recover(items, exc, retry)
             return None
-        return _Launched(items, pending, started)
+        return _Launched(items, pending, started, retry)
 
     def _finish(self, launched: _Launched) -> None:
         try:
             vectors = launched.pending.result()
         except Exception as exc:  # an asynchronous device error surfaces here, not at launch
-            self._recover(launched.items, exc, retry=True)
+            self._recover(launched.items, exc, launched.retry)
             return
         self._publish(launched.items, vectors, launched.started)
 
     def _embed_now(self, items: list[ReadyImage], retry: bool) -> None:
         """Embed and publish synchronously: the path of retries and split halves."""
-        items, pixels = self._decode_on_device(items)
-        if not items:
-            return
-        started = time.perf_counter()
-        try:
-            vectors = self._start_embedding(items, pixels).result()
-        except Exception as exc:
-            self._recover(items, exc, retry)
-            return
-        self._publish(items, vectors, started)
+        launched = self._start(items, retry)
+        if launched is not None:
+            self._finish(launched)
 
     def _start_embedding(
         self, items: list[ReadyImage], pixels: list[np.ndarray | torch.Tensor] | None
