@@ -73,12 +73,20 @@ class InferenceStage:
             DeviceJpegDecoder(embedder.device, limits) if preprocessing.decode == "device" else None
         )
         self._queue: queue.Queue[Batch[ReadyImage] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._device_free_at = 0.0  # when the device finished the last batch (perf_counter)
+        self._failure: BaseException | None = None
 
     def start(self) -> None:
         """Start the inference thread."""
         self._thread.start()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the thread died, or None while it runs (or ended normally). Nothing is embedded after it."""
+        if self._failure is None:
+            return None
+        return f"the inference thread died: {type(self._failure).__name__}: {self._failure}"
 
     def offer(self, batch: Batch[ReadyImage], wait_s: float = 0.0) -> bool:
         """Queue a closed batch, waiting up to ``wait_s`` for room; False if there was none."""
@@ -106,6 +114,13 @@ class InferenceStage:
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
 
     # ---------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: the main loop sees it and stops the worker
+            self._failure = exc
+            log.critical("the inference thread died; the worker stops", exc_info=True)
+
     def _loop(self) -> None:
         pending: _Launched | None = None
         while True:
@@ -194,9 +209,9 @@ class InferenceStage:
         # The device works on one batch at a time: count this batch from when it could start on it.
         self.metrics.stage_seconds.labels("inference").observe(ready - max(started, self._device_free_at))
         self._device_free_at = ready
-        self.metrics.embedded.inc(len(items))
         for item, vector in zip(items, vectors, strict=True):
             self.publisher.embedding(item.record, item.request, vector)
+        self.metrics.embedded.inc(len(items))
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - ready)
 
     def _decode_on_device(

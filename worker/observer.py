@@ -50,6 +50,7 @@ class Observer:
         self._metrics.last_progress.set_to_current_time()
         self._metrics.in_flight_images.set(self._tracker.in_flight)
         self._metrics.in_flight_bytes.set(self._tracker.in_flight_bytes)
+        self._metrics.stalled_seconds.set(self._tracker.stalled_for())
         self._update_lag()
         if self._progress_interval_s and now - self._last_progress_at >= self._progress_interval_s:
             self._log_progress(now)

@@ -22,22 +22,25 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, FencedInstanceIdError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batcher import Batch, Batcher
 from worker.config import Settings
 from worker.embedder import Embedder, default_decode_workers
-from worker.errors import BrokerLostError, RejectedRecord, RejectReason, TransactionFencedError
+from worker.errors import (
+    BrokerLostError,
+    FencedError,
+    GroupInstanceFencedError,
+    RejectedRecord,
+    RejectReason,
+    StageFailedError,
+)
 from worker.gpu import GpuCollector
 from worker.images import EncodedJpeg, ImageLimits, prepare
 from worker.inference import InferenceStage, ReadyImage
-from worker.kafka_io import MAX_POLL_RECORDS
-from worker.messages import (
-    ImageRequest,
-    Source,
-    decode_request,
-)
+from worker.kafka_io import MAX_POLL_RECORDS, salvage_batch
+from worker.messages import Headers, ImageRequest, Source, decode_request
 from worker.metrics import HealthState, WorkerMetrics
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
@@ -50,6 +53,7 @@ _IDLE_WAIT_S = 0.005
 _DECODE_CHUNK = 8
 _COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the poll loop
 _IDLE_COMMIT_S = 0.1  # shortest gap between commits made because the worker caught up
+_TOPIC_CHECK_EVERY_S = 30.0
 
 
 @dataclass
@@ -140,7 +144,9 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(max_workers=self._decode_workers, thread_name_prefix="decode")
         self._paused = False
         self._last_commit = time.monotonic()
-        self._last_broker_ok = time.monotonic()
+        self._input_topic_missing: str | None = None
+        self._salvaged: list[tuple[InputRecord, ImageRequest]] = []  # read past a batch the client refused
+        self._next_topic_check = 0.0
         self.publisher = Publisher(
             settings, producer, consumer, self.tracker, metrics, embedder.label, topic_limits, reopen_producer
         )
@@ -149,6 +155,19 @@ class Pipeline:
         self._closed_batches: deque[Batch[ReadyImage]] = deque()
         self.inference = InferenceStage(embedder, self.publisher, metrics, self._preprocessing, self._limits)
         self.observer = Observer(consumer, self.tracker, metrics, settings.progress_interval_s, gpu)
+        health.add_liveness_check(lambda: self.inference.failure)
+        health.add_liveness_check(self._stall)
+        health.add_readiness_check(lambda: self._input_topic_missing)
+        health.add_readiness_check(lambda: self.publisher.failing)
+
+    def _stall(self) -> str | None:
+        stalled = self.tracker.stalled_for()
+        if stalled < self.settings.stall_timeout_s:
+            return None
+        return (
+            f"no result acknowledged for {stalled:.0f}s with {self.tracker.in_flight} record(s) in flight "
+            "(raise --stall-timeout-s if batches legitimately take this long)"
+        )
 
     def subscribe(self) -> None:
         """Join the group on the input topic (exactly-once: after registering the transactional id)."""
@@ -164,7 +183,7 @@ class Pipeline:
         try:
             while not stop.is_set():
                 self.step()
-        except (BrokerLostError, TransactionFencedError):
+        except (BrokerLostError, FencedError, StageFailedError):
             self._pool.shutdown(wait=False, cancel_futures=True)
             raise  # nothing to drain into: no commit, the next owner re-reads the pending records
         except BaseException:
@@ -174,18 +193,20 @@ class Pipeline:
 
     def step(self) -> None:
         """One loop iteration: poll, collect decodes, embed due batches, resend, commit."""
+        failure = self.inference.failure
+        if failure is not None:
+            raise StageFailedError(f"{failure}; exiting without committing what it held")
         if self._doomed():
             self._rewind()
         self._apply_backpressure()
-        records = self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
+        records = self._poll()
         now = time.monotonic()
-        if records:
-            self._last_broker_ok = now
-        self._check_broker(now)
-        accepted: list[tuple[InputRecord, ImageRequest]] = []
-        for tp, batch in records.items():
+        self._check_broker()
+        self._check_input_topic(now)
+        accepted, self._salvaged = self._salvaged, []
+        for batch in records.values():
             for message in batch:
-                item = self._accept(tp, message, now)
+                item = self._accept(message, now)
                 if item is not None:
                     accepted.append(item)
         self._submit_decodes(accepted)
@@ -214,14 +235,72 @@ class Pipeline:
     def _doomed(self) -> bool:
         return self._transactions is not None and self._transactions.doomed is not None
 
-    def _check_broker(self, now: float) -> None:
-        silent = now - max(self._last_broker_ok, self.publisher.last_ack)
+    def _poll(self) -> dict[TopicPartition, list[Any]]:
+        """Poll; a record the client cannot parse is dead-lettered as far as it was read, and skipped."""
+        try:
+            records: dict[TopicPartition, list[Any]] = self.consumer.poll(
+                timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget()
+            )
+            return records
+        except FencedInstanceIdError:
+            raise self._instance_fenced() from None
+        except CorruptRecordError as exc:
+            self._salvaged = self._skip_unreadable(exc)
+            return {}
+
+    def _instance_fenced(self) -> GroupInstanceFencedError:
+        return GroupInstanceFencedError(
+            f"another worker joined group {self.settings.group_id!r} with --group-instance-id "
+            f"{self.settings.group_instance_id!r}; give every worker its own"
+        )
+
+    def _skip_unreadable(self, exc: CorruptRecordError) -> list[tuple[InputRecord, ImageRequest]]:
+        """Dead-letter the record the client could not read and take the rest of its batch from here."""
+        salvaged = salvage_batch(exc)
+        if salvaged is None:
+            raise exc  # the client gave no way to tell which record: a clear crash, never a silent skip
+        accepted: list[tuple[InputRecord, ImageRequest]] = []
+        now = time.monotonic()
+        for found in salvaged.records:
+            if found.error is not None:
+                self.metrics.unreadable_records.inc()
+                log.error(
+                    "record %s[%d]@%d cannot be read by the Kafka client (%s); dead-lettering key and value",
+                    found.topic, found.partition, found.offset, found.error,
+                )  # fmt: skip
+            item = self._accept(found, now, found.error)
+            if item is not None:
+                accepted.append(item)
+        if salvaged.records:
+            first = salvaged.records[0]
+            self.consumer.seek(TopicPartition(first.topic, first.partition), salvaged.next_offset)
+        return accepted
+
+    def _check_broker(self) -> None:
+        silent = self.publisher.watch.silent_for()
         if self.tracker.in_flight and silent > self.settings.broker_lost_timeout_s:
             raise BrokerLostError(
-                f"the broker at {self.settings.bootstrap_servers} has not answered for {silent:.0f}s with "
-                f"{self.tracker.in_flight} record(s) pending; exiting without committing them "
+                f"the broker at {self.settings.bootstrap_servers} has not answered a send for {silent:.0f}s "
+                f"with {self.tracker.in_flight} record(s) pending; exiting without committing them "
                 "(raise --broker-lost-timeout-s to wait longer)"
             )
+
+    def _check_input_topic(self, now: float) -> None:
+        """Say once in a while, not ten times a second, that the input topic is missing."""
+        if now < self._next_topic_check:
+            return
+        self._next_topic_check = now + (1.0 if self._input_topic_missing is None else _TOPIC_CHECK_EVERY_S)
+        topic = self.settings.input_topic
+        if self.consumer.partitions_for_topic(topic):
+            if self._input_topic_missing is not None:
+                log.info("input topic %r exists now", topic)
+            self._input_topic_missing = None
+            return
+        self._input_topic_missing = (
+            f"input topic {topic!r} does not exist on {self.settings.bootstrap_servers}; "
+            "create it or fix --input-topic"
+        )
+        log.warning("%s (checking again every %.0fs)", self._input_topic_missing, _TOPIC_CHECK_EVERY_S)
 
     def _poll_timeout_ms(self) -> int:
         if self._decoding:
@@ -243,42 +322,55 @@ class Pipeline:
             self.consumer.pause(*assigned)
             self._paused = True
             self.metrics.paused_partitions.set(len(assigned))
-        elif self._paused and in_flight < self.settings.max_in_flight // 2:
+        elif self._paused and in_flight <= self.settings.max_in_flight // 2:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
             self.metrics.paused_partitions.set(0)
 
     # ---------------------------------------------------------------- intake and decoding
     def _accept(
-        self, tp: TopicPartition, message: Any, now: float
+        self, message: Any, now: float, unreadable: str | None = None
     ) -> tuple[InputRecord, ImageRequest] | None:
-        """Track a polled record and decode its envelope; a bad envelope goes straight to the DLQ."""
+        """Track a polled record and decode its envelope; a bad envelope goes straight to the DLQ (as does
+        a record the Kafka client could not read, ``unreadable`` saying why)."""
+        tp = TopicPartition(message.topic, message.partition)
         source = Source(message.topic, message.partition, message.offset)
-        size = len(message.value or b"")
-        if self._transactions is not None and not self._transactions.expect(tp, message.offset):
-            return None  # exactly-once: already read in this transaction epoch
-        if not self.tracker.track(tp, message.offset, size):
-            if tp not in self.consumer.assignment():
-                return None  # partition revoked while this record was buffered; its new owner reads it again
-            # Owned but never announced to the listener (the client can skip the callback): adopt it.
-            log.warning("adopting %s[%d]: assigned without a rebalance callback", tp.topic, tp.partition)
-            self.tracker.assign({tp})
-            self.tracker.track(tp, message.offset, size)
-        self.metrics.consumed.inc()
         record = InputRecord(
             source=source,
             key=message.key,
             value=message.value,
-            headers=list(message.headers or []),
+            headers=_sendable_headers(message.headers),
             timestamp_ms=int(message.timestamp or 0),
             polled_at=now,
-            epoch=self._transactions.epoch if self._transactions is not None else 0,
+            epoch=self._epoch(),
         )
+        if not self._track(tp, message.offset, len(message.value or b""), record):
+            return None
+        if unreadable is not None:
+            self.publisher.dead_letter(record, RejectReason.UNREADABLE_RECORD, unreadable)
+            return None
         try:
             return record, decode_request(record.value)
         except RejectedRecord as rejected:
             self.publisher.dead_letter(record, rejected.reason, rejected.message)
             return None
+
+    def _epoch(self) -> int:
+        return self._transactions.epoch if self._transactions is not None else 0
+
+    def _track(self, tp: TopicPartition, offset: int, size: int, record: InputRecord) -> bool:
+        """Start tracking a polled record; False if it is not this worker's to process."""
+        if self._transactions is not None and not self._transactions.expect(tp, offset):
+            return False  # exactly-once: already read in this transaction epoch
+        if not self.tracker.track(tp, offset, size):
+            if tp not in self.consumer.assignment():
+                return False  # partition revoked while this record was buffered; its new owner reads it again
+            # Owned but never announced to the listener (the client can skip the callback): adopt it.
+            log.warning("adopting %s[%d]: assigned without a rebalance callback", tp.topic, tp.partition)
+            self.tracker.assign({tp})
+            self.tracker.track(tp, offset, size)
+        self.metrics.consumed.inc()
+        return True
 
     def _submit_decodes(self, accepted: list[tuple[InputRecord, ImageRequest]]) -> None:
         # A task per chunk of images rather than per image: submitting costs GIL time the decoders need.
@@ -340,13 +432,14 @@ class Pipeline:
                 {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
                 timeout_ms=_COMMIT_TIMEOUT_MS,
             )
+        except FencedInstanceIdError:
+            raise self._instance_fenced() from None
         except KafkaError as exc:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s); will retry with the next commit", exc)
             return
         self.tracker.mark_committed(offsets)
         self.metrics.commits.inc()
-        self._last_broker_ok = time.monotonic()
 
     def _commit_transaction(self) -> bool:
         """Exactly-once: commit the open transaction with its offsets. False if it must be aborted."""
@@ -357,7 +450,6 @@ class Pipeline:
         if committed:
             self.tracker.mark_committed(committed)
             self.metrics.commits.inc()
-            self._last_broker_ok = time.monotonic()
         return True
 
     def _rewind(self) -> None:
@@ -419,3 +511,8 @@ class Pipeline:
         if left:
             log.error("shutdown grace period ended with %d record(s) unacknowledged; not committed", left)
         return left == 0
+
+
+def _sendable_headers(headers: Any) -> Headers:
+    """The record's headers as the producer takes them: a null header value becomes empty bytes."""
+    return [(name, b"" if data is None else data) for name, data in headers or ()]

@@ -21,7 +21,7 @@ from worker.embedder import (
     default_decode_workers,
     load_embedder,
 )
-from worker.errors import BrokerLostError, TransactionFencedError
+from worker.errors import BrokerLostError, FencedError, StageFailedError
 from worker.kafka_io import check_output_topics, make_consumer, make_producer, topic_message_limits
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.pipeline import Pipeline
@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_UNCLEAN_DRAIN = 3
 EXIT_BROKER_LOST = 4
-EXIT_TRANSACTION_FENCED = 5
+EXIT_TRANSACTION_FENCED = 5  # another process took this worker's transactional or group instance id
+EXIT_STAGE_FAILED = 6
+# Signals that ask for a drain: SIGHUP too, which a closed terminal or some supervisors send.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _CLOSE_TIMEOUT_MS = 5000
 
 
@@ -53,6 +56,7 @@ def run_worker(
     stop: threading.Event | None = None,
     embedder: Embedder | None = None,
     metrics: WorkerMetrics | None = None,
+    health: HealthState | None = None,
 ) -> int:
     """Run until ``stop`` is set (or SIGTERM/SIGINT in the main thread); returns the exit code.
 
@@ -61,7 +65,7 @@ def run_worker(
     stop = stop or threading.Event()
     log.info("clip-worker %s starting with %s", __version__, settings.redacted())
     metrics = metrics or WorkerMetrics()
-    health = HealthState()
+    health = health or HealthState()
     server = None
     if settings.metrics_port:
         server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics, health)
@@ -126,9 +130,12 @@ def run_worker(
         except BrokerLostError as exc:
             log.error("%s", exc)
             return EXIT_BROKER_LOST
-        except TransactionFencedError as exc:
+        except FencedError as exc:
             log.error("%s", exc)
             return EXIT_TRANSACTION_FENCED
+        except StageFailedError as exc:
+            log.error("%s", exc)
+            return EXIT_STAGE_FAILED
         finally:
             _close_quietly(consumer, pipeline.publisher.producer)
         log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
@@ -156,5 +163,5 @@ def _install_signal_handlers(stop: threading.Event) -> None:
         log.info("received %s: finishing in-flight work, then exiting", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)

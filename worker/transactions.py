@@ -36,7 +36,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.config import Settings
 from worker.errors import BrokerLostError, TransactionFencedError
 from worker.ordering import InOrderRelease, OutOfOrderError
-from worker.work import Outgoing, send
+from worker.work import BrokerWatch, Outgoing, UnsendableRecordError, send
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,9 +101,11 @@ class Transactions:
         on_delivered: Callable[[Outgoing], None],
         on_failed: Callable[[Outgoing, BaseException], None],
         reopen: Callable[[], KafkaProducer] | None = None,
+        watch: BrokerWatch | None = None,
         stuck_after_s: float = STUCK_AFTER_S,
     ) -> None:
         self._producer = producer
+        self._watch = watch or BrokerWatch()
         self._reopen = reopen
         self._stuck_after_s = min(timeout_s, stuck_after_s)
         self._consumer = consumer
@@ -169,6 +171,9 @@ class Transactions:
                 self._send(item)
 
     def _send(self, out: Outgoing) -> None:
+        if out.undeliverable is not None:
+            self._delivered(out)  # skipped by policy: it only had to take its turn
+            return
         if not self._open:
             try:
                 self._producer.begin_transaction()
@@ -176,7 +181,7 @@ class Transactions:
                 self._failed(out, exc)
                 return
             self._open = True
-        send(self._producer, out, self._delivered, self._failed)
+        send(self._producer, out, self._delivered, self._failed, self._watch)
 
     def _delivered(self, out: Outgoing) -> None:
         if out.record.epoch == self.epoch:  # acknowledgements of an aborted epoch count for nothing
@@ -185,7 +190,8 @@ class Transactions:
     def _failed(self, out: Outgoing, exc: BaseException) -> None:
         if out.record.epoch == self.epoch:
             self._on_failed(out, exc)
-            self.doom(AbortReason.DELIVERY_FAILED)
+            if not isinstance(exc, UnsendableRecordError):  # never sent: the transaction is unharmed
+                self.doom(AbortReason.DELIVERY_FAILED)
 
     def commit(
         self, acknowledged: Callable[[], dict[TopicPartition, int]]
