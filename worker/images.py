@@ -33,6 +33,8 @@ RESIZERS = ("pil", "torch", "device")
 # The formats the worker decodes; anything else is not_an_image, whatever plugins Pillow has (EPS would
 # run Ghostscript, for one). MPO is how Pillow names the JPEGs of many cameras and phones.
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+Image.init()  # registers every plugin, so that the list below names only those this Pillow has
+_OPENABLE = tuple(name for name in SUPPORTED_FORMATS if name in Image.OPEN)
 # Past this many times the crop, the intermediate image of "shortest side to 224, then crop" is mostly
 # thrown away (a 3x30000 strip would become 224x2,240,000): such images are resized straight to the crop
 # window instead, at a cost bounded by the source size (see crop_window).
@@ -115,7 +117,7 @@ def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=_OPENABLE)
     except UnidentifiedImageError:
         raise RejectedRecord(RejectReason.NOT_AN_IMAGE, "bytes are not a supported image format") from None
     except Exception as exc:
