@@ -7,13 +7,15 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from worker.bench.gpu_busy import HEADER, mean_busy
 from worker.bench.report import Report
 from worker.bench.summary import summary
 
 
-def _samples(tmp_path, rows):
+def _samples(tmp_path: Path, rows: list[tuple[float, float]]) -> Path:
     path = tmp_path / "gpu-busy.csv"
     lines = [",".join(HEADER)] + [f"{when},{busy},1000,nvml" for when, busy in rows]
     path.write_text("\n".join(lines) + "\n1796000009.5,4")  # the sampler killed mid-line
@@ -53,15 +55,18 @@ def test_the_sampler_writes_labelled_samples_until_terminated(tmp_path):
 
 
 def test_the_report_is_on_disk_after_every_row(tmp_path):
-    report = Report(output=tmp_path / "bench.json")
+    output = tmp_path / "bench.json"
+    report = Report(output=output)
     report.add("model", "batch 8, forward pass", 100.0, dtype="bfloat16")
-    assert [r["case"] for r in json.loads(report.output.read_text())["rows"]] == ["batch 8, forward pass"]
+    assert [r["case"] for r in json.loads(output.read_text())["rows"]] == ["batch 8, forward pass"]
     report.add("end-to-end", "clip-worker, batch 8", 0.0, failed="the worker died: boom")
-    assert json.loads(report.output.read_text())["rows"][1]["failed"] == "the worker died: boom"
+    assert json.loads(output.read_text())["rows"][1]["failed"] == "the worker died: boom"
 
 
 def test_the_summary_names_failed_rows_and_ignores_busy_figures_not_from_a_gpu():
-    def worker_row(case, rate, busy, source, failed=None):
+    def worker_row(
+        case: str, rate: float, busy: str, source: str, failed: str | None = None
+    ) -> dict[str, Any]:
         detail = {"gpu_busy": busy, "gpu_busy_source": source, "model_busy": "50%", "dead_letters": 0}
         return {
             "section": "end-to-end",
