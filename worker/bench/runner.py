@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 from worker.bench.args import E2E_RUNS
@@ -97,6 +100,9 @@ class _Compiled:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the selected sections, print the table, write JSON after every row; 1 if any row failed."""
+    # A step timeout's SIGTERM unwinds like Ctrl-C: the local broker is stopped, not orphaned.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     if args.quick:
         args.images, args.seconds, args.batch_sizes, args.threads = 96, 1.0, "1,8", "1,2"
     sections = set(args.sections.split(","))
@@ -171,6 +177,10 @@ def run_bench(args: argparse.Namespace) -> int:
     for row in failures:
         print(f"FAILED ROW: {row.section} / {row.case}: {row.failed}")
     return 1 if failures else 0
+
+
+def _terminated(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _with_broker(bootstrap: str | None, action: Callable[[str], T]) -> T:
