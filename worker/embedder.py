@@ -228,9 +228,10 @@ class Embedder:
             if count < self._compiled_batch:
                 padding = batch.new_zeros((self._compiled_batch - count, *batch.shape[1:]))
                 batch = torch.cat([batch, padding])
-            self._warm_up_on_this_thread()
             model = self._compiled
         try:
+            if model is self._compiled:
+                self._warm_up_on_this_thread()
             output = model(pixel_values=batch.to(self.dtype))
         except torch.cuda.OutOfMemoryError:
             if model is self._compiled:
@@ -287,7 +288,6 @@ class Embedder:
         thread = threading.get_ident()
         if thread in self._warm_threads:
             return
-        self._warm_threads.add(thread)
         crop = self.preprocessing.crop
         zeros = torch.zeros((self._compiled_batch, 3, crop, crop), dtype=self.dtype, device=self.device)
         started = time.perf_counter()
@@ -295,6 +295,7 @@ class Embedder:
             self._compiled(pixel_values=zeros)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        self._warm_threads.add(thread)
         log.info(
             "warmed up the compiled forward pass on thread %s in %.1fs",
             threading.current_thread().name,
