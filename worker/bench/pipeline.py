@@ -134,8 +134,8 @@ def bench_worker(
     In exactly-once mode results become visible when their transaction commits, so the clock stops when
     the group's committed offsets cover the backlog. Only embedded records count as done: dead letters and
     device-decode fallbacks are columns, and a dead letter fails the row (the corpus has no bad input).
-    Returns the images/s, or None when the row failed before the backlog was done (a dead or hung worker);
-    the row then says why.
+    Returns the images/s, or None when the row failed (a dead or hung worker, a dead letter); the row then
+    says why.
     """
     extra: dict[str, Any] = {}
     if exactly_once:
@@ -192,7 +192,7 @@ def bench_worker(
         **outcome,
         rss_mb=f"{rss_before:.0f}->{resident_mb():.0f}",
     )
-    return row.images_per_s
+    return None if failed else row.images_per_s  # a failed row feeds no ratio
 
 
 class _SteadyWindow:
