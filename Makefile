@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration gpu-test lint format docs kafka-jars gpu-wheels clean
+.PHONY: install demo test unit integration gpu-test gpu-bench-rehearsal lint format docs kafka-jars gpu-wheels clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ integration: install kafka-jars
 # The GPU code paths; needs CUDA (not part of `make test`: CI machines have no GPU).
 gpu-test: install
 	$(BIN)/python -m pytest -s tests/gpu
+
+# .ci/gpu-bench's steps on this CPU (tiny model, --device cpu), so that only CUDA can fail on the card.
+gpu-bench-rehearsal: install
+	GPU_BENCH_REHEARSAL=1 PYTHON=$(BIN)/python OUT=bench-results/rehearsal bash .ci/gpu-bench
 
 lint: install
 	$(BIN)/ruff check .

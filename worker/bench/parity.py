@@ -43,7 +43,13 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
         cosine = float(np.min(np.sum(vectors * reference_vectors, axis=1)))
         difference = float(np.abs(ours - reference).max())
         results[mode] = {"max_abs_diff": difference, "min_cosine": cosine}
-        report.parity[mode] = {**results[mode], "images": len(images), "model": embedder.label}
+        report.parity[mode] = {
+            **results[mode],
+            "images": len(images),
+            "model": embedder.label,
+            "device": str(embedder.device),
+        }
+        report.checkpoint()
         print(
             f"  parity      {mode:<16} max|diff| {difference:.2e}  min cosine {cosine:.6f}  "
             f"({len(images)} images, {embedder.label})",
