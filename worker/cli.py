@@ -10,7 +10,7 @@ from typing import Any, get_args
 from pydantic import SecretStr
 
 from worker.config import Settings, env_name, flag_name, load_settings
-from worker.errors import StartupError
+from worker.errors import ExitCode, StartupError
 from worker.logs import configure_logging
 
 CONNECTION_FIELDS = (
@@ -191,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except StartupError as exc:
         print(f"clip-worker: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.STARTUP
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":
