@@ -10,6 +10,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as ClientTopicPartition
 
 from worker.kafka_io.errors import UnsendableRecordError, translate
 from worker.kafka_io.types import DeliveryFuture, Headers, RebalanceListener, Record, TopicPartition
@@ -43,8 +44,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._listener.on_partitions_lost({TopicPartition(*tp) for tp in lost})
 
 
-def _offsets(offsets: Mapping[TopicPartition, int]) -> dict[Any, OffsetAndMetadata]:
-    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+def _client_tp(tp: TopicPartition) -> ClientTopicPartition:
+    # kafka-python type-checks partitions: equal tuples of another class are refused.
+    return ClientTopicPartition(tp.topic, tp.partition)
+
+
+def _offsets(offsets: Mapping[TopicPartition, int]) -> dict[ClientTopicPartition, OffsetAndMetadata]:
+    return {_client_tp(tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
 
 
 class ConsumerAdapter:
@@ -69,17 +75,17 @@ class ConsumerAdapter:
         return {TopicPartition(*tp) for tp in self.client.assignment()}
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self.client.pause(*partitions)
+        self.client.pause(*map(_client_tp, partitions))
 
     def resume(self, *partitions: TopicPartition) -> None:
-        self.client.resume(*partitions)
+        self.client.resume(*map(_client_tp, partitions))
 
     def paused(self) -> set[TopicPartition]:
         return {TopicPartition(*tp) for tp in self.client.paused()}
 
     @_translated
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        self.client.seek(partition, offset)
+        self.client.seek(_client_tp(partition), offset)
 
     @_translated
     def commit(self, offsets: Mapping[TopicPartition, int], timeout_ms: int) -> None:
@@ -90,7 +96,7 @@ class ConsumerAdapter:
         return bool(self.client.partitions_for_topic(topic))
 
     def highwater(self, partition: TopicPartition) -> int | None:
-        value = self.client.highwater(partition)
+        value = self.client.highwater(_client_tp(partition))
         return int(value) if value is not None else None
 
     def group_metadata(self) -> Any:
