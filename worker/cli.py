@@ -105,7 +105,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     configure_logging("warning")
     return run_demo(count=args.count, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
@@ -121,7 +121,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from worker.bench.runner import run_bench
+    from worker.devtools.bench.runner import run_bench
 
     configure_logging("warning")
     return run_bench(args)
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="auto")
     demo.set_defaults(handler=_cmd_demo)
     bench = commands.add_parser("bench", help="throughput benchmarks: a table and JSON")
-    from worker.bench.args import add_bench_arguments
+    from worker.devtools.bench.args import add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)

@@ -27,6 +27,7 @@ from tests.support.kafka_helpers import (
     worker_settings,
 )
 from worker.config import Settings
+from worker.devtools.samples import jpeg_corpus
 from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import ExitCode
 from worker.kafka_io import ensure_topics
@@ -37,7 +38,6 @@ from worker.messages import (
     VALUE_OMITTED_HEADER,
     encode_request,
 )
-from worker.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 MODES = pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])

@@ -9,12 +9,12 @@ from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from tests.support.stub_embedder import StubEmbedder
 from worker.config import load_settings
 from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.devtools.samples import jpeg_corpus
 from worker.kafka_io import TopicPartition
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
 from worker.metrics import HealthState, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.pipeline import Pipeline
-from worker.samples import jpeg_corpus
 from worker.topic_limits import TopicLimits
 
 TP = TopicPartition("images", 0)
