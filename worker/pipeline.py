@@ -35,7 +35,7 @@ from worker.images import ImageLimits
 from worker.inference import InferenceStage
 from worker.intake import IntakeStage, ReadyImage, Rejected
 from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition
-from worker.kafka_io.errors import InstanceFencedError, UnreadableRecordError
+from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, UnreadableRecordError
 from worker.kafka_io.salvage import salvage_batch
 from worker.messages import Headers, Source
 from worker.metrics import HealthState, WorkerMetrics
@@ -252,7 +252,12 @@ class Pipeline:
             return
         self._next_topic_check = now + (1.0 if self._input_topic_missing is None else _TOPIC_CHECK_EVERY_S)
         topic = self.settings.input_topic
-        if self.consumer.topic_exists(topic):
+        try:
+            exists = self.consumer.topic_exists(topic)
+        except KafkaLayerError as exc:  # the metadata request failed: ask again next time
+            log.debug("cannot tell whether %s exists: %s", topic, exc)
+            return
+        if exists:
             if self._input_topic_missing is not None:
                 log.info("input topic %r exists now", topic)
             self._input_topic_missing = None
