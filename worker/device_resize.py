@@ -1,4 +1,4 @@
-"""CLIP preprocessing on the model's device (``--resize device``): resize, crop and normalise a batch there.
+"""Preprocessing on the model's device (``--resize device``): resize, crop and normalise a batch there.
 
 The decode threads only decode (to uint8 RGB); the antialiased bicubic resize, the centre crop and the
 normalisation run as a few tensor operations per distinct image size on the GPU, which frees the CPU cores
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from worker.images import Preprocessing, resized_shape
+from worker.images import Preprocessing, target_shape
 
 
 def preprocess_on_device(
@@ -42,10 +42,10 @@ def preprocess_on_device(
             copied = _to_device([np.asarray(images[i]) for i in indices], device)
             # Planar (NCHW) before the resize: 15% faster than resizing the channels-last view on a CPU.
             pixels = copied.permute(0, 3, 1, 2).contiguous().float()
-        new_w, new_h = resized_shape(width, height, params.size)
+        new_w, new_h = target_shape(width, height, params)
         if (new_w, new_h) != (width, height):
             pixels = torch.nn.functional.interpolate(
-                pixels, size=(new_h, new_w), mode="bicubic", antialias=True
+                pixels, size=(new_h, new_w), mode=params.filter, antialias=True
             )
             pixels = pixels.round_().clamp_(0, 255)
         groups.append(_centre_crop(pixels, params.crop))

@@ -1,29 +1,31 @@
-"""Load CLIP's vision tower with projection and turn preprocessed batches into unit embeddings."""
+"""Run a model family's vision tower: turn preprocessed batches into unit embeddings, batched on its device.
+
+The family (:mod:`worker.models`) loads the tower and says what its preprocessing and its image features
+are; this module runs it: device, dtype, CUDA streams, pinned copies, compilation.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from worker.config import DEFAULT_MODEL
 from worker.device_resize import preprocess_on_device
-from worker.errors import ModelLoadError, StartupError
-from worker.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
+from worker.errors import StartupError
+from worker.images import Preprocessing
+from worker.models import RANDOM_PREFIX, ModelFamily, ModelSpec, family_of_model, select_family
+
+__all__ = ["RANDOM_PREFIX", "Embedder", "ModelSpec", "PendingEmbeddings", "load_embedder"]
 
 log = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # torch.compile options behind --compile: inductor's fused kernels, plus CUDA graphs that replay the whole
 # forward pass with one launch (fixed shapes only, hence the padding to one batch size). The graphs are
@@ -34,21 +36,6 @@ COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
     "cuda-graphs": {"triton.cudagraphs": True, "triton.cudagraph_trees": False},
 }
 _WARMUP_CALLS = 3  # CUDA graphs are recorded on the second or third call, not the first
-# OpenAI's ViT-L/14 vision tower, so random weights need no download.
-VIT_L14_VISION = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 224,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
-_MODEL_HINT = (
-    "check --model (hub id or local directory), --model-dir (weights cache), "
-    "or pass --random-weights for an offline smoke run"
-)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -103,18 +90,6 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load and where from."""
-
-    model: str = DEFAULT_MODEL
-    model_dir: Path | None = None
-    local_files_only: bool = False
-    random_weights: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-
-
 class PendingEmbeddings:
     """Embeddings whose work is queued on the device: :meth:`result` waits for them.
 
@@ -135,7 +110,10 @@ class PendingEmbeddings:
 
 
 class Embedder:
-    """A loaded CLIP vision tower: ``embed(pixels)`` returns L2-normalised float32 embeddings."""
+    """A loaded vision tower: ``embed(pixels)`` returns L2-normalised float32 embeddings.
+
+    ``family`` says how to read the tower's output; by default it is found from the tower's own config.
+    """
 
     def __init__(
         self,
@@ -145,14 +123,16 @@ class Embedder:
         preprocessing: Preprocessing,
         device: torch.device,
         dtype: torch.dtype,
+        family: ModelFamily | None = None,
     ) -> None:
         self.model = model
+        self.family = family or family_of_model(model)
         self.label = label
         self.revision = revision
         self.preprocessing = preprocessing
         self.device = device
         self.dtype = dtype
-        self.dim = int(model.config.projection_dim)
+        self.dim = self.family.embedding_dim(model.config)
         self._lock = threading.Lock()
         self._pinned: torch.Tensor | None = None
         self._pinned_copied: torch.cuda.Event | None = None
@@ -165,11 +145,13 @@ class Embedder:
 
     def view(self) -> Embedder:
         """Another embedder on the same weights, without this one's compiled graph (benchmarks compare)."""
-        return Embedder(self.model, self.label, self.revision, self.preprocessing, self.device, self.dtype)
+        return Embedder(
+            self.model, self.label, self.revision, self.preprocessing, self.device, self.dtype, self.family
+        )
 
     @property
     def parameters(self) -> int:
-        """Number of weights in the vision tower and projection."""
+        """Number of weights in the vision tower (and its projection or pooling head)."""
         return int(sum(p.numel() for p in self.model.parameters()))
 
     @property
@@ -232,13 +214,13 @@ class Embedder:
         try:
             if model is self._compiled:
                 self._warm_up_on_this_thread()
-            output = model(pixel_values=batch.to(self.dtype))
+            output = self.family.image_features(model, batch.to(self.dtype))
         except torch.cuda.OutOfMemoryError:
             if model is self._compiled:
                 log.warning("the compiled forward pass ran out of GPU memory; running eagerly from now on")
                 self._compiled = None
             raise
-        return torch.nn.functional.normalize(output.image_embeds[:count].float(), dim=-1)
+        return torch.nn.functional.normalize(output[:count].float(), dim=-1)
 
     def _forward(self, batch: torch.Tensor) -> PendingEmbeddings:
         features = self.features(batch)
@@ -343,57 +325,22 @@ class Embedder:
 
 
 def load_embedder(spec: ModelSpec) -> Embedder:
-    """Load the model described by ``spec``; raises :class:`ModelLoadError` with a one-line fix."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    """Load the model described by ``spec`` with its family; raises :class:`ModelLoadError` with a one-line
+    fix."""
     from transformers.utils import logging as hf_logging
 
-    # The text tower of a full CLIP checkpoint is skipped on purpose; its load report would be noise.
+    # The text tower of a full checkpoint is skipped on purpose; its load report would be noise.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    local_dir = Path(spec.model)
-    is_local = local_dir.is_dir()
-    if not is_local and _looks_like_path(spec.model):
-        raise ModelLoadError(f"model directory {spec.model} does not exist; {_MODEL_HINT}")
-    try:
-        if spec.random_weights:
-            config = _vision_config(spec, CLIPVisionConfig)
-            torch.manual_seed(0)
-            model = CLIPVisionModelWithProjection(config)
-            label = RANDOM_PREFIX + spec.model
-            revision = "random"
-        else:
-            model, loading = CLIPVisionModelWithProjection.from_pretrained(
-                spec.model,
-                cache_dir=str(spec.model_dir) if spec.model_dir else None,
-                local_files_only=spec.local_files_only,
-                attn_implementation="sdpa",
-                output_loading_info=True,
-            )
-            # A checkpoint without some vision weights would load with random ones: never embed with that.
-            if loading.get("missing_keys"):
-                missing = sorted(loading["missing_keys"])
-                raise ModelLoadError(
-                    f"{spec.model!r} lacks {len(missing)} vision weight(s) such as {missing[0]}; "
-                    f"it is not a CLIP checkpoint; {_MODEL_HINT}"
-                )
-            label = spec.model
-            revision = str(
-                getattr(model.config, "_commit_hash", None) or ("local" if is_local else "unknown")
-            )
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot load model {spec.model!r} ({first_line[:200]}); {_MODEL_HINT}"
-        ) from None
-    model = model.to(device=device, dtype=dtype).eval()
-    preprocessing = _preprocessing_for(spec, int(model.config.image_size))
-    log.info("model %s loaded on %s as %s (dim %d)", label, device, dtype, model.config.projection_dim)
-    return Embedder(model, label, revision, preprocessing, device, dtype)
+    family = select_family(spec)
+    loaded = family.load(spec)
+    model = loaded.model.to(device=device, dtype=dtype).eval()
+    dim = family.embedding_dim(model.config)
+    log.info("model %s (%s) loaded on %s as %s (dim %d)", loaded.label, family.name, device, dtype, dim)
+    return Embedder(model, loaded.label, loaded.revision, loaded.preprocessing, device, dtype, family)
 
 
 def _cudagraph_skips() -> int:
@@ -401,62 +348,3 @@ def _cudagraph_skips() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["cudagraph_skips"])
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
-
-
-def _vision_config(spec: ModelSpec, config_class: Any) -> Any:
-    """The architecture for random weights: from a local checkpoint, the cache, or built in for ViT-L/14."""
-    try:
-        return config_class.from_pretrained(
-            spec.model,
-            cache_dir=str(spec.model_dir) if spec.model_dir else None,
-            local_files_only=True,
-        )
-    except Exception:
-        if spec.model == DEFAULT_MODEL:
-            return config_class(**VIT_L14_VISION)
-        raise ModelLoadError(
-            f"random weights need the architecture of {spec.model!r}, which is neither a local directory, "
-            f"cached, nor the built-in {DEFAULT_MODEL}; {_MODEL_HINT}"
-        ) from None
-
-
-def _preprocessing_for(spec: ModelSpec, image_size: int) -> Preprocessing:
-    config = _read_preprocessor_config(spec)
-    if not config:
-        return Preprocessing(size=image_size, crop=image_size)
-    size = config.get("size", image_size)
-    if isinstance(size, dict):
-        size = size.get("shortest_edge", image_size)
-    crop = config.get("crop_size", image_size)
-    if isinstance(crop, dict):
-        crop = crop.get("height", image_size)
-    return Preprocessing(
-        size=int(size),
-        crop=int(crop),
-        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
-    )
-
-
-def _read_preprocessor_config(spec: ModelSpec) -> dict[str, Any]:
-    local = Path(spec.model) / "preprocessor_config.json"
-    if local.is_file():
-        loaded: dict[str, Any] = json.loads(local.read_text())
-        return loaded
-    try:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(
-            spec.model,
-            "preprocessor_config.json",
-            cache_dir=str(spec.model_dir) if spec.model_dir else None,
-            local_files_only=True,
-        )
-        cached: dict[str, Any] = json.loads(Path(path).read_text())
-        return cached
-    except Exception:
-        return {}

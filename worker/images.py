@@ -1,7 +1,9 @@
-"""Bytes to CLIP pixels: format sniffing, guards, EXIF orientation, RGB conversion, CLIP preprocessing.
+"""Bytes to model pixels: format sniffing, guards, EXIF orientation, RGB conversion, preprocessing.
 
-The preprocessing reproduces transformers' ``CLIPImageProcessor`` (PIL backend), which matches OpenAI's
-``_transform``: shortest side to ``size`` with PIL bicubic, centre crop, scale to [0, 1], normalise.
+The default preprocessing (``fit="crop"``) reproduces transformers' ``CLIPImageProcessor`` (PIL backend),
+which matches OpenAI's ``_transform``: shortest side to ``size`` with PIL bicubic, centre crop, scale to
+[0, 1], normalise. ``fit="stretch"`` reproduces ``SiglipImageProcessor`` (PIL backend): the whole image to
+``crop`` x ``crop`` without keeping its aspect ratio, with the processor's filter, then the same scaling.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 RESIZERS = ("pil", "torch", "device")
+FITS = ("crop", "stretch")
+FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 # The formats the worker decodes; anything else is not_an_image, whatever plugins Pillow has (EPS would
 # run Ghostscript, for one). MPO is how Pillow names the JPEGs of many cameras and phones.
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -43,7 +47,11 @@ MAX_INTERMEDIATE_RATIO = 4
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """CLIP preprocessing parameters, read from the model's preprocessor config when it has one.
+    """Preprocessing parameters, read from the model's preprocessor config by its family.
+
+    ``fit`` is how the image becomes a ``crop`` x ``crop`` square: ``crop`` scales the shortest side to
+    ``size`` and cuts the centre out (CLIP); ``stretch`` scales the whole image to the square, aspect ratio
+    not kept (SigLIP), with ``filter`` (``bicubic`` or ``bilinear``; ``crop`` is always bicubic).
 
     ``resize`` picks the bicubic implementation: ``pil`` is the reference itself; ``torch`` is torch's
     antialiased uint8 bicubic (a port of PIL's filter, about 5x faster on CPU, within 2/255 of PIL on a
@@ -60,6 +68,8 @@ class Preprocessing:
     resize: str = "pil"
     jpeg_draft: bool = False
     decode: str = "pil"
+    fit: str = "crop"
+    filter: str = "bicubic"
 
 
 @dataclass(frozen=True)
@@ -208,8 +218,17 @@ def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
+def target_shape(width: int, height: int, params: Preprocessing) -> tuple[int, int]:
+    """Width and height of the resized image, before any centre crop."""
+    if params.fit == "stretch":
+        return params.crop, params.crop
+    return resized_shape(width, height, params.size)
+
+
 def is_elongated(width: int, height: int, params: Preprocessing) -> bool:
     """Whether resizing the shortest side first would make an intermediate far larger than the crop."""
+    if params.fit == "stretch":
+        return False  # resized straight to the square: its cost is bounded by the source
     new_w, new_h = resized_shape(width, height, params.size)
     return max(new_w, new_h) > MAX_INTERMEDIATE_RATIO * params.crop
 
@@ -234,6 +253,8 @@ def crop_window(image: Image.Image, params: Preprocessing) -> Image.Image:
 
 def preprocess(image: Image.Image, params: Preprocessing) -> np.ndarray:
     """RGB image to a normalised float32 CHW array of shape ``(3, crop, crop)``."""
+    if params.fit == "stretch":
+        return normalise(_stretched(image, params), params)
     if params.crop <= params.size and is_elongated(image.width, image.height, params):
         return normalise(np.asarray(crop_window(image, params), dtype=np.float32), params)
     new_w, new_h = resized_shape(image.width, image.height, params.size)
@@ -258,13 +279,21 @@ def normalise(pixels: np.ndarray, params: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
-def _torch_resize(image: Image.Image, width: int, height: int) -> np.ndarray:
+def _stretched(image: Image.Image, params: Preprocessing) -> np.ndarray:
+    """The whole image resized to ``crop`` x ``crop`` as float32 HWC pixels (0-255)."""
+    crop = params.crop
+    if params.resize == "torch":
+        return _torch_resize(image, crop, crop, params.filter)
+    return np.asarray(image.resize((crop, crop), resample=FILTERS[params.filter]), dtype=np.float32)
+
+
+def _torch_resize(image: Image.Image, width: int, height: int, mode: str = "bicubic") -> np.ndarray:
     import torch
 
     if (width, height) == image.size:
         return np.asarray(image, dtype=np.float32)
     chw = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
-    resized = torch.nn.functional.interpolate(chw, size=(height, width), mode="bicubic", antialias=True)
+    resized = torch.nn.functional.interpolate(chw, size=(height, width), mode=mode, antialias=True)
     result: np.ndarray = resized[0].permute(1, 2, 0).numpy().astype(np.float32)
     return result
 

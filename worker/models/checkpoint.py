@@ -1,0 +1,59 @@
+"""Naming a checkpoint (:class:`ModelSpec`) and reading its own JSON files (``config.json``,
+``preprocessor_config.json``) without loading it: from its directory, the weights cache, or the hub."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.config import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and where from."""
+
+    model: str = DEFAULT_MODEL
+    model_dir: Path | None = None
+    local_files_only: bool = False
+    random_weights: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+RANDOM_PREFIX = "random:"
+MODEL_HINT = (
+    "check --model (hub id or local directory), --model-dir (weights cache), "
+    "or pass --random-weights for an offline smoke run"
+)
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` names a directory rather than a hub id (``owner/name``)."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def read_json(spec: ModelSpec, filename: str, *, download: bool = False) -> dict[str, Any]:
+    """``filename`` of the checkpoint as a dict: from its directory, else the cache (else the hub when
+    ``download`` and the spec allows it); ``{}`` when none of them has it."""
+    local = Path(spec.model) / filename
+    if local.is_file():
+        loaded: dict[str, Any] = json.loads(local.read_text())
+        return loaded
+    if Path(spec.model).is_dir():
+        return {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(
+            spec.model,
+            filename,
+            cache_dir=str(spec.model_dir) if spec.model_dir else None,
+            local_files_only=spec.local_files_only or not download,
+        )
+        cached: dict[str, Any] = json.loads(Path(path).read_text())
+        return cached
+    except Exception:
+        return {}

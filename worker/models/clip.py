@@ -1,0 +1,82 @@
+"""CLIP: OpenAI's checkpoints (ViT-B/32, B/16, L/14, L/14 at 336 px) and OpenCLIP's in transformers format.
+
+The vision tower with its projection (``CLIPVisionModelWithProjection``) loads from a full CLIPModel
+checkpoint; the embedding is ``image_embeds``. Preprocessing is CLIPImageProcessor's: shortest side to
+``size`` (bicubic), centre crop, mean and std from the checkpoint's preprocessor config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from worker.config import DEFAULT_MODEL
+from worker.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
+from worker.models.base import BuiltinCheckpoint, ModelFamily
+
+# OpenAI's ViT-L/14 vision tower, so random weights need no download.
+VIT_L14_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+VIT_L14_336_VISION = {**VIT_L14_VISION, "image_size": 336}
+
+
+class ClipFamily(ModelFamily):
+    """CLIP vision towers with projection."""
+
+    name = "CLIP"
+    model_types = ("clip", "clip_vision_model")
+    vision_model_type = "clip_vision_model"
+    builtins: ClassVar[Mapping[str, BuiltinCheckpoint]] = {
+        DEFAULT_MODEL: BuiltinCheckpoint("clip", VIT_L14_VISION),
+        "openai/clip-vit-large-patch14-336": BuiltinCheckpoint(
+            "clip", VIT_L14_336_VISION, {"size": {"shortest_edge": 336}, "crop_size": {"height": 336}}
+        ),
+    }
+
+    def vision_classes(self) -> tuple[Any, Any]:
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        return CLIPVisionModelWithProjection, CLIPVisionConfig
+
+    def preprocessing(self, processor_config: Mapping[str, Any], image_size: int) -> Preprocessing:
+        if not processor_config:
+            return Preprocessing(size=image_size, crop=image_size)
+        size = processor_config.get("size", image_size)
+        if isinstance(size, dict):
+            size = size.get("shortest_edge", image_size)
+        crop = processor_config.get("crop_size", image_size)
+        if isinstance(crop, dict):
+            crop = crop.get("height", image_size)
+        return Preprocessing(
+            size=int(size),
+            crop=int(crop),
+            mean=tuple(processor_config.get("image_mean", OPENAI_CLIP_MEAN)),
+            std=tuple(processor_config.get("image_std", OPENAI_CLIP_STD)),
+        )
+
+    def reference_processor(self, preprocessing: Preprocessing) -> Any:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(
+            size={"shortest_edge": preprocessing.size},
+            crop_size={"height": preprocessing.crop, "width": preprocessing.crop},
+            image_mean=list(preprocessing.mean),
+            image_std=list(preprocessing.std),
+        )
+
+    def embedding_dim(self, config: Any) -> int:
+        return int(config.projection_dim)
+
+    def image_features(self, model: Callable[..., Any], pixel_values: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = model(pixel_values=pixel_values).image_embeds
+        return features
