@@ -9,11 +9,20 @@ TINY_DIM = 32
 TINY_IMAGE_SIZE = 32
 
 
-def build_tiny_clip(directory: Path, image_size: int = TINY_IMAGE_SIZE, patch_size: int = 8) -> Path:
+def build_tiny_clip(
+    directory: Path,
+    image_size: int = TINY_IMAGE_SIZE,
+    patch_size: int = 8,
+    hidden_act: str = "quick_gelu",
+    image_mean: tuple[float, float, float] | None = None,
+    image_std: tuple[float, float, float] | None = None,
+) -> Path:
     """Save a full CLIPModel (text + vision towers) and its image processor config to ``directory``.
 
     ``projection_dim`` is set at the top level and in the vision sub-config, as real checkpoints have it.
     ``image_size=224, patch_size=32`` gives a model that is cheap to run but preprocesses like ViT-L/14.
+    OpenCLIP checkpoints in transformers format are CLIPModels too, with ``hidden_act="gelu"`` and
+    sometimes their own mean and std: those arguments build one.
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -35,6 +44,7 @@ def build_tiny_clip(directory: Path, image_size: int = TINY_IMAGE_SIZE, patch_si
         "image_size": image_size,
         "patch_size": patch_size,
         "projection_dim": TINY_DIM,
+        "hidden_act": hidden_act,
     }
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_DIM)
     torch.manual_seed(1234)
@@ -44,6 +54,8 @@ def build_tiny_clip(directory: Path, image_size: int = TINY_IMAGE_SIZE, patch_si
     processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
+        **({"image_mean": list(image_mean)} if image_mean else {}),
+        **({"image_std": list(image_std)} if image_std else {}),
     )
     processor.save_pretrained(directory)
     return directory
