@@ -132,7 +132,8 @@ class Settings(BaseSettings):
 
     # Model
     model: str = Field(
-        DEFAULT_MODEL, description="Hugging Face hub id or local directory of a CLIP checkpoint"
+        DEFAULT_MODEL,
+        description="hub id or local directory of a CLIP or SigLIP checkpoint (see Model families)",
     )
     model_dir: Path | None = Field(None, description="weights cache directory (default: the HF cache)")
     local_files_only: bool = Field(False, description="never reach the hub; use only cached or local weights")
@@ -149,6 +150,11 @@ class Settings(BaseSettings):
         "inductor = fused kernels; cuda-graphs = also replay it as one CUDA graph (GPU only)",
     )
     forward_image: bool = Field(False, description="include the original image bytes in each output record")
+    output_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="element type of the published embedding (the record's dtype says which); float16 "
+        "halves the output topic",
+    )
 
     # Operations
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus and health port; 0 disables")

@@ -44,6 +44,8 @@ DLQ_HEADERS = frozenset(
     }
 )
 MAX_ERROR_MESSAGE = 512
+# The element types an embedding is published in, by the record's ``dtype``: little-endian either way.
+EMBEDDING_DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 Headers = list[tuple[str, bytes]]
 
@@ -127,15 +129,17 @@ def encode_embedding(
     model: str,
     source: Source,
     forward_image: bool,
+    dtype: str = "float32",
 ) -> bytes:
-    """Encode one output record: the embedding as little-endian float32 bytes plus its context."""
-    vector = np.ascontiguousarray(embedding, dtype="<f4")
+    """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
+    :data:`EMBEDDING_DTYPES`) plus its context."""
+    vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "id": request.id,
         "embedding": vector.tobytes(),
         "dim": int(vector.shape[0]),
-        "dtype": "float32",
+        "dtype": dtype,
         "model": model,
         "normalized": True,
         "meta": request.meta,
@@ -148,9 +152,11 @@ def encode_embedding(
 
 
 def decode_embedding(value: bytes) -> dict[str, Any]:
-    """Decode an output record; ``embedding`` becomes a float32 numpy vector."""
+    """Decode an output record; ``embedding`` becomes a numpy vector of the record's ``dtype`` (float32 for
+    records that name none)."""
     payload: dict[str, Any] = msgpack.unpackb(value, raw=False, strict_map_key=False)
-    payload["embedding"] = np.frombuffer(payload["embedding"], dtype="<f4")
+    element = EMBEDDING_DTYPES[payload.get("dtype", "float32")]
+    payload["embedding"] = np.frombuffer(payload["embedding"], dtype=element)
     return payload
 
 

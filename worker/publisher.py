@@ -70,7 +70,12 @@ class Publisher:
     def embedding(self, record: InputRecord, request: ImageRequest, vector: np.ndarray) -> None:
         """Publish the embedding of ``record`` (dead-lettered instead if it is too large to send)."""
         value = encode_embedding(
-            request, vector, self._model_label, record.source, self._settings.forward_image
+            request,
+            vector,
+            self._model_label,
+            record.source,
+            self._settings.forward_image,
+            self._settings.output_dtype,
         )
         if len(value) > self._settings.max_message_bytes:
             message = f"output record is {len(value)} bytes, over --max-message-bytes"

@@ -105,3 +105,19 @@ def test_every_reason_is_in_the_dlq_schema():
 
     vocabulary = load_schema("dlq-headers.schema.json")["properties"][REASON_HEADER]["enum"]
     assert sorted(vocabulary) == sorted(r.value for r in RejectReason)
+
+
+def test_float16_embeddings_halve_the_vector_match_the_schema_and_decode_as_float16():
+    vector = np.linspace(-1, 1, 768, dtype=np.float32)
+    vector /= np.linalg.norm(vector)
+    request = ImageRequest("x", b"img", {})
+    source = Source("images", 0, 1)
+    wide = encode_embedding(request, vector, "m", source, False)
+    raw = encode_embedding(request, vector, "m", source, False, dtype="float16")
+    decoded = validate_msgpack(raw, "image-embedding.schema.json")
+    assert decoded["dtype"] == "float16" and decoded["dim"] == 768
+    assert len(decoded["embedding"]) == 2 * 768
+    assert len(wide) - len(raw) == 2 * 768, "half the embedding bytes, the rest of the record alike"
+    record = decode_embedding(raw)
+    assert record["embedding"].dtype == np.dtype("<f2")
+    np.testing.assert_allclose(record["embedding"], vector, atol=1e-3)

@@ -12,7 +12,7 @@ from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from worker.config import load_settings
 from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.kafka_io.errors import RecordTooLargeError
-from worker.messages import VALUE_OMITTED_HEADER, ImageRequest, Source
+from worker.messages import VALUE_OMITTED_HEADER, ImageRequest, Source, decode_embedding
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.publisher import Publisher
@@ -85,3 +85,18 @@ def test_exactly_once_learns_the_limit_from_a_refusal_and_dead_letters_the_recor
     topic, value, headers = sent.topic, sent.value, sent.header_map
     assert topic == "dlq" and value == item.value
     assert headers["clip-worker-reason"] == b"output_too_large"
+
+
+def test_output_dtype_float16_publishes_float16_embeddings():
+    producer = FakeProducer()
+    settings = load_settings({**SETTINGS, "output_dtype": "float16"}, environ={})
+    tracker, metrics = OffsetTracker(), WorkerMetrics()
+    delivery = AtLeastOnce(producer, FakeConsumer(), tracker, metrics)
+    publish = Publisher(settings, delivery, tracker, metrics, "tiny")
+    item, request = record(10)
+    publish.embedding(item, request, np.ones(4, dtype=np.float32) / 2)
+    [sent] = producer.sent
+    assert sent.topic == "out" and sent.value is not None
+    embedded = decode_embedding(sent.value)
+    assert embedded["dtype"] == "float16" and embedded["embedding"].dtype == np.float16
+    np.testing.assert_array_equal(embedded["embedding"], np.full(4, 0.5, dtype=np.float16))
