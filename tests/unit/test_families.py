@@ -192,3 +192,19 @@ def test_an_unknown_model_type_names_the_supported_ones(tmp_path: Path):
     (tmp_path / "config.json").write_text('{"model_type": "dinov2"}')
     with pytest.raises(ModelLoadError, match="supported: clip, clip_vision_model, siglip"):
         load_embedder(ModelSpec(model=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.parametrize("build", [build_tiny_clip, build_tiny_siglip], ids=["clip", "siglip"])
+def test_the_model_bench_runs_for_each_family_with_random_weights(
+    build: Callable[[Path], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+):
+    from worker.cli import main
+
+    directory = build(tmp_path / "checkpoint")
+    monkeypatch.chdir(tmp_path)  # the bench writes its results beside it
+    argv = ["bench", "--model", str(directory), "--random-weights", "--sections", "model", "--quick"]
+    assert main([*argv, "--seconds", "0.2", "--batch-sizes", "2", "--device", "cpu"]) == 0
+    assert "forward pass" in capsys.readouterr().out
