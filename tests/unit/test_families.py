@@ -199,7 +199,7 @@ def test_the_model_bench_runs_for_each_family_with_random_weights(
     build: Callable[[Path], Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ):
     from worker.cli import main
 
