@@ -6,11 +6,12 @@ JPEG padded with comment segments to the payload size, decoded with ``--resize d
 threads only decode it and the stand-in model skips the resize), so what is left is the per-image host
 cost: the Kafka clients, envelopes, batching, publishing, bookkeeping and metrics.
 
-Two runs over the same backlog, each in its own consumer group: one unprofiled (the wall-clock throughput
-the figures are checked against), then one sampled by py-spy twice over, once for the threads that run
-and once for the thread that holds the GIL (:mod:`worker.bench.sampler`). Each thread's CPU time comes
-from the kernel (its CPU clock) and is split over the stages in proportion to that thread's samples; GIL
-time is the GIL sampler's samples over its rate. Stacks map to stages by module and function
+Four runs over the same backlog, each in its own consumer group: unprofiled (the wall-clock throughput the
+figures are checked against), sampled by py-spy for the threads that run, sampled for the thread that holds
+the GIL (:mod:`worker.bench.sampler`), and unprofiled again. Each thread's CPU time comes from the kernel
+(its CPU clock) and is split over the stages in proportion to that thread's samples, waits left out; GIL
+time is the GIL sampler's samples over its rate. GIL time is wall time: a holder the OS preempts still
+holds it, so on a crowded machine a stage can hold the GIL longer than it runs. Stacks map to stages by module and function
 (:mod:`worker.bench.stages`). Per image = over the whole backlog, start-up and shutdown left out.
 """
 
@@ -95,16 +96,18 @@ def bench_host_cost(report: Report, bootstrap: str, work: HostCostWork) -> dict[
     try:
         with _worker_warnings_quiet(), tempfile.TemporaryDirectory(prefix="clip-host-cost-") as scratch:
             first = _run(_new_group(settings), work, None)
-            samplers = (
-                Sampler(Path(scratch) / "cpu.txt", work.sample_rate, gil=False),
-                Sampler(Path(scratch) / "gil.txt", work.sample_rate, gil=True),
+            # One sampler per run: two at once slowed the worker more than either alone on 2 cores.
+            on_cpu = _run(
+                _new_group(settings), work, Sampler(Path(scratch) / "cpu.txt", work.sample_rate, False)
             )
-            profiled = _run(_new_group(settings), work, samplers)
+            on_gil = _run(
+                _new_group(settings), work, Sampler(Path(scratch) / "gil.txt", work.sample_rate, True)
+            )
             second = _run(_new_group(settings), work, None)
     except (RowFailed, ProfilerUnavailable) as failure:
         report.add(SECTION, "worker, null model", 0.0, failed=str(failure), **knobs)
         return None
-    # Unprofiled before and after the sampled run: the machine's drift shows as their difference.
+    # Unprofiled before and after the sampled runs: the machine's drift shows as their difference.
     plain = (first.images_per_s + second.images_per_s) / 2
     report.add(
         SECTION,
@@ -113,15 +116,16 @@ def bench_host_cost(report: Report, bootstrap: str, work: HostCostWork) -> dict[
         **knobs,
         runs=[round(first.images_per_s, 1), round(second.images_per_s, 1)],
     )
-    result = _breakdown(profiled, work, plain)
+    result = _breakdown(on_cpu, on_gil, work, plain)
     result.update(knobs, images=work.images, unprofiled_images_per_s=round(plain, 1))
-    report.add(
-        SECTION,
-        "worker, null model, sampled by py-spy",
-        profiled.images_per_s,
-        **knobs,
-        rate_hz=work.sample_rate,
-    )
+    for outcome, what in ((on_cpu, "running threads"), (on_gil, "GIL holder")):
+        report.add(
+            SECTION,
+            f"worker, null model, py-spy sampling the {what}",
+            outcome.images_per_s,
+            **knobs,
+            rate_hz=work.sample_rate,
+        )
     report.add(
         SECTION,
         "implied ceiling: GIL saturated (1e6 / host GIL us per image)",
@@ -154,13 +158,12 @@ def _new_group(settings: Settings) -> Settings:
 class _Outcome:
     images_per_s: float
     cpu_ns: dict[int, tuple[str, int]]  # native thread id -> (name, CPU time in the run)
-    cpu_samples: Counter[Stack]
-    gil_samples: Counter[Stack]
+    samples: Counter[Stack]
 
 
-def _run(settings: Settings, work: HostCostWork, samplers: tuple[Sampler, Sampler] | None) -> _Outcome:
-    """One worker over the backlog; with samplers, sampled from before it starts until its last ack."""
-    for sampler in samplers or ():
+def _run(settings: Settings, work: HostCostWork, sampler: Sampler | None) -> _Outcome:
+    """One worker over the backlog; with a sampler, sampled from before it starts until its last ack."""
+    if sampler is not None:
         sampler.start()
     try:
         before = _thread_cpu()
@@ -177,13 +180,13 @@ def _run(settings: Settings, work: HostCostWork, samplers: tuple[Sampler, Sample
         except BaseException:
             run.stop(ABANDON_S)
             raise
-        cpu_samples, gil_samples = (s.stop() for s in samplers) if samplers else (Counter(), Counter())
+        samples = sampler.stop() if sampler is not None else Counter()
         run.stop()
     finally:
-        for sampler in samplers or ():
+        if sampler is not None:
             sampler.stop()
     cpu = {tid: (name, ns - before.get(tid, (name, 0))[1]) for tid, (name, ns) in after.items()}
-    return _Outcome(work.images / elapsed, cpu, cpu_samples, gil_samples)
+    return _Outcome(work.images / elapsed, cpu, samples)
 
 
 def _thread_cpu() -> dict[int, tuple[str, int]]:
@@ -204,18 +207,20 @@ def _count(counter: Any) -> float:
     return float(counter._value.get())
 
 
-def _breakdown(outcome: _Outcome, work: HostCostWork, unprofiled_rate: float) -> dict[str, Any]:
+def _breakdown(
+    on_cpu: _Outcome, on_gil: _Outcome, work: HostCostWork, unprofiled_rate: float
+) -> dict[str, Any]:
     """Per-stage CPU and GIL microseconds per image, the floor, the ceiling and the cross-checks."""
     period_us = 1e6 / work.sample_rate
     per_image = 1 / work.images
     gil_us: dict[str, float] = defaultdict(float)
     kafka_gil_us = 0.0
-    for stack, count in outcome.gil_samples.items():
+    for stack, count in on_gil.samples.items():
         stage, in_kafka = stages.classify(stack.frames, stack.thread_name)
         gil_us[stage] += count * period_us * per_image
         if in_kafka:
             kafka_gil_us += count * period_us * per_image
-    cpu_us, sampled_us, kernel_us = _cpu_by_stage(outcome, period_us)
+    cpu_us, sampled_us, kernel_us = _cpu_by_stage(on_cpu, period_us)
     cpu_us = {stage: value * per_image for stage, value in cpu_us.items()}
     host_gil = sum(gil_us.get(s, 0.0) for s in stages.HOST_STAGES)
     host_cpu = sum(cpu_us.get(s, 0.0) for s in stages.HOST_STAGES)
@@ -267,7 +272,9 @@ def _cpu_by_stage(outcome: _Outcome, period_us: float) -> tuple[dict[str, float]
     and the kernel CPU time of the worker's threads, whose ratio says how well the samples cover it."""
     per_thread: dict[int, Counter[str]] = defaultdict(Counter)
     names: dict[int, str] = {}
-    for stack, count in outcome.cpu_samples.items():
+    for stack, count in outcome.samples.items():
+        if stages.is_waiting(stack.frames):
+            continue  # py-spy can count a thread as running while it enters or leaves a wait
         stage, _ = stages.classify(stack.frames, stack.thread_name)
         per_thread[stack.thread_id][stage] += count
         names[stack.thread_id] = stack.thread_name

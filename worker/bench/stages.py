@@ -127,6 +127,30 @@ _PHASES: Final[tuple[tuple[str, str, str], ...]] = (
 )
 
 
+# Innermost frames of a thread that waits: select, a condition, an event, a future.
+_WAITS: Final = frozenset(
+    {
+        "EpollSelector.select",
+        "PollSelector.select",
+        "SelectSelector.select",
+        "DefaultSelector.select",
+        "Condition.wait",
+        "Event.wait",
+        "Thread.join",
+    }
+)
+
+
+def is_waiting(frames: Sequence[Frame]) -> bool:
+    """Whether the innermost frame is a wait, whose time is no work (its thread is blocked, or about to)."""
+    if not frames:
+        return False
+    innermost = frames[-1]
+    if innermost.function in _WAITS:
+        return True
+    return innermost.function == "wait" and module_of(innermost.path) == "concurrent.futures._base"
+
+
 def module_of(path: str) -> str:
     """The dotted module of a source path: ``.../site-packages/kafka/net/selector.py`` is
     ``kafka.net.selector``; code kafka-python generates at run time (``<codegen_...>``) counts as kafka."""
