@@ -11,8 +11,9 @@ figures are checked against), sampled by py-spy for the threads that run, sample
 the GIL (:mod:`worker.bench.sampler`), and unprofiled again. Each thread's CPU time comes from the kernel
 (its CPU clock) and is split over the stages in proportion to that thread's samples, waits left out; GIL
 time is the GIL sampler's samples over its rate. GIL time is wall time: a holder the OS preempts still
-holds it, so on a crowded machine a stage can hold the GIL longer than it runs. Stacks map to stages by module and function
-(:mod:`worker.bench.stages`). Per image = over the whole backlog, start-up and shutdown left out.
+holds it, so on a crowded machine a stage can hold the GIL longer than it runs. Stacks map to stages by
+module and function (:mod:`worker.bench.stages`). Per image = over the whole backlog, start-up and
+shutdown left out.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from worker.metrics import WorkerMetrics
 
 _COMMENT_MAX = 65533  # bytes of payload one JPEG COM segment can hold
 SECTION = "host-cost"
+_HOT_FUNCTIONS = 25
 
 
 @dataclass(frozen=True)
@@ -214,10 +216,14 @@ def _breakdown(
     period_us = 1e6 / work.sample_rate
     per_image = 1 / work.images
     gil_us: dict[str, float] = defaultdict(float)
+    own: Counter[tuple[str, str]] = Counter()  # (stage, innermost function) -> GIL samples
     kafka_gil_us = 0.0
     for stack, count in on_gil.samples.items():
         stage, in_kafka = stages.classify(stack.frames, stack.thread_name)
         gil_us[stage] += count * period_us * per_image
+        if stack.frames and stage not in stages.LEFT_OUT_STAGES:
+            innermost = stack.frames[-1]
+            own[stage, f"{stages.module_of(innermost.path)}:{innermost.function}"] += count
         if in_kafka:
             kafka_gil_us += count * period_us * per_image
     cpu_us, sampled_us, kernel_us = _cpu_by_stage(on_cpu, period_us)
@@ -248,6 +254,11 @@ def _breakdown(
             "gil_us_own_code": round(kafka_gil_us, 1),
         },
         "left_out": {s: round(gil_us.get(s, 0.0), 1) for s in stages.LEFT_OUT_STAGES},
+        # Where the GIL time is spent, by the function on top of the stack: what a fix would target.
+        "hot_functions": [
+            {"stage": stage, "function": function, "gil_us": round(count * period_us * per_image, 1)}
+            for (stage, function), count in own.most_common(_HOT_FUNCTIONS)
+        ],
         "cross_check": {
             "wall_us_per_image": round(wall_us, 1),
             "gil_busy_at_unprofiled_rate": round(all_gil / wall_us, 3),
