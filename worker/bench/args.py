@@ -87,6 +87,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="end-to-end section: also run the worker in --exactly-once mode (timed until committed)",
     )
+    parser.add_argument("--partitions", type=int, default=4, help="end-to-end: partitions of the input topic")
+    parser.add_argument(
+        "--image-widths",
+        default="500",
+        help="end-to-end and preprocess corpus: a width or a range MIN-MAX spread over the distinct images "
+        "(height 3/4 of it), e.g. 480-800",
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the corpus JPEGs")
     parser.add_argument(
         "--host-cost-images", type=int, default=4000, help="host-cost section: records in the backlog"
     )

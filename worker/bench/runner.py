@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import tempfile
 import threading
@@ -31,7 +32,7 @@ from worker.brokers import TansuBroker
 from worker.config import Settings
 from worker.embedder import Embedder, ModelSpec, configure_cpu_threads, default_decode_workers, load_embedder
 from worker.errors import StartupError
-from worker.samples import jpeg_corpus
+from worker.samples import jpeg_corpus, scene
 from worker.tiny_model import build_tiny_clip
 
 T = TypeVar("T")
@@ -158,8 +159,7 @@ def _model_sections(
         f"clip-worker bench: {embedder.label} on {embedder.device} ({report.machine['dtype']}), "
         f"{report.machine['cpu_cores']} CPU cores, GPU {report.machine['gpu']}"
     )
-    corpus = jpeg_corpus(min(args.images, 64), 500, 375) * (args.images // 64 + 1)
-    corpus = corpus[: args.images]
+    corpus = _corpus(args)
     compiled = _Compiled(embedder, args.compile, args.batch_size)
     if "model" in sections:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -185,6 +185,7 @@ def _model_sections(
             decode_workers,
             args.resize or default_resize,
             args.decode,
+            partitions=args.partitions,
             timeout_s=args.row_timeout,
             gpu_samples=args.gpu_samples,
         )
@@ -203,6 +204,25 @@ def _model_sections(
             args.bootstrap_servers,
             lambda servers: bench_soak(report, embedder, soak_work, servers, args.max_in_flight),
         )
+
+
+def _corpus(args: argparse.Namespace) -> list[bytes]:
+    """``--images`` JPEGs from at most 64 distinct pictures, their widths spread over ``--image-widths``."""
+    low, _, high = args.image_widths.partition("-")
+    widest = int(high or low)
+    distinct: int = min(args.images, 64)
+    if widest == int(low) and args.jpeg_quality == 90:
+        pictures: list[bytes] = jpeg_corpus(distinct, widest, widest * 3 // 4)
+    else:
+        pictures = []
+        for index in range(distinct):
+            width = int(low) + (widest - int(low)) * index // max(1, distinct - 1)
+            buffer = io.BytesIO()
+            scene(width, width * 3 // 4, index).save(buffer, format="JPEG", quality=args.jpeg_quality)
+            pictures.append(buffer.getvalue())
+    count: int = args.images
+    corpus: list[bytes] = pictures * (count // distinct + 1)
+    return corpus[:count]
 
 
 def _terminated(signum: int, _frame: FrameType | None) -> None:
