@@ -164,7 +164,9 @@ def test_quick_host_cost_prints_the_stage_table_and_writes_json(tansu, tmp_path)
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| host cost per image | CPU us | GIL us | share of host GIL |" in result.stdout
+    assert (
+        "| host cost per image | CPU us | GIL us | GIL us while on CPU | share of host GIL |" in result.stdout
+    )
     assert "| **host total** (all but the stand-ins) |" in result.stdout
     assert "| kafka-python floor: consumer |" in result.stdout
     assert "implied ceiling:" in result.stdout
@@ -173,7 +175,9 @@ def test_quick_host_cost_prints_the_stage_table_and_writes_json(tansu, tmp_path)
     assert all(row["failed"] is None and row["images_per_s"] > 0 for row in report["rows"])
     facts = report["host_cost"]
     assert [row["stage"] for row in facts["stages"]] == [*HOST_STAGES, *STAND_IN_STAGES]
-    assert all(row["cpu_us"] >= 0 and row["gil_us"] >= 0 for row in facts["stages"])
+    assert all(0 <= row["gil_on_cpu_us"] <= row["gil_us"] for row in facts["stages"])
+    assert all(row["gil_on_cpu_us"] <= row["cpu_us"] for row in facts["stages"])
     assert facts["host"]["gil_us"] > 0 and facts["implied_ceiling_images_per_s"] > 0
+    assert facts["implied_ceiling_on_cpu_images_per_s"] >= facts["implied_ceiling_images_per_s"]
     assert set(facts["kafka_python_floor"]) == {"consumer", "producer", "gil_us_own_code"}
     assert facts["images"] == 400 and facts["payload_bytes"] == 80_000
