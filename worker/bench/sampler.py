@@ -1,8 +1,8 @@
 """py-spy sampling this very process: which thread ran which Python stack, and which one held the GIL.
 
-Two samplers run side by side on the bench process: one records every thread that is running (its CPU
-time), the other only the thread holding the GIL (``py-spy --gil``). ``--nonblocking`` keeps py-spy from
-stopping the process at every sample, so the worker runs at close to its own speed.
+One sampler records every thread that is running (where its CPU time goes), another, in a run of its own,
+only the thread holding the GIL (``py-spy --gil``). ``--nonblocking`` keeps py-spy from stopping the
+process at every sample, so the worker runs at close to its own speed.
 """
 
 from __future__ import annotations
