@@ -1,9 +1,12 @@
 """The host-cost bench's reading of py-spy's output and its stage map: a stack lands in the stage of the
 worker code it serves, and kafka-python's time in the stage of what the client was asked to do."""
 
+from collections import Counter
+
 from worker.bench import stages
-from worker.bench.host_cost import padded_tiny_jpeg
-from worker.bench.sampler import Frame, parse_raw
+from worker.bench.host_cost import HostCostWork, _breakdown, _Outcome, padded_tiny_jpeg
+from worker.bench.report import host_cost_table
+from worker.bench.sampler import Frame, Stack, parse_raw
 from worker.images import ImageLimits, Preprocessing, prepare
 
 SITE = "/venv/lib/python3.11/site-packages/"
@@ -97,3 +100,30 @@ def test_the_stand_in_image_has_the_payload_size_and_decodes_as_a_thumbnail():
     assert abs(len(data) - 80_000) <= 4
     pixels = prepare(data, ImageLimits(), Preprocessing(resize="device"))
     assert getattr(pixels, "shape", None) == (8, 8, 3)
+
+
+def test_cpu_is_split_by_samples_waits_left_out_and_gil_is_bounded_by_cpu():
+    accept = Frame("Pipeline._accept", REPO + "pipeline.py")
+    decode = Frame("decode_request", REPO + "messages.py")
+    wait = Frame("Condition.wait", STDLIB + "threading.py")
+    main = 11
+    envelope = Stack(main, "bench-worker", (*LOOP, accept, decode))
+    intake = Stack(main, "bench-worker", (*LOOP, accept))
+    waiting = Stack(main, "bench-worker", (*LOOP, wait))
+    work = HostCostWork(images=100, sample_rate=100)  # one sample = 10 ms = 100 us per image
+    # 4 ms of kernel CPU on the loop thread, sampled 3:1 envelope:intake (and 50 waits, which take none).
+    on_cpu = _Outcome(
+        500.0, {main: ("bench-worker", 4_000_000)}, Counter({envelope: 3, intake: 1, waiting: 50})
+    )
+    on_gil = _Outcome(500.0, {}, Counter({envelope: 1, intake: 1}))
+    facts = _breakdown(on_cpu, on_gil, work, unprofiled_rate=1000.0)
+    rows = {row["stage"]: row for row in facts["stages"]}
+    assert rows[stages.ENVELOPE]["cpu_us"] == 30.0 and rows[stages.INTAKE]["cpu_us"] == 10.0
+    assert rows[stages.ENVELOPE]["gil_us"] == 100.0 and rows[stages.ENVELOPE]["gil_on_cpu_us"] == 30.0
+    assert facts["host"] == {"cpu_us": 40.0, "gil_us": 200.0, "gil_on_cpu_us": 40.0}
+    assert facts["implied_ceiling_images_per_s"] == 5000.0
+    assert facts["implied_ceiling_on_cpu_images_per_s"] == 25000.0
+    assert facts["cross_check"]["gil_busy_at_unprofiled_rate"] == 0.2
+    facts.update(unprofiled_images_per_s=1000.0)
+    table = "\n".join(host_cost_table(facts))
+    assert f"| {stages.ENVELOPE} | 30.0 | 100.0 | 30.0 | 50% |" in table
