@@ -50,7 +50,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 docs: install
-	$(BIN)/python -m worker.readme_table
+	$(BIN)/python -m worker.devtools.readme_table
 
 # Wheels the GPU machine lacks (its image has Python 3.12 with torch, torchvision, transformers, msgpack,
 # prometheus-client, nvidia-ml-py and pytest), for .ci/gpu-bench: built for that Python, not this one.

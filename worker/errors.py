@@ -28,6 +28,18 @@ class RejectReason(enum.StrEnum):
     UNREADABLE_RECORD = "unreadable_record"
 
 
+class ExitCode(enum.IntEnum):
+    """How the worker process ends; each failure its own code, so a supervisor can tell them apart."""
+
+    OK = 0
+    STARTUP = 2  # a configuration or start-up problem a user must fix; one line says which flag
+    UNCLEAN_DRAIN = 3  # the shutdown grace ended with records unacknowledged (not committed)
+    BROKER_LOST = 4  # the broker stopped answering past --broker-lost-timeout-s
+    FENCED = 5  # another process took this worker's transactional or group instance id
+    STAGE_FAILED = 6  # a thread the pipeline cannot go on without died
+    INTERRUPTED = 130  # Ctrl-C before the worker was running
+
+
 class RejectedRecord(Exception):
     """A record that cannot be embedded; it goes to the DLQ with this reason and message."""
 

@@ -26,24 +26,14 @@ from worker.batcher import Batch
 from worker.device_decode import DeviceJpegDecoder
 from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import EncodedJpeg, ImageLimits, Preprocessing
-from worker.messages import ImageRequest
+from worker.images import ImageLimits, Preprocessing
+from worker.intake import ReadyImage
 from worker.metrics import WorkerMetrics
 from worker.publisher import Publisher
-from worker.work import InputRecord
 
 log = logging.getLogger(__name__)
 _QUEUE_DEPTH = 2  # closed batches waiting for the stage: one launching while one is being finished
 _STOP = None
-
-
-@dataclass
-class ReadyImage:
-    """A decoded (or, with ``--decode device``, checked and still encoded) image waiting for a batch."""
-
-    record: InputRecord
-    request: ImageRequest
-    pixels: np.ndarray | EncodedJpeg
 
 
 @dataclass
@@ -202,7 +192,7 @@ class InferenceStage:
             self._embed_now(items[half:], retry=False)
         else:
             message = f"inference failed: {type(exc).__name__}: {exc}"
-            self.publisher.dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
+            self.publisher.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
 
     def _publish(self, items: list[ReadyImage], vectors: np.ndarray, started: float) -> None:
         ready = time.perf_counter()
@@ -233,7 +223,7 @@ class InferenceStage:
         pixels: list[np.ndarray | torch.Tensor] = []
         for item, result in zip(items, results, strict=True):
             if isinstance(result, RejectedRecord):
-                self.publisher.dead_letter(item.record, result.reason, result.message)
+                self.publisher.reject(item.record, result)
             else:
                 kept.append(item)
                 pixels.append(result)

@@ -6,10 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
-
 from worker.gpu import GpuCollector
+from worker.kafka_io import Consumer, TopicPartition
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 
@@ -22,7 +20,7 @@ class Observer:
 
     def __init__(
         self,
-        consumer: KafkaConsumer,
+        consumer: Consumer,
         tracker: OffsetTracker,
         metrics: WorkerMetrics,
         progress_interval_s: float,
@@ -74,10 +72,9 @@ class Observer:
 
     def _highwater(self, tp: TopicPartition) -> int | None:
         try:
-            value = self._consumer.highwater(tp)
+            return self._consumer.highwater(tp)
         except Exception:  # revoked between the two calls
             return None
-        return int(value) if value is not None else None
 
     def _log_progress(self, now: float) -> None:
         embedded = self._metrics.embedded._value.get()

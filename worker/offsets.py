@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kafka.structs import TopicPartition
+from worker.kafka_io import TopicPartition
 
 
 @dataclass

@@ -7,17 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kafka import KafkaProducer
-from kafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-)
-from kafka.structs import TopicPartition
-
 from worker.errors import RejectReason
+from worker.kafka_io import Producer, TopicPartition
+from worker.kafka_io.errors import KafkaLayerError, UnansweredError
 from worker.messages import Headers, Source
 
 
@@ -53,11 +45,6 @@ class Outgoing:
     attempt: int = 0
     not_before: float = 0.0
     undeliverable: str | None = None  # why it cannot be delivered at all: skipped, never sent
-
-
-class UnsendableRecordError(Exception):
-    """The client refused the record itself (not the broker, not the network): sending it again fails the
-    same way, so it must not be retried as it is."""
 
 
 class BrokerWatch:
@@ -98,11 +85,8 @@ class BrokerWatch:
             return 0.0 if self._silent_since is None else self._clock() - self._silent_since
 
 
-_SILENCE_ERRORS = (KafkaTimeoutError, KafkaConnectionError, NodeNotReadyError, RequestTimedOutError)
-
-
 def send(
-    producer: KafkaProducer,
+    producer: Producer,
     out: Outgoing,
     on_delivered: Callable[[Outgoing], None],
     on_failed: Callable[[Outgoing, BaseException], None],
@@ -110,10 +94,9 @@ def send(
 ) -> None:
     """Send ``out``; the broker's acknowledgement calls ``on_delivered``, any failure ``on_failed``.
 
-    A send refused at once (a full buffer, a closed producer) takes the same failure path as a failed
-    delivery; a record the client refuses outright (both key and value null, a header it cannot encode)
-    fails with :class:`UnsendableRecordError`. The callbacks run on the producer's I/O thread: they must
-    not block.
+    A send refused at once (a full buffer, a closed producer, a record the client cannot encode) takes the
+    same failure path as a failed delivery. The callbacks run on the producer's I/O thread: they must not
+    block.
     """
     watch = watch or BrokerWatch()
 
@@ -122,7 +105,7 @@ def send(
         on_delivered(out)
 
     def failed(exc: BaseException) -> None:
-        if isinstance(exc, _SILENCE_ERRORS):
+        if isinstance(exc, UnansweredError):
             watch.unanswered()
         else:
             watch.answered()
@@ -130,12 +113,9 @@ def send(
 
     watch.sent()
     try:
-        future = producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
-    except KafkaError as exc:
+        future = producer.send(out.topic, out.key, out.value, out.headers)
+    except KafkaLayerError as exc:
         failed(exc)
-        return
-    except (ValueError, TypeError, AssertionError) as exc:
-        failed(UnsendableRecordError(f"{type(exc).__name__}: {exc}"))
         return
     future.add_callback(delivered)
     future.add_errback(failed)

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from tests.support.kafka_helpers import clean_env
-from worker.bench.pipeline import Workload, bench_worker
-from worker.bench.report import Report
-from worker.bench.stages import HOST_STAGES, STAND_IN_STAGES
-from worker.brokers import TansuBroker
-from worker.samples import jpeg_corpus
+from worker.devtools.bench.pipeline import Workload, bench_worker
+from worker.devtools.bench.report import Report
+from worker.devtools.bench.stages import HOST_STAGES, STAND_IN_STAGES
+from worker.devtools.brokers import TansuBroker
+from worker.devtools.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 

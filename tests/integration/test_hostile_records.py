@@ -27,7 +27,9 @@ from tests.support.kafka_helpers import (
     worker_settings,
 )
 from worker.config import Settings
+from worker.devtools.samples import jpeg_corpus
 from worker.embedder import Embedder, PendingEmbeddings
+from worker.errors import ExitCode
 from worker.kafka_io import ensure_topics
 from worker.messages import (
     KEY_TRUNCATED_HEADER,
@@ -36,8 +38,6 @@ from worker.messages import (
     VALUE_OMITTED_HEADER,
     encode_request,
 )
-from worker.samples import jpeg_corpus
-from worker.service import EXIT_STAGE_FAILED, EXIT_TRANSACTION_FENCED
 
 pytestmark = pytest.mark.integration
 MODES = pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
@@ -247,7 +247,7 @@ def test_a_dead_inference_thread_stops_the_worker_non_zero(kafka_bootstrap, tiny
     worker = start_worker(settings, BrokenEmbedder(tiny_embedder))
     worker.thread.join(timeout=60)
     assert not worker.thread.is_alive(), "the worker kept polling with a dead inference thread"
-    assert worker.exit_codes == [EXIT_STAGE_FAILED]
+    assert worker.exit_codes == [ExitCode.STAGE_FAILED]
     assert worker.metrics.embedded._value.get() == 0, "a batch that was not published is not counted"
     published = len(collect(settings, expected=4, timeout_s=5).outputs)
     assert (committed_offsets(settings, 1)[0] or 0) <= published, "only published records are committed"
@@ -297,7 +297,7 @@ def test_two_workers_with_one_group_instance_id_fence_the_older(kafka_bootstrap,
     try:
         first.thread.join(timeout=60)
         assert not first.thread.is_alive(), "the fenced worker kept running"
-        assert first.exit_codes == [EXIT_TRANSACTION_FENCED]
+        assert first.exit_codes == [ExitCode.FENCED]
     finally:
         if second.thread.is_alive():
             second.shutdown()

@@ -22,8 +22,8 @@ from tests.support.kafka_helpers import (
     wait_until,
     worker_settings,
 )
-from worker.brokers import free_port
-from worker.samples import jpeg_corpus, sample_images
+from worker.devtools.brokers import free_port
+from worker.devtools.samples import jpeg_corpus, sample_images
 
 pytestmark = pytest.mark.integration
 

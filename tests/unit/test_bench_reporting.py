@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.bench.gpu_busy import HEADER, mean_busy
-from worker.bench.report import Report
-from worker.bench.summary import summary
+from worker.devtools.bench.gpu_busy import HEADER, mean_busy
+from worker.devtools.bench.report import Report
+from worker.devtools.bench.summary import summary
 
 
 def _samples(tmp_path: Path, rows: list[tuple[float, float]]) -> Path:
@@ -40,7 +40,15 @@ def test_a_window_with_fewer_than_two_samples_says_so_instead_of_guessing(tmp_pa
 def test_the_sampler_writes_labelled_samples_until_terminated(tmp_path):
     output = tmp_path / "busy.csv"
     sampler = subprocess.Popen(
-        [sys.executable, "-m", "worker.bench.gpu_busy", "--output", str(output), "--interval-s", "0.1"]
+        [
+            sys.executable,
+            "-m",
+            "worker.devtools.bench.gpu_busy",
+            "--output",
+            str(output),
+            "--interval-s",
+            "0.1",
+        ]
     )
     try:
         deadline = time.monotonic() + 30

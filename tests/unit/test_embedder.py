@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.support.tiny_clip import TINY_DIM, TINY_IMAGE_SIZE
+from worker.devtools.samples import sample_images
 from worker.embedder import ModelSpec, load_embedder, resolve_device, resolve_dtype
 from worker.errors import ModelLoadError, StartupError
 from worker.images import ImageLimits, decode_and_preprocess
-from worker.samples import sample_images
 
 
 @pytest.fixture(scope="module")

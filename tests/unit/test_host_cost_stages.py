@@ -3,10 +3,10 @@ worker code it serves, and kafka-python's time in the stage of what the client w
 
 from collections import Counter
 
-from worker.bench import stages
-from worker.bench.host_cost import HostCostWork, _breakdown, _Outcome, padded_tiny_jpeg
-from worker.bench.report import host_cost_table
-from worker.bench.sampler import Frame, Stack, parse_raw
+from worker.devtools.bench import stages
+from worker.devtools.bench.host_cost import HostCostWork, _breakdown, _Outcome, padded_tiny_jpeg
+from worker.devtools.bench.report import host_cost_table
+from worker.devtools.bench.sampler import Frame, Stack, parse_raw
 from worker.images import ImageLimits, Preprocessing, prepare
 
 SITE = "/venv/lib/python3.11/site-packages/"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from worker.devtools.samples import sample_images, scene
 from worker.errors import RejectedRecord, RejectReason
 from worker.images import (
     ImageLimits,
@@ -16,7 +17,6 @@ from worker.images import (
     preprocess,
     resized_shape,
 )
-from worker.samples import sample_images, scene
 
 LIMITS = ImageLimits(max_pixels=4_000_000, min_side=3)
 

@@ -14,26 +14,26 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
-from worker.bench.args import E2E_RUNS
-from worker.bench.fidelity import bench_dtype_fidelity, with_dtype
-from worker.bench.host_cost import HostCostWork, bench_host_cost
-from worker.bench.model import bench_copy, bench_model
-from worker.bench.parity import bench_parity
-from worker.bench.pipeline import Workload, bench_bare, bench_baseline, bench_worker
-from worker.bench.preprocess import (
+from worker.config import Settings
+from worker.devtools.bench.args import E2E_RUNS
+from worker.devtools.bench.fidelity import bench_dtype_fidelity, with_dtype
+from worker.devtools.bench.host_cost import HostCostWork, bench_host_cost
+from worker.devtools.bench.model import bench_copy, bench_model
+from worker.devtools.bench.parity import bench_parity
+from worker.devtools.bench.pipeline import Workload, bench_bare, bench_baseline, bench_worker
+from worker.devtools.bench.preprocess import (
     bench_device_preprocess,
     bench_large_jpegs,
     bench_preprocess,
     device_decoding_available,
 )
-from worker.bench.report import Report, machine_facts
-from worker.bench.soak import bench_soak
-from worker.brokers import TansuBroker
-from worker.config import Settings
+from worker.devtools.bench.report import Report, machine_facts
+from worker.devtools.bench.soak import bench_soak
+from worker.devtools.brokers import TansuBroker
+from worker.devtools.samples import jpeg_corpus, scene
+from worker.devtools.tiny_model import build_tiny_clip
 from worker.embedder import Embedder, ModelSpec, configure_cpu_threads, default_decode_workers, load_embedder
 from worker.errors import StartupError
-from worker.samples import jpeg_corpus, scene
-from worker.tiny_model import build_tiny_clip
 
 T = TypeVar("T")
 

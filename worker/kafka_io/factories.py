@@ -1,21 +1,21 @@
-"""Kafka client factories: security options, size limits, startup retries, topic creation."""
+"""kafka-python client factories: security options, size limits, start-up retries, topic creation."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
-from kafka.record.util import decode_varint
 
 from worker.config import Settings
 from worker.errors import BrokerUnavailableError, StartupError
+from worker.kafka_io.adapters import ConsumerAdapter, ProducerAdapter
+from worker.kafka_io.types import Producer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,106 +34,6 @@ def record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str
     for name, data in headers:
         size += len(name.encode()) + len(data) + HEADER_OVERHEAD_BYTES
     return size
-
-
-@dataclass(frozen=True)
-class SalvagedRecord:
-    """A record of a batch the client gave up on, read here; ``error`` says why the client could not."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-    error: str | None
-
-
-@dataclass(frozen=True)
-class SalvagedBatch:
-    """The rest of a record batch from the record the client failed on, and where the batch ends."""
-
-    records: list[SalvagedRecord]
-    next_offset: int
-
-
-def salvage_batch(exc: BaseException) -> SalvagedBatch | None:
-    """Read the rest of the batch that made ``poll()`` raise ``exc`` (a header name that is not UTF-8,
-    say), so that the failing record can be dead-lettered and the records after it processed.
-
-    kafka-python raises such a parse failure without saying where, and raises it again on every poll
-    (it parses whole batches, so seeking past the record does not help). The failing frames still hold the
-    batch (its buffer, position and base offset) and its partition. None when they cannot be found
-    (another client version): the caller then lets the error stop the worker rather than skip blindly.
-    """
-    batch: Any = None
-    tp: Any = None
-    for frame in _frames(exc):
-        owner: Any = frame.f_locals.get("self")
-        if tp is None and hasattr(owner, "topic_partition"):
-            tp = owner.topic_partition
-        if batch is None and all(hasattr(owner, a) for a in ("_buffer", "_pos", "_next_record_index")):
-            batch = owner
-    if batch is None or tp is None:
-        return None
-    try:
-        records = _read_rest(batch, tp.topic, tp.partition, f"{type(exc).__name__}: {exc}")
-        return SalvagedBatch(records, int(batch.next_offset))
-    except Exception:  # a batch even this reader cannot make sense of
-        log.exception("cannot read the rest of the batch the Kafka client refused")
-        return None
-
-
-def _frames(exc: BaseException) -> list[Any]:
-    frames: list[Any] = []
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        trace = error.__traceback__
-        while trace is not None:
-            frames.append(trace.tb_frame)
-            trace = trace.tb_next
-        error = error.__context__ or error.__cause__
-    return frames
-
-
-def _read_rest(batch: Any, topic: str, partition: int, error: str) -> list[SalvagedRecord]:
-    """Records ``batch._next_record_index`` onwards of a v2 record batch (the client's own layout)."""
-    buffer, pos = bytes(batch._buffer), batch._pos
-    records = []
-    for _ in range(batch._next_record_index, batch._num_records):
-        length, pos = decode_varint(buffer, pos)
-        end = pos + length
-        pos += 1  # attributes
-        timestamp_delta, pos = decode_varint(buffer, pos)
-        offset_delta, pos = decode_varint(buffer, pos)
-        key, pos = _read_bytes(buffer, pos)
-        value, pos = _read_bytes(buffer, pos)
-        count, pos = decode_varint(buffer, pos)
-        headers: list[tuple[str, bytes]] = []
-        problem = None
-        for _header in range(count):
-            name, pos = _read_bytes(buffer, pos)
-            data, pos = _read_bytes(buffer, pos)
-            try:
-                headers.append(((name or b"").decode("utf-8"), data or b""))
-            except UnicodeDecodeError:
-                problem = error
-        if pos != end:
-            raise ValueError(f"record ends at {pos}, expected {end}")
-        timestamp = int(batch.first_timestamp) + timestamp_delta
-        offset = int(batch.base_offset) + offset_delta
-        records.append(SalvagedRecord(topic, partition, offset, timestamp, key, value, headers, problem))
-    return records
-
-
-def _read_bytes(buffer: bytes, pos: int) -> tuple[bytes | None, int]:
-    size, pos = decode_varint(buffer, pos)
-    if size < 0:
-        return None, pos
-    return buffer[pos : pos + size], pos + size
 
 
 def security_options(settings: Settings) -> dict[str, Any]:
@@ -184,10 +84,6 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.group_instance_id:
         options["group_instance_id"] = settings.group_instance_id
-    if settings.exactly_once:
-        # Skips records of aborted upstream transactions, and makes a new owner of a partition wait for
-        # the offsets of a transaction still being committed (KIP-447) instead of reading stale ones.
-        options["isolation_level"] = "read_committed"
     return options
 
 
@@ -320,19 +216,29 @@ def make_producer(
     )
 
 
-def check_output_topics(producer: KafkaProducer, settings: Settings) -> None:
+def open_consumer(settings: Settings, **overrides: Any) -> ConsumerAdapter:
+    """The worker's consumer, behind the Kafka layer's Protocol (``overrides``: client options)."""
+    return ConsumerAdapter(make_consumer(settings, **overrides))
+
+
+def open_producer(
+    settings: Settings, transactional_id: str | None = None, smallest_topic_limit: int | None = None
+) -> ProducerAdapter:
+    """The worker's producer, behind the Kafka layer's Protocol."""
+    return ProducerAdapter(make_producer(settings, transactional_id, smallest_topic_limit))
+
+
+def check_output_topics(producer: Producer, settings: Settings) -> None:
     """Fail start-up with a one-line fix if the output or DLQ topic does not exist (and is not auto-created).
 
     Sending to a missing topic blocks each send for the producer's metadata timeout, so the worker
     refuses to start rather than stall every batch.
     """
     for flag, topic in (("--output-topic", settings.output_topic), ("--dlq-topic", settings.dlq_topic)):
-        try:
-            producer.partitions_for(topic)
-        except KafkaError:
+        if not producer.topic_exists(topic):
             raise StartupError(
                 f"topic {topic!r} does not exist on {settings.bootstrap_servers}; create it or fix {flag}"
-            ) from None
+            )
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:

@@ -62,7 +62,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpu-samples",
         type=Path,
         default=None,
-        help="CSV written by `python -m worker.bench.gpu_busy`: end-to-end rows report GPU busy from it",
+        help="CSV written by `python -m worker.devtools.bench.gpu_busy`: end-to-end rows report GPU busy",
     )
     parser.add_argument(
         "--resize",

@@ -1,18 +1,18 @@
 """``--sections host-cost``: what each image costs the host outside decoding and the model.
 
 The worker runs end to end against a real broker with a model that costs nothing
-(:class:`~worker.bench.null_model.NullEmbedder`) and images that cost next to nothing to decode (an 8x8
-JPEG padded with comment segments to the payload size, decoded with ``--resize device`` so the decode
-threads only decode it and the stand-in model skips the resize), so what is left is the per-image host
-cost: the Kafka clients, envelopes, batching, publishing, bookkeeping and metrics.
+(:class:`~worker.devtools.bench.null_model.NullEmbedder`) and images that cost next to nothing to decode
+(an 8x8 JPEG padded with comment segments to the payload size, decoded with ``--resize device`` so the
+decode threads only decode it and the stand-in model skips the resize), so what is left is the per-image
+host cost: the Kafka clients, envelopes, batching, publishing, bookkeeping and metrics.
 
 Four runs over the same backlog, each in its own consumer group: unprofiled (the wall-clock throughput the
 figures are checked against), sampled by py-spy for the threads that run, sampled for the thread that holds
-the GIL (:mod:`worker.bench.sampler`), and unprofiled again. Each thread's CPU time comes from the kernel
-(its CPU clock) and is split over the stages in proportion to that thread's samples, waits left out; GIL
-time is the GIL sampler's samples over its rate. GIL time is wall time: a holder the OS preempts still
+the GIL (:mod:`worker.devtools.bench.sampler`), and unprofiled again. Each thread's CPU time comes from the
+kernel (its CPU clock) and is split over the stages in proportion to that thread's samples, waits left
+out; GIL time is the GIL sampler's samples over its rate. GIL time is wall time: a holder the OS preempts still
 holds it, so on a crowded machine a stage can hold the GIL longer than it runs. Stacks map to stages by
-module and function (:mod:`worker.bench.stages`). Per image = over the whole backlog, start-up and
+module and function (:mod:`worker.devtools.bench.stages`). Per image = over the whole backlog, start-up and
 shutdown left out.
 """
 
@@ -34,13 +34,13 @@ from typing import Any
 
 from PIL import Image
 
-from worker.bench import stages
-from worker.bench.null_model import NullEmbedder
-from worker.bench.pipeline import Workload, fill_backlog, fresh_settings
-from worker.bench.report import Report
-from worker.bench.sampler import ProfilerUnavailable, Sampler, Stack
-from worker.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.config import Settings
+from worker.devtools.bench import stages
+from worker.devtools.bench.null_model import NullEmbedder
+from worker.devtools.bench.pipeline import Workload, fill_backlog, fresh_settings
+from worker.devtools.bench.report import Report
+from worker.devtools.bench.sampler import ProfilerUnavailable, Sampler, Stack
+from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.metrics import WorkerMetrics
 
 _COMMENT_MAX = 65533  # bytes of payload one JPEG COM segment can hold

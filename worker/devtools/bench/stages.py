@@ -15,26 +15,28 @@ stage                               frames
 poll: kafka-io thread               kafka-python's I/O thread (``kafka.net``): fetch requests, reading
                                     and decoding fetch responses, every byte of the payloads
 poll: record parsing                ``KafkaConsumer.poll`` and below (``kafka.consumer``, ``kafka.record``:
-                                    record batches, CRC checks); the worker's ``Pipeline._poll``
+                                    record batches, CRC checks); ``Pipeline._poll``, ``_salvage``,
+                                    ``ConsumerAdapter.poll``
 group coordination                  ``kafka.coordinator`` (heartbeats, joins) wherever it runs
 envelope decoding                   ``worker.messages.decode_request`` (msgpack unpacking)
-intake hand-off                     ``Pipeline._accept``, ``_track``, ``_submit_decodes``, ``InputRecord``,
-                                    the decode pool's dispatch (``concurrent.futures``)
-batching                            ``Pipeline._collect_decoded``, ``_hand_over_batches``, ``worker.batcher``,
+intake hand-off                     ``Pipeline._accept``, ``_track``, ``worker.intake`` (but its decoding
+                                    and ``collect``), ``InputRecord``, the decode pool's dispatch
+batching                            ``Pipeline._collect``, ``IntakeStage.collect``, ``_hand_over_batches``,
+                                    ``worker.batcher``,
                                     the inference thread's queue and loop (``InferenceStage`` but
                                     ``_publish``)
-publish: encode                     ``InferenceStage._publish``, ``Publisher.embedding``/``_send``,
-                                    ``worker.messages.encode_embedding``, ``worker.work.send``,
-                                    ``record_bytes``
-publish: KafkaProducer.send         ``KafkaProducer.send`` and below (``kafka.producer``, record builders)
+publish: encode                     ``InferenceStage._publish``, ``Publisher`` (but ``delivered``),
+                                    ``worker.delivery`` (but commits), ``worker.topic_limits``,
+                                    ``worker.messages.encode_embedding``, ``worker.work.send``
+publish: KafkaProducer.send         ``ProducerAdapter.send``, ``KafkaProducer.send`` and below
 publish: producer I/O thread        ``kafka.producer.sender``: draining batches, produce requests, responses
-acknowledgement + offset tracking   ``Publisher._delivered``, the send callbacks, ``worker.work.BrokerWatch``,
-                                    ``worker.offsets``
-commit                              ``Pipeline.commit``, ``KafkaConsumer.commit``
+acknowledgement + offset tracking   ``Publisher.delivered``, the send callbacks, ``worker.work.BrokerWatch``,
+                                    ``worker.offsets``, error translation
+commit                              ``Pipeline.commit``, the guarantees' ``commit``, ``KafkaConsumer.commit``
 metrics                             ``prometheus_client``, ``worker.metrics``, ``worker.observer``
 main loop (other)                   the rest of ``worker.pipeline`` and ``worker.service`` while running
-decode (stand-in)                   ``Pipeline._decode_images``, ``worker.images``, ``PIL``: a tiny image
-model (stand-in)                    ``worker.embedder``, ``worker.bench.null_model``
+decode (stand-in)                   ``IntakeStage._decode_images``, ``worker.images``, ``PIL``: a tiny image
+model (stand-in)                    ``worker.embedder``, ``worker.devtools.bench.null_model``
 ==================================  =====================================================================
 """
 
@@ -43,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from worker.bench.sampler import Frame
+from worker.devtools.bench.sampler import Frame
 
 POLL_IO: Final = "poll: kafka-io thread (fetch I/O, response decoding)"
 POLL: Final = "poll: record parsing (KafkaConsumer.poll)"
@@ -89,9 +91,20 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.work", "send", ENCODE),
     ("worker.work", "InputRecord", INTAKE),
     ("worker.work", "Outgoing", ENCODE),
-    ("worker.publisher", "Publisher._delivered", ACK),
-    ("worker.publisher", "Publisher.resend_due", ENCODE),
+    ("worker.publisher", "Publisher.delivered", ACK),
     ("worker.publisher", "", ENCODE),
+    ("worker.delivery.at_least_once", "AtLeastOnce.commit", COMMIT),
+    ("worker.delivery.exactly_once", "ExactlyOnce.commit", COMMIT),
+    ("worker.delivery.transactions", "Transactions.commit", COMMIT),
+    ("worker.delivery", "", ENCODE),
+    ("worker.topic_limits", "", ENCODE),
+    ("worker.kafka_io.adapters", "ConsumerAdapter.poll", POLL),
+    ("worker.kafka_io.adapters", "ConsumerAdapter.commit", COMMIT),
+    ("worker.kafka_io.adapters", "ProducerAdapter.send", SEND),
+    ("worker.kafka_io.adapters", "_TranslatedFuture", ACK),
+    ("worker.kafka_io.adapters", "_Listener", GROUP),
+    ("worker.kafka_io.errors", "", ACK),
+    ("worker.kafka_io.salvage", "", POLL),
     ("worker.messages", "decode_request", ENVELOPE),
     ("worker.messages", "", ENCODE),
     ("msgpack", "", ENCODE),  # only packb has a Python frame; unpacking is decode_request's own time
@@ -99,17 +112,20 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.inference", "InferenceStage._publish", ENCODE),
     ("worker.inference", "", BATCHING),
     ("worker.embedder", "", MODEL),
-    ("worker.bench.null_model", "", MODEL),
+    ("worker.devtools.bench.null_model", "", MODEL),
     ("worker.images", "", DECODE),
     ("PIL", "", DECODE),
     ("worker.batcher", "", BATCHING),
-    ("worker.pipeline", "Pipeline._decode_images", DECODE),
+    ("worker.intake", "IntakeStage._decode_images", DECODE),
+    ("worker.intake", "IntakeStage.collect", BATCHING),
+    ("worker.intake", "", INTAKE),
     ("worker.pipeline", "Pipeline._poll", POLL),
+    ("worker.pipeline", "Pipeline._salvage", POLL),
     ("worker.pipeline", "Pipeline._apply_backpressure", POLL),
     ("worker.pipeline", "Pipeline._accept", INTAKE),
     ("worker.pipeline", "Pipeline._track", INTAKE),
-    ("worker.pipeline", "Pipeline._submit_decodes", INTAKE),
-    ("worker.pipeline", "Pipeline._collect_decoded", BATCHING),
+    ("worker.pipeline", "_sendable_headers", INTAKE),
+    ("worker.pipeline", "Pipeline._collect", BATCHING),
     ("worker.pipeline", "Pipeline._hand_over_batches", BATCHING),
     ("worker.pipeline", "Pipeline.commit", COMMIT),
     ("worker.pipeline", "Pipeline._commit", COMMIT),
@@ -118,12 +134,12 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.service", "", LOOP),
     ("concurrent.futures.thread", "_worker", INTAKE),
     ("concurrent.futures.thread", "_WorkItem", INTAKE),
-    ("worker.bench", "", HARNESS),
+    ("worker.devtools.bench", "", HARNESS),
 )
 # Frames that say the whole stack is outside the steady state, wherever they are.
 _PHASES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.pipeline", "Pipeline.drain", SHUTDOWN),
-    ("worker.service", "_close_quietly", SHUTDOWN),
+    ("worker.service", "Clients.close", SHUTDOWN),
 )
 
 

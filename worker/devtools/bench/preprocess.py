@@ -10,9 +10,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from worker.bench.report import Report
 from worker.device_decode import DeviceJpegDecoder, decoded_only, load_jpeg_decoder
 from worker.device_resize import preprocess_on_device
+from worker.devtools.bench.report import Report
 from worker.embedder import Embedder
 from worker.errors import StartupError
 from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
@@ -69,7 +69,7 @@ def bench_preprocess(report: Report, corpus: list[bytes], params: Preprocessing,
 
 def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None:
     """Images/s on 1600x1200 JPEGs, one thread: full decode against libjpeg's draft mode."""
-    from worker.samples import jpeg_corpus
+    from worker.devtools.samples import jpeg_corpus
 
     corpus = jpeg_corpus(count, 1600, 1200, 99)
     limits = ImageLimits(max_pixels=64_000_000)

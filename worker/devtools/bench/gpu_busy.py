@@ -1,7 +1,7 @@
 """GPU busy, measured: a sampler process writes utilisation every 500 ms to a CSV file, and the bench averages
 the samples that fall in each end-to-end row's steady state.
 
-``python -m worker.bench.gpu_busy --output FILE`` samples until it is terminated. Its source is NVML
+``python -m worker.devtools.bench.gpu_busy --output FILE`` samples until it is terminated. Its source is NVML
 (nvidia-ml-py), else ``nvidia-smi``; on a machine with neither (a CPU rehearsal) it samples the host CPU's
 busy share from ``/proc/stat`` instead, so the whole path runs, and every line names its source.
 """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from worker.bench.pipeline import Workload, dlq_total, fill_backlog, fresh_settings, resident_mb
-from worker.bench.report import Report
-from worker.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
+from worker.devtools.bench.pipeline import Workload, dlq_total, fill_backlog, fresh_settings, resident_mb
+from worker.devtools.bench.report import Report
+from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.embedder import Embedder
 from worker.metrics import WorkerMetrics
 

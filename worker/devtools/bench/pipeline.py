@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from worker.bench.gpu_busy import mean_busy
-from worker.bench.preprocess import reference_pixels, reference_processor
-from worker.bench.report import Report
-from worker.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.config import Settings, load_settings
 from worker.device_decode import DeviceJpegDecoder, decoded_only
+from worker.devtools.bench.gpu_busy import mean_busy
+from worker.devtools.bench.preprocess import reference_pixels, reference_processor
+from worker.devtools.bench.report import Report
+from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.embedder import Embedder
 from worker.images import ImageLimits, prepare
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
@@ -48,7 +48,9 @@ class Workload:
     decode: str = "pil"
     partitions: int = 4
     timeout_s: float = 600.0  # a worker row that takes longer (start-up and compile included) fails
-    gpu_samples: Path | None = None  # the GPU busy sampler's file (worker.bench.gpu_busy), if one runs
+    gpu_samples: Path | None = (
+        None  # the GPU busy sampler's file (worker.devtools.bench.gpu_busy), if one runs
+    )
 
 
 def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:

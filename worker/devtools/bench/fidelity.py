@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import torch
 
-from worker.bench.preprocess import reference_pixels, reference_processor
-from worker.bench.report import Report
+from worker.devtools.bench.preprocess import reference_pixels, reference_processor
+from worker.devtools.bench.report import Report
+from worker.devtools.samples import jpeg_corpus, sample_images
 from worker.embedder import Embedder
-from worker.samples import jpeg_corpus, sample_images
 
 
 def with_dtype(embedder: Embedder, dtype: str | None) -> Embedder:

@@ -1,8 +1,8 @@
 """One summary table of a ``.ci/gpu-bench`` run, from the bench's JSON and the GPU tests' output.
 
-``python -m worker.bench.summary --results bench.json [--tests gpu-tests.txt]`` prints the card, dtype and
-batch size, model-only and end-to-end images/s with the GPU busy share, parity and fidelity figures, the
-GPU tests' outcome, the issue's targets, and every failed row.
+``python -m worker.devtools.bench.summary --results bench.json [--tests gpu-tests.txt]`` prints the card,
+dtype and batch size, model-only and end-to-end images/s with the GPU busy share, parity and fidelity
+figures, the GPU tests' outcome, the issue's targets, and every failed row.
 """
 
 from __future__ import annotations

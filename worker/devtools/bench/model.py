@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from worker.bench.report import Report
+from worker.devtools.bench.report import Report
 from worker.embedder import Embedder
 
 _WARMUP_CALLS = 2
