@@ -10,10 +10,10 @@ Four runs over the same backlog, each in its own consumer group: unprofiled (the
 figures are checked against), sampled by py-spy for the threads that run, sampled for the thread that holds
 the GIL (:mod:`worker.devtools.bench.sampler`), and unprofiled again. Each thread's CPU time comes from the
 kernel (its CPU clock) and is split over the stages in proportion to that thread's samples, waits left
-out; GIL time is the GIL sampler's samples over its rate. GIL time is wall time: a holder the OS preempts still
-holds it, so on a crowded machine a stage can hold the GIL longer than it runs. Stacks map to stages by
-module and function (:mod:`worker.devtools.bench.stages`). Per image = over the whole backlog, start-up and
-shutdown left out.
+out; GIL time is the GIL sampler's samples over its rate. GIL time is wall time: a holder the OS
+preempts still holds it, so on a crowded machine a stage can hold the GIL longer than it runs. Stacks map
+to stages by module and function (:mod:`worker.devtools.bench.stages`). Per image = over the whole
+backlog, start-up and shutdown left out.
 """
 
 from __future__ import annotations
