@@ -1,6 +1,7 @@
 """The bench: the short mode runs end to end (tiny model, about a minute; speed is reported, not asserted),
 and its end-to-end driver survives failing workers: it ends the row with the error, never hangs, and never
 reports a failure as throughput (those tests use a local Tansu broker, a single binary as on the GPU machine).
+The host-cost section's quick form prints its stage table and writes its JSON (its figures are not asserted).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from tests.support.kafka_helpers import clean_env
 from worker.devtools.bench.pipeline import Workload, bench_worker
 from worker.devtools.bench.report import Report
+from worker.devtools.bench.stages import HOST_STAGES, STAND_IN_STAGES
 from worker.devtools.brokers import TansuBroker
 from worker.devtools.samples import jpeg_corpus
 
@@ -136,3 +138,46 @@ def test_a_healthy_worker_counts_embedded_records_and_no_dead_letters(tansu, tin
     assert rate and rate > 0 and row.failed is None
     assert row.detail["embedded"] == len(CORPUS) and row.detail["dead_letters"] == 0
     assert row.detail["device_decode_fallbacks"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_quick_host_cost_prints_the_stage_table_and_writes_json(tansu, tmp_path):
+    output = tmp_path / "host-cost.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "bench",
+            "--sections",
+            "host-cost",
+            "--quick",
+            "--bootstrap-servers",
+            tansu,
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=clean_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        "| host cost per image | CPU us | GIL us | GIL us while on CPU | share of host GIL |" in result.stdout
+    )
+    assert "| **host total** (all but the stand-ins) |" in result.stdout
+    assert "| kafka-python floor: consumer |" in result.stdout
+    assert "implied ceiling:" in result.stdout
+    report = json.loads(output.read_text())
+    assert {row["section"] for row in report["rows"]} == {"host-cost"}
+    assert all(row["failed"] is None and row["images_per_s"] > 0 for row in report["rows"])
+    facts = report["host_cost"]
+    assert [row["stage"] for row in facts["stages"]] == [*HOST_STAGES, *STAND_IN_STAGES]
+    assert all(0 <= row["gil_on_cpu_us"] <= row["gil_us"] for row in facts["stages"])
+    assert all(row["gil_on_cpu_us"] <= row["cpu_us"] for row in facts["stages"])
+    assert facts["host"]["gil_us"] > 0 and facts["implied_ceiling_images_per_s"] > 0
+    assert facts["implied_ceiling_on_cpu_images_per_s"] >= facts["implied_ceiling_images_per_s"]
+    assert set(facts["kafka_python_floor"]) == {"consumer", "producer", "gil_us_own_code"}
+    assert facts["images"] == 400 and facts["payload_bytes"] == 80_000

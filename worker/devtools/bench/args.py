@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SECTIONS = ("model", "preprocess", "end-to-end", "parity", "fidelity", "soak")
+SECTIONS = ("model", "preprocess", "end-to-end", "parity", "fidelity", "soak", "host-cost")
 # End-to-end runs, in the order they run: the bare work, the worker (eager), the worker with --decode
 # device --resize device, the NeMo Curator-style baseline, the worker compiled, the worker exactly-once.
 E2E_RUNS = ("bare", "worker", "nvjpeg", "baseline", "compiled", "exactly-once")
@@ -86,6 +86,26 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--exactly-once",
         action="store_true",
         help="end-to-end section: also run the worker in --exactly-once mode (timed until committed)",
+    )
+    parser.add_argument("--partitions", type=int, default=4, help="end-to-end: partitions of the input topic")
+    parser.add_argument(
+        "--image-widths",
+        default="500",
+        help="end-to-end and preprocess corpus: a width or a range MIN-MAX spread over the distinct images "
+        "(height 3/4 of it), e.g. 480-800",
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the corpus JPEGs")
+    parser.add_argument(
+        "--host-cost-images", type=int, default=4000, help="host-cost section: records in the backlog"
+    )
+    parser.add_argument(
+        "--payload-bytes", type=int, default=80_000, help="host-cost section: bytes of each image record"
+    )
+    parser.add_argument(
+        "--host-cost-partitions", type=int, default=2, help="host-cost section: input topic partitions"
+    )
+    parser.add_argument(
+        "--sample-rate", type=int, default=250, help="host-cost section: py-spy samples per second"
     )
     parser.add_argument(
         "--bootstrap-servers",

@@ -32,6 +32,7 @@ class Report:
     machine: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    host_cost: dict[str, Any] = field(default_factory=dict)  # the host-cost section's stage breakdown
     output: Path | None = None  # when set, the JSON is rewritten after every row
 
     def add(
@@ -75,6 +76,8 @@ class Report:
             )
         for name, facts in self.fidelity.items():
             lines.append(f"| fidelity | {name} | | {_detail(facts)} |")
+        if self.host_cost:
+            lines += ["", *host_cost_table(self.host_cost)]
         return "\n".join(lines)
 
     def save(self, path: Path) -> None:
@@ -86,10 +89,45 @@ class Report:
             "ratios": self.ratios,
             "parity": self.parity,
             "fidelity": self.fidelity,
+            "host_cost": self.host_cost,
         }
         partial = path.with_name(path.name + ".part")
         partial.write_text(json.dumps(payload, indent=2) + "\n")
         partial.replace(path)  # never a half-written file if the run is killed mid-write
+
+
+def host_cost_table(facts: dict[str, Any]) -> list[str]:
+    """The host-cost section's stages as markdown: CPU and GIL-held microseconds per image."""
+    lines = [
+        "| host cost per image | CPU us | GIL us | GIL us while on CPU | share of host GIL |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in facts["stages"]:
+        share = f"{row['gil_share']:.0%}" if row["gil_share"] is not None else "not counted"
+        lines.append(
+            f"| {row['stage']} | {row['cpu_us']:.1f} | {row['gil_us']:.1f} | {row['gil_on_cpu_us']:.1f} "
+            f"| {share} |"
+        )
+    host = facts["host"]
+    lines.append(
+        f"| **host total** (all but the stand-ins) | **{host['cpu_us']:.1f}** | **{host['gil_us']:.1f}** "
+        f"| **{host['gil_on_cpu_us']:.1f}** | 100% |"
+    )
+    floor = facts["kafka_python_floor"]
+    for side in ("consumer", "producer"):
+        lines.append(
+            f"| kafka-python floor: {side} | {floor[side]['cpu_us']:.1f} | {floor[side]['gil_us']:.1f} | | |"
+        )
+    lines.append(f"| kafka-python's own code, all stages | | {floor['gil_us_own_code']:.1f} | | |")
+    check = facts["cross_check"]
+    lines.append(
+        f"| implied ceiling: {facts['implied_ceiling_images_per_s']:.0f} images/s "
+        f"({facts['implied_ceiling_on_cpu_images_per_s']:.0f} without preemption) | | | | "
+        f"GIL busy {check['gil_busy_at_unprofiled_rate']:.0%} "
+        f"at {facts['unprofiled_images_per_s']:.0f} images/s "
+        f"unprofiled ({check['wall_us_per_image']:.0f} us wall per image) |"
+    )
+    return lines
 
 
 def _detail(detail: dict[str, Any]) -> str:

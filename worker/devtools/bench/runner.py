@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import tempfile
 import threading
@@ -16,6 +17,7 @@ from typing import TypeVar
 from worker.config import Settings
 from worker.devtools.bench.args import E2E_RUNS
 from worker.devtools.bench.fidelity import bench_dtype_fidelity, with_dtype
+from worker.devtools.bench.host_cost import HostCostWork, bench_host_cost
 from worker.devtools.bench.model import bench_copy, bench_model
 from worker.devtools.bench.parity import bench_parity
 from worker.devtools.bench.pipeline import Workload, bench_bare, bench_baseline, bench_worker
@@ -28,7 +30,7 @@ from worker.devtools.bench.preprocess import (
 from worker.devtools.bench.report import Report, machine_facts
 from worker.devtools.bench.soak import bench_soak
 from worker.devtools.brokers import TansuBroker
-from worker.devtools.samples import jpeg_corpus
+from worker.devtools.samples import jpeg_corpus, scene
 from worker.devtools.tiny_model import build_tiny_clip
 from worker.embedder import Embedder, ModelSpec, configure_cpu_threads, default_decode_workers, load_embedder
 from worker.errors import StartupError
@@ -105,6 +107,7 @@ def run_bench(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     if args.quick:
         args.images, args.seconds, args.batch_sizes, args.threads = 96, 1.0, "1,8", "1,2"
+        args.host_cost_images = min(args.host_cost_images, 400)
     sections = set(args.sections.split(","))
     runs = e2e_runs(args)
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -113,63 +116,19 @@ def run_bench(args: argparse.Namespace) -> int:
     # The same torch thread count the worker will use, for every section, so the runs compare fairly.
     report.machine["torch_threads"] = configure_cpu_threads(0, decode_workers)
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as scratch:
-        embedder = _load(args, Path(scratch))
-        report.machine.update(
-            model=embedder.label,
-            dtype=str(embedder.dtype).removeprefix("torch."),
-            device=str(embedder.device),
-            batch_size=args.batch_size,
-        )
-        report.checkpoint()
-        print(
-            f"clip-worker bench: {embedder.label} on {embedder.device} ({report.machine['dtype']}), "
-            f"{report.machine['cpu_cores']} CPU cores, GPU {report.machine['gpu']}"
-        )
-        corpus = jpeg_corpus(min(args.images, 64), 500, 375) * (args.images // 64 + 1)
-        corpus = corpus[: args.images]
-        compiled = _Compiled(embedder, args.compile, args.batch_size)
-        if "model" in sections:
-            sizes = [int(b) for b in args.batch_sizes.split(",")]
-            for dtype in args.dtypes.split(",") if args.dtypes else [None]:
-                bench_model(report, with_dtype(embedder, dtype), sizes, args.seconds)
-            bench_copy(report, embedder, sizes, args.seconds / 2)
-            if args.compile != "off" and not ("end-to-end" in sections and "compiled" in runs):
-                compiled.model_row(report, args.seconds)
-        if "fidelity" in sections:
-            bench_dtype_fidelity(report, embedder, args.fidelity_images)
-        if "parity" in sections:
-            bench_parity(report, embedder, args.parity_images)
-        if "preprocess" in sections:
-            few = corpus[: args.preprocess_images or len(corpus)]
-            bench_preprocess(report, few, embedder.preprocessing, [int(t) for t in args.threads.split(",")])
-            bench_large_jpegs(report, embedder.preprocessing, 16 if args.quick else 48)
-            bench_device_preprocess(report, embedder, few, args.batch_size)
-        if "end-to-end" in sections:
-            default_resize = "device" if args.decode == "device" else Settings.model_fields["resize"].default
-            work = Workload(
-                corpus,
-                args.batch_size,
-                decode_workers,
-                args.resize or default_resize,
-                args.decode,
-                timeout_s=args.row_timeout,
-                gpu_samples=args.gpu_samples,
-            )
-            stages = _EndToEnd(report, embedder, work, compiled, args, with_model_row="model" in sections)
-            _with_broker(args.bootstrap_servers, lambda servers: stages.run(runs, servers))
-        if "soak" in sections:
-            small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
-            soak_work = Workload(
-                small[: args.soak_messages],
-                args.batch_size,
-                decode_workers,
-                args.resize or Settings.model_fields["resize"].default,
+        if sections - {"host-cost"}:  # host-cost needs no model: it runs a stand-in
+            _model_sections(args, report, sections, runs, decode_workers, Path(scratch))
+        if "host-cost" in sections:
+            work = HostCostWork(
+                images=args.host_cost_images,
+                payload_bytes=args.payload_bytes,
+                batch_size=args.batch_size,
+                decode_workers=decode_workers,
+                partitions=args.host_cost_partitions,
+                sample_rate=args.sample_rate,
                 timeout_s=args.row_timeout,
             )
-            _with_broker(
-                args.bootstrap_servers,
-                lambda servers: bench_soak(report, embedder, soak_work, servers, args.max_in_flight),
-            )
+            _with_broker(args.bootstrap_servers, lambda servers: bench_host_cost(report, servers, work))
     print("\n" + report.table())
     report.save(output)
     print(f"\nresults written to {output}")
@@ -177,6 +136,93 @@ def run_bench(args: argparse.Namespace) -> int:
     for row in failures:
         print(f"FAILED ROW: {row.section} / {row.case}: {row.failed}")
     return 1 if failures else 0
+
+
+def _model_sections(
+    args: argparse.Namespace,
+    report: Report,
+    sections: set[str],
+    runs: list[str],
+    decode_workers: int,
+    scratch: Path,
+) -> None:
+    """Every section that loads the model (all but host-cost)."""
+    embedder = _load(args, scratch)
+    report.machine.update(
+        model=embedder.label,
+        dtype=str(embedder.dtype).removeprefix("torch."),
+        device=str(embedder.device),
+        batch_size=args.batch_size,
+    )
+    report.checkpoint()
+    print(
+        f"clip-worker bench: {embedder.label} on {embedder.device} ({report.machine['dtype']}), "
+        f"{report.machine['cpu_cores']} CPU cores, GPU {report.machine['gpu']}"
+    )
+    corpus = _corpus(args)
+    compiled = _Compiled(embedder, args.compile, args.batch_size)
+    if "model" in sections:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        for dtype in args.dtypes.split(",") if args.dtypes else [None]:
+            bench_model(report, with_dtype(embedder, dtype), sizes, args.seconds)
+        bench_copy(report, embedder, sizes, args.seconds / 2)
+        if args.compile != "off" and not ("end-to-end" in sections and "compiled" in runs):
+            compiled.model_row(report, args.seconds)
+    if "fidelity" in sections:
+        bench_dtype_fidelity(report, embedder, args.fidelity_images)
+    if "parity" in sections:
+        bench_parity(report, embedder, args.parity_images)
+    if "preprocess" in sections:
+        few = corpus[: args.preprocess_images or len(corpus)]
+        bench_preprocess(report, few, embedder.preprocessing, [int(t) for t in args.threads.split(",")])
+        bench_large_jpegs(report, embedder.preprocessing, 16 if args.quick else 48)
+        bench_device_preprocess(report, embedder, few, args.batch_size)
+    if "end-to-end" in sections:
+        default_resize = "device" if args.decode == "device" else Settings.model_fields["resize"].default
+        work = Workload(
+            corpus,
+            args.batch_size,
+            decode_workers,
+            args.resize or default_resize,
+            args.decode,
+            partitions=args.partitions,
+            timeout_s=args.row_timeout,
+            gpu_samples=args.gpu_samples,
+        )
+        stages = _EndToEnd(report, embedder, work, compiled, args, with_model_row="model" in sections)
+        _with_broker(args.bootstrap_servers, lambda servers: stages.run(runs, servers))
+    if "soak" in sections:
+        small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
+        soak_work = Workload(
+            small[: args.soak_messages],
+            args.batch_size,
+            decode_workers,
+            args.resize or Settings.model_fields["resize"].default,
+            timeout_s=args.row_timeout,
+        )
+        _with_broker(
+            args.bootstrap_servers,
+            lambda servers: bench_soak(report, embedder, soak_work, servers, args.max_in_flight),
+        )
+
+
+def _corpus(args: argparse.Namespace) -> list[bytes]:
+    """``--images`` JPEGs from at most 64 distinct pictures, their widths spread over ``--image-widths``."""
+    low, _, high = args.image_widths.partition("-")
+    widest = int(high or low)
+    distinct: int = min(args.images, 64)
+    if widest == int(low) and args.jpeg_quality == 90:
+        pictures: list[bytes] = jpeg_corpus(distinct, widest, widest * 3 // 4)
+    else:
+        pictures = []
+        for index in range(distinct):
+            width = int(low) + (widest - int(low)) * index // max(1, distinct - 1)
+            buffer = io.BytesIO()
+            scene(width, width * 3 // 4, index).save(buffer, format="JPEG", quality=args.jpeg_quality)
+            pictures.append(buffer.getvalue())
+    count: int = args.images
+    corpus: list[bytes] = pictures * (count // distinct + 1)
+    return corpus[:count]
 
 
 def _terminated(signum: int, _frame: FrameType | None) -> None:
