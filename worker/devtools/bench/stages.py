@@ -112,6 +112,7 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.inference", "InferenceStage._publish", ENCODE),
     ("worker.inference", "", BATCHING),
     ("worker.embedder", "", MODEL),
+    ("worker.models", "", MODEL),
     ("worker.devtools.bench.null_model", "", MODEL),
     ("worker.images", "", DECODE),
     ("PIL", "", DECODE),
