@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import threading
 import time
 from collections.abc import Sequence
@@ -307,6 +308,8 @@ def load_embedder(spec: ModelSpec) -> Embedder:
     is_local = local_dir.is_dir()
     if not is_local and _looks_like_path(spec.model):
         raise ModelLoadError(f"model directory {spec.model} does not exist; {_MODEL_HINT}")
+    if is_local:
+        _check_readable(local_dir)
     try:
         if spec.random_weights:
             config = _vision_config(spec, CLIPVisionConfig)
@@ -344,6 +347,22 @@ def load_embedder(spec: ModelSpec) -> Embedder:
     preprocessing = _preprocessing_for(spec, int(model.config.image_size))
     log.info("model %s loaded on %s as %s (dim %d)", label, device, dtype, model.config.projection_dim)
     return Embedder(model, label, revision, preprocessing, device, dtype)
+
+
+def _check_readable(model_dir: Path) -> None:
+    """Name an unreadable checkpoint file as such: transformers reports it as "No such file or directory"."""
+    for path in [model_dir, *sorted(model_dir.iterdir())]:
+        mode = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
+        if not os.access(path, mode):
+            uid = os.geteuid()
+            try:
+                user = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+            except KeyError:
+                user = f"uid {uid}"
+            raise ModelLoadError(
+                f"permission denied: {path} is not readable by user {user}; make the model files readable "
+                f"by that user (chmod a+rX, or mount them with a matching owner); {_MODEL_HINT}"
+            )
 
 
 def _looks_like_path(model: str) -> bool:
