@@ -32,6 +32,7 @@ class KafkaBrokerContainer(DockerContainer):
         self.startup_timeout_s = startup_timeout_s
         # A random host port on loopback only (docker-py's (host_ip,) form of a port binding).
         self.ports[f"{CLIENT_PORT}/tcp"] = ("127.0.0.1",)  # type: ignore[assignment]  # docker-py accepts it
+        self.network = network
         self.with_network(network).with_network_aliases(ALIAS)
         self.with_envs(
             KAFKA_LISTENERS=f"PLAINTEXT://:{CLIENT_PORT},CONTROLLER://:9093,INTERNAL://:{INTERNAL_PORT}",
