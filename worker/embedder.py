@@ -351,18 +351,25 @@ def load_embedder(spec: ModelSpec) -> Embedder:
 
 def _check_readable(model_dir: Path) -> None:
     """Name an unreadable checkpoint file as such: transformers reports it as "No such file or directory"."""
-    for path in [model_dir, *sorted(model_dir.iterdir())]:
-        mode = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
-        if not os.access(path, mode):
-            uid = os.geteuid()
-            try:
-                user = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-            except KeyError:
-                user = f"uid {uid}"
-            raise ModelLoadError(
-                f"permission denied: {path} is not readable by user {user}; make the model files readable "
-                f"by that user (chmod a+rX, or mount them with a matching owner); {_MODEL_HINT}"
-            )
+    unreadable = next(
+        (
+            path
+            for path in [model_dir, *(sorted(model_dir.iterdir()) if os.access(model_dir, os.R_OK) else [])]
+            if not os.access(path, os.R_OK | os.X_OK if path.is_dir() else os.R_OK)
+        ),
+        None,
+    )
+    if unreadable is None:
+        return
+    uid = os.geteuid()
+    try:
+        user = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        user = f"uid {uid}"
+    raise ModelLoadError(
+        f"permission denied: {unreadable} is not readable by user {user}; make the model files readable "
+        f"by that user (chmod a+rX, or mount them with a matching owner); {_MODEL_HINT}"
+    )
 
 
 def _looks_like_path(model: str) -> bool:

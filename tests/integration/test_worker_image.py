@@ -44,14 +44,17 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def model_copy(tiny_clip_dir: Path, tmp_path: Path) -> Iterator[Path]:
-    """A copy of the tiny checkpoint that a test may make unreadable."""
+    """A copy of the tiny checkpoint readable by the container's user (pytest's folders are 0700)."""
     path = tmp_path / "model"
     shutil.copytree(tiny_clip_dir, path)
+    path.chmod(0o755)
+    for file in path.iterdir():
+        file.chmod(0o644)
     yield path
 
 
 def test_worker_container_round_trip_health_and_sigterm_drain(
-    image, kafka_container: KafkaBrokerContainer, tiny_clip_dir: Path, cache_dir: Path
+    image, kafka_container: KafkaBrokerContainer, model_copy: Path, cache_dir: Path
 ):
     from tests.support.worker_container import WorkerContainer, image_healthcheck
 
@@ -67,9 +70,9 @@ def test_worker_container_round_trip_health_and_sigterm_drain(
     bad = bad_requests()
     produce(host, good + [(key, value) for key, value, _ in bad])
 
-    container = WorkerContainer(image, kafka_container.network, inside, tiny_clip_dir, cache_dir)
+    container = WorkerContainer(image, kafka_container.network, inside, model_copy, cache_dir)
     with container:
-        wait_until(lambda: container.http_status("/readyz") == 200, 120, container.logs_text)
+        container.wait_ready(120)
         assert container.http_status("/healthz") == 200
 
         results = collect(host, expected=len(good) + len(bad), timeout_s=120, settle_s=1.0)
@@ -83,7 +86,7 @@ def test_worker_container_round_trip_health_and_sigterm_drain(
         assert container.exec(["touch", "/opt/venv/x"]).exit_code != 0, "root filesystem is read-only"
         assert container.exec(["touch", "/models/x"]).exit_code == 0, "the cache volume is writable"
 
-        healthcheck = image_healthcheck(container.get_docker_client().client.images.get(image).attrs)
+        healthcheck = image_healthcheck(container.get_docker_client().client, image)
         checked = container.exec(healthcheck)
         assert checked.exit_code == 0, f"the image's HEALTHCHECK failed: {checked.output!r}"
 
@@ -91,8 +94,7 @@ def test_worker_container_round_trip_health_and_sigterm_drain(
         started = time.monotonic()
         wrapped.stop(timeout=GRACE_S + 10)  # SIGTERM, then SIGKILL after the timeout
         stopped_s = time.monotonic() - started
-        state = container.inspect()["State"]
-        assert isinstance(state, dict)
+        state = container.state()
         logs = container.logs_text()
         assert state["ExitCode"] == 0, f"exit {state['ExitCode']} after SIGTERM:\n{logs[-3000:]}"
         assert stopped_s < GRACE_S, f"took {stopped_s:.1f}s to drain (grace {GRACE_S}s)"
@@ -108,11 +110,9 @@ def test_unreadable_weights_say_permission_denied_and_name_the_user(
     settings = worker_settings(kafka_container.internal_bootstrap)
     container = WorkerContainer(image, kafka_container.network, settings, model_copy, cache_dir)
     with container:
-        wait_until(lambda: container.inspect()["State"]["Status"] == "exited", 120, container.logs_text)  # type: ignore[index]
+        wait_until(lambda: container.state()["Status"] == "exited", 120, container.logs_text)
         logs = container.logs_text()
-        state = container.inspect()["State"]
-        assert isinstance(state, dict)
-        assert state["ExitCode"] != 0
+        assert container.state()["ExitCode"] != 0
         assert "permission denied" in logs, logs[-2000:]
         assert f"uid {CONTAINER_UID}" in logs, logs[-2000:]
         assert "No such file or directory" not in logs, logs[-2000:]

@@ -3,10 +3,11 @@ model mounted read-only, a writable cache volume at /models, the metrics port pu
 
 from __future__ import annotations
 
-import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
@@ -28,7 +29,8 @@ class WorkerContainer(DockerContainer):
         self.with_network(network)
         self.with_volume_mapping(str(model_dir), MODEL_MOUNT, "ro")
         self.with_volume_mapping(str(cache_dir), "/models", "rw")
-        self.with_kwargs(read_only=True, tmpfs={"/tmp": "rw,size=64m"})
+        self.tmpfs["/tmp"] = "rw,size=64m"
+        self.with_kwargs(read_only=True)
         self.with_envs(
             CLIP_WORKER_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
             CLIP_WORKER_INPUT_TOPIC=settings.input_topic,
@@ -56,11 +58,27 @@ class WorkerContainer(DockerContainer):
         except OSError:
             return 0
 
-    def inspect(self) -> dict[str, object]:
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until ``/readyz`` answers 200; fail at once, with the logs, if the container exits."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.http_status("/readyz") == 200:
+                return
+            if self.state()["Status"] == "exited":
+                raise AssertionError(f"the worker container exited:\n{self.logs_text()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"not ready within {timeout_s:.0f}s:\n{self.logs_text()[-3000:]}")
+
+    def state(self) -> dict[str, Any]:
+        """``State`` of ``docker inspect``: Status, ExitCode, ..."""
+        state: dict[str, Any] = self.inspect()["State"]
+        return state
+
+    def inspect(self) -> dict[str, Any]:
         """The engine's view of the container (``docker inspect``)."""
         wrapped = self.get_wrapped_container()
         wrapped.reload()
-        attrs: dict[str, object] = wrapped.attrs
+        attrs: dict[str, Any] = wrapped.attrs
         return attrs
 
     def logs_text(self) -> str:
@@ -69,11 +87,17 @@ class WorkerContainer(DockerContainer):
         return (stdout + stderr).decode(errors="replace")
 
 
-def image_healthcheck(image_attrs: dict[str, object]) -> list[str]:
-    """The image's HEALTHCHECK command as an exec argv (``CMD`` form, or ``CMD-SHELL`` through sh)."""
-    config = image_attrs.get("Config") or {}
-    assert isinstance(config, dict)
-    test = (config.get("Healthcheck") or {}).get("Test") or []
-    assert test, f"the image has no HEALTHCHECK: {json.dumps(config)[:300]}"
+def image_healthcheck(client: Any, image: str) -> list[str]:
+    """The image's HEALTHCHECK command as an exec argv (``CMD`` form, or ``CMD-SHELL`` through sh).
+
+    Docker's image API reports it under ``Config.Healthcheck``; podman's Docker-compatible API leaves it
+    out (4.x) and its libpod endpoint on the same socket has it at the top level."""
+    config = client.images.get(image).attrs.get("Config") or {}
+    test = (config.get("Healthcheck") or {}).get("Test")
+    if not test:
+        response = client.api.get(f"{client.api.base_url}/v4.0.0/libpod/images/{image}/json")
+        if response.ok:
+            test = (response.json().get("Healthcheck") or {}).get("Test")
+    assert test, f"the image {image} has no HEALTHCHECK"
     kind, *argv = test
     return ["sh", "-c", argv[0]] if kind == "CMD-SHELL" else list(argv)
