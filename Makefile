@@ -46,10 +46,10 @@ ENGINE_HOME ?= $(HOME)/.cache/clip-worker/podman
 WITH_ENGINE := set -a && . $(ENGINE_HOME)/env && set +a &&
 
 engine:
-	CLIP_WORKER_ENGINE_HOME=$(ENGINE_HOME) bash .ci/engine/setup
+	CLIP_CI_ENGINE_HOME=$(ENGINE_HOME) bash .ci/engine/setup
 
 engine-stop:
-	CLIP_WORKER_ENGINE_HOME=$(ENGINE_HOME) bash .ci/engine/stop
+	CLIP_CI_ENGINE_HOME=$(ENGINE_HOME) bash .ci/engine/stop
 
 images: install kafka-jars engine
 	$(WITH_ENGINE) bash .ci/engine/build-images

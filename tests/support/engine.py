@@ -56,12 +56,12 @@ def require_engine() -> None:
 
 def kafka_image() -> str:
     """The Kafka image built from the Maven jars (``.ci/engine/build-images kafka``)."""
-    return os.environ.get("CLIP_WORKER_KAFKA_IMAGE", f"clip-worker-kafka:{kafka_version()}")
+    return os.environ.get("CLIP_CI_KAFKA_IMAGE", f"clip-worker-kafka:{kafka_version()}")
 
 
 def worker_image() -> str:
     """The worker image built from ``docker/Dockerfile`` (``.ci/engine/build-images worker``)."""
-    return os.environ.get("CLIP_WORKER_IMAGE", "clip-worker:test")
+    return os.environ.get("CLIP_CI_WORKER_IMAGE", "clip-worker:test")
 
 
 def image_exists(name: str) -> bool:
