@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration gpu-test lint format docs kafka-jars gpu-wheels clean \
+.PHONY: install demo test unit integration gpu-test gpu-bench-rehearsal lint format docs kafka-jars gpu-wheels clean \
   engine engine-stop images container-test wheelhouse
 
 install: $(STAMP)
@@ -61,6 +61,10 @@ container-test: images
 gpu-test: install
 	$(BIN)/python -m pytest -s tests/gpu
 
+# .ci/gpu-bench's steps on this CPU (tiny model, --device cpu), so that only CUDA can fail on the card.
+gpu-bench-rehearsal: install
+	GPU_BENCH_REHEARSAL=1 PYTHON=$(BIN)/python OUT=bench-results/rehearsal bash .ci/gpu-bench
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -74,7 +78,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 docs: install
-	$(BIN)/python -m worker.readme_table
+	$(BIN)/python -m worker.devtools.readme_table
 
 # Wheels the GPU machine lacks (its image has Python 3.12 with torch, torchvision, transformers, msgpack,
 # prometheus-client, nvidia-ml-py and pytest), for .ci/gpu-bench: built for that Python, not this one.

@@ -10,7 +10,7 @@ from typing import Any, get_args
 from pydantic import SecretStr
 
 from worker.config import Settings, env_name, flag_name, load_settings
-from worker.errors import StartupError
+from worker.errors import ExitCode, StartupError
 from worker.logs import configure_logging
 
 CONNECTION_FIELDS = (
@@ -20,10 +20,12 @@ CONNECTION_FIELDS = (
     "sasl_mechanism",
     "sasl_username",
     "sasl_password",
+    "sasl_password_file",
     "ssl_cafile",
     "ssl_certfile",
     "ssl_keyfile",
     "ssl_password",
+    "ssl_password_file",
     "max_message_bytes",
     "connect_timeout_s",
     "log_level",
@@ -103,7 +105,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     configure_logging("warning")
     return run_demo(count=args.count, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
@@ -119,7 +121,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from worker.bench.runner import run_bench
+    from worker.devtools.bench.runner import run_bench
 
     configure_logging("warning")
     return run_bench(args)
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="auto")
     demo.set_defaults(handler=_cmd_demo)
     bench = commands.add_parser("bench", help="throughput benchmarks: a table and JSON")
-    from worker.bench.args import add_bench_arguments
+    from worker.devtools.bench.args import add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
@@ -189,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except StartupError as exc:
         print(f"clip-worker: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.STARTUP
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from worker.errors import StartupError
 ENV_PREFIX = "CLIP_WORKER_"
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+# Kafka's own rule for topic names.
+_TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+# A secret may also come from a file (a mounted Kubernetes secret, say), so it never shows in `ps`.
+_SECRET_FILES = {"sasl_password_file": "sasl_password", "ssl_password_file": "ssl_password"}
 
 
 class Settings(BaseSettings):
@@ -60,11 +64,17 @@ class Settings(BaseSettings):
         None, description="SASL mechanism when the protocol is SASL_*"
     )
     sasl_username: str | None = Field(None, description="SASL username")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (never logged; prefer the environment or --sasl-password-file)"
+    )
+    sasl_password_file: Path | None = Field(
+        None, description="file holding the SASL password (trailing newline ignored)"
+    )
     ssl_cafile: Path | None = Field(None, description="CA bundle that signs the broker certificate")
     ssl_certfile: Path | None = Field(None, description="client certificate for mutual TLS")
     ssl_keyfile: Path | None = Field(None, description="client private key for mutual TLS")
     ssl_password: SecretStr | None = Field(None, description="password of the client key (never logged)")
+    ssl_password_file: Path | None = Field(None, description="file holding the client key's password")
 
     # Batching and flow control
     batch_size: int = Field(
@@ -155,6 +165,11 @@ class Settings(BaseSettings):
         gt=0,
         description="exit non-zero when work is pending and the broker has not answered for this long",
     )
+    stall_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="/healthz fails when records are in flight and none was acknowledged for this long",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 
@@ -164,6 +179,48 @@ class Settings(BaseSettings):
         if not _DEVICE_PATTERN.match(value):
             raise ValueError("use auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if not _TOPIC_PATTERN.match(value) or value in (".", ".."):
+            raise ValueError("a topic name is 1-249 characters of letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("group_id", "client_id")
+    @classmethod
+    def _check_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("group_instance_id", "transactional_id")
+    @classmethod
+    def _check_blank_optional(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave it unset instead)")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        for file_field, secret_field in _SECRET_FILES.items():
+            path = values.get(file_field)
+            if path is None:
+                continue
+            if values.get(secret_field) is not None:
+                raise ValueError(
+                    f"{flag_name(secret_field)} and {flag_name(file_field)} are both set; keep one of them"
+                )
+            try:
+                values[secret_field] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read {flag_name(file_field)} {path}: {exc.strerror or exc}"
+                ) from None
+        return values
 
     @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
     @classmethod
@@ -178,7 +235,7 @@ class Settings(BaseSettings):
             if self.sasl_mechanism is None:
                 raise ValueError("SASL protocols need --sasl-mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
             if not self.sasl_username or self.sasl_password is None:
-                raise ValueError("SASL needs --sasl-username and --sasl-password")
+                raise ValueError("SASL needs --sasl-username and --sasl-password (or --sasl-password-file)")
         return self
 
     @model_validator(mode="after")

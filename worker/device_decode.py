@@ -45,6 +45,7 @@ class DeviceJpegDecoder:
         self._limits = limits
         self._decode_jpeg = decode_jpeg or load_jpeg_decoder()
         self.fallbacks = 0  # images the device refused and the host decoded
+        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def materialise(
         self, images: Sequence[np.ndarray | EncodedJpeg]
@@ -85,8 +86,20 @@ class DeviceJpegDecoder:
         from torchvision.io import ImageReadMode
 
         data = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
-        decoded = self._decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        return list(decoded)
+        if self._side_stream is None:
+            return list(self._decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+        # nvJPEG writes its outputs outside the stream order of the stream that allocated them (its hardware
+        # engine honours no stream; pytorch/vision#9606): allocated on the caller's stream they can reuse a
+        # block that the previous batch's queued kernels still read. Allocated on a stream of their own they
+        # only get blocks nothing queued still uses; record_stream keeps each block from being reused until
+        # the caller's stream, which reads it, is done with it.
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._side_stream):
+            decoded = list(self._decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+        consumer.wait_stream(self._side_stream)
+        for pixels in decoded:
+            pixels.record_stream(consumer)
+        return decoded
 
     def _on_host(self, jpeg: EncodedJpeg, error: Exception) -> np.ndarray | RejectedRecord:
         self.fallbacks += 1

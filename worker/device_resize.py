@@ -9,6 +9,7 @@ the images arrive already decoded on the device.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -24,21 +25,21 @@ def preprocess_on_device(
     """uint8 RGB images to a normalised float32 ``(N, 3, crop, crop)`` batch on ``device``.
 
     Each image is a host array ``(H, W, 3)`` or a tensor ``(3, H, W)`` already on ``device`` (decoded
-    there by :mod:`worker.device_decode`).
+    there by :mod:`worker.device_decode`). Nothing here waits for the device: host pixels and the order of a
+    batch of mixed sizes cross in one pinned, non-blocking copy each, and the normalisation constants stay
+    on the device, so the inference thread can queue the next batch while the device works on this one.
     """
-    crop = params.crop
-    batch = torch.empty((len(images), 3, crop, crop), dtype=torch.float32, device=device)
     by_shape: dict[tuple[bool, int, int], list[int]] = defaultdict(list)
     for index, image in enumerate(images):
         on_device = isinstance(image, torch.Tensor)
         height, width = image.shape[1:] if on_device else image.shape[:2]
         by_shape[(on_device, height, width)].append(index)
+    groups: list[torch.Tensor] = []
     for (on_device, height, width), indices in by_shape.items():
         if on_device:
             pixels = torch.stack([torch.as_tensor(images[i]) for i in indices]).float()
         else:
-            stacked = np.stack([np.asarray(images[i]) for i in indices])
-            copied = torch.from_numpy(stacked).to(device, non_blocking=True)
+            copied = _to_device([np.asarray(images[i]) for i in indices], device)
             # Planar (NCHW) before the resize: 15% faster than resizing the channels-last view on a CPU.
             pixels = copied.permute(0, 3, 1, 2).contiguous().float()
         new_w, new_h = resized_shape(width, height, params.size)
@@ -47,10 +48,42 @@ def preprocess_on_device(
                 pixels, size=(new_h, new_w), mode="bicubic", antialias=True
             )
             pixels = pixels.round_().clamp_(0, 255)
-        batch[indices] = _centre_crop(pixels, crop)
-    mean = torch.tensor(params.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(params.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return batch.mul_(1 / 255).sub_(mean).div_(std)
+        groups.append(_centre_crop(pixels, params.crop))
+    batch = groups[0].contiguous() if len(groups) == 1 else torch.cat(groups)
+    if len(groups) > 1:
+        # Rows are grouped by size; put them back in the batch's order.
+        grouped = [index for indices in by_shape.values() for index in indices]
+        order = np.empty(len(grouped), dtype=np.int64)
+        order[grouped] = np.arange(len(grouped))
+        batch = batch.index_select(0, _to_device([order], device)[0])
+    scale, shift = _normalisation(params, device)
+    return batch.mul_(scale).sub_(shift)
+
+
+def _to_device(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Stack ``arrays`` into one tensor on ``device``: on a GPU through pinned memory, without waiting.
+
+    (A copy from pageable memory makes the host wait until the device has drained its queue up to it.)
+    The caching host allocator keeps a pinned block until its copy is done, so it is safe to let go of.
+    """
+    on_gpu = device.type == "cuda"
+    shape = (len(arrays), *arrays[0].shape)
+    host = torch.empty(shape, dtype=_TORCH_DTYPES[arrays[0].dtype.str], pin_memory=on_gpu)
+    np.stack(arrays, out=host.numpy())
+    return host.to(device, non_blocking=True) if on_gpu else host
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8).str: torch.uint8, np.dtype(np.int64).str: torch.int64}
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(params: Preprocessing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 / (255 std)`` and ``mean / std`` as ``(1, 3, 1, 1)`` tensors on ``device``, made once: made per
+    batch, they were copied from pageable memory, which waits for the device."""
+    mean = torch.tensor(params.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(params.std, dtype=torch.float64).view(1, 3, 1, 1)
+    scale, shift = (1 / (255 * std)).float(), (mean / std).float()
+    return scale.to(device), shift.to(device)
 
 
 def _centre_crop(pixels: torch.Tensor, crop: int) -> torch.Tensor:

@@ -26,9 +26,15 @@ log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# torch.compile modes behind --compile: inductor's fused kernels, plus CUDA graphs that replay the whole
-# forward pass with one launch (fixed shapes only, hence the padding to one batch size).
-COMPILE_MODES = {"inductor": "default", "cuda-graphs": "reduce-overhead"}
+# torch.compile options behind --compile: inductor's fused kernels, plus CUDA graphs that replay the whole
+# forward pass with one launch (fixed shapes only, hence the padding to one batch size). The graphs are
+# inductor's plain ones, not its CUDA-graph trees ("reduce-overhead"): the trees keep thread-local state, so a
+# graph recorded on the thread that compiled can fail when the inference thread replays or re-records it.
+COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
+    "inductor": {},
+    "cuda-graphs": {"triton.cudagraphs": True, "triton.cudagraph_trees": False},
+}
+_WARMUP_CALLS = 3  # CUDA graphs are recorded on the second or third call, not the first
 # OpenAI's ViT-L/14 vision tower, so random weights need no download.
 VIT_L14_VISION = {
     "hidden_size": 1024,
@@ -153,6 +159,9 @@ class Embedder:
         self._pinned_copied: torch.cuda.Event | None = None
         self._compiled: Any = None
         self._compiled_batch = 0
+        self._compiled_mode = "off"
+        self._warm_threads: set[int] = set()  # threads the compiled forward has been warmed up on
+        self.graphs_skipped = False  # --compile cuda-graphs compiled, but inductor ran it without graphs
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def view(self) -> Embedder:
@@ -208,7 +217,10 @@ class Embedder:
         # GPU work runs on this embedder's own CUDA stream, so it never waits behind another stream's work.
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
-    def _forward(self, batch: torch.Tensor) -> PendingEmbeddings:
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """The forward pass alone: a ``(N, 3, H, W)`` batch already on this embedder's device to ``(N, dim)``
+        float32 unit vectors there, queued on the current stream (the model section of the bench times it).
+        The caller holds inference mode and, on a GPU, :meth:`on_own_stream`."""
         count = batch.shape[0]
         model = self.model
         if self._compiled is not None and count <= self._compiled_batch:
@@ -219,13 +231,18 @@ class Embedder:
                 batch = torch.cat([batch, padding])
             model = self._compiled
         try:
+            if model is self._compiled:
+                self._warm_up_on_this_thread()
             output = model(pixel_values=batch.to(self.dtype))
         except torch.cuda.OutOfMemoryError:
             if model is self._compiled:
                 log.warning("the compiled forward pass ran out of GPU memory; running eagerly from now on")
                 self._compiled = None
             raise
-        features = torch.nn.functional.normalize(output.image_embeds[:count].float(), dim=-1)
+        return torch.nn.functional.normalize(output.image_embeds[:count].float(), dim=-1)
+
+    def _forward(self, batch: torch.Tensor) -> PendingEmbeddings:
+        features = self.features(batch)
         if self._stream is None:
             return PendingEmbeddings(features, None)
         # Read back into pinned memory without waiting; the event says when the vectors are there.
@@ -236,22 +253,55 @@ class Embedder:
         return PendingEmbeddings(host, ready)
 
     def compile(self, mode: str, batch_size: int) -> float:
-        """Compile the forward pass (``mode`` is a key of :data:`COMPILE_MODES`) for ``batch_size`` images.
+        """Compile the forward pass (``mode`` is a key of :data:`COMPILE_OPTIONS`) for ``batch_size`` images.
 
         Batches up to that size are padded to it, so the graph is built once; larger ones run eagerly.
-        Compiles and warms up before returning; returns the seconds that took.
+        Compiles and warms up before returning, on the calling thread; any other thread that runs the
+        forward pass warms it up again on its first batch (inductor keeps compiled CUDA graphs per thread).
+        Compiling again for the same mode and size does nothing. Returns the seconds it took.
         """
         if mode == "cuda-graphs" and self.device.type != "cuda":
             raise StartupError("--compile cuda-graphs needs a GPU; use --compile inductor or off on a CPU")
+        if self._compiled is not None and (self._compiled_mode, self._compiled_batch) == (mode, batch_size):
+            return 0.0
         started = time.perf_counter()
-        self._compiled = torch.compile(self.model, mode=COMPILE_MODES[mode], dynamic=False)
-        self._compiled_batch = batch_size
-        warmup = np.zeros((batch_size, 3, self.preprocessing.crop, self.preprocessing.crop), np.float32)
-        for _ in range(3):  # CUDA graphs are recorded on the second or third call, not the first
-            self.embed(warmup)
+        options = COMPILE_OPTIONS[mode]
+        skips_before = _cudagraph_skips()
+        self._compiled = torch.compile(self.model, options=options, dynamic=False)
+        self._compiled_batch, self._compiled_mode = batch_size, mode
+        self._warm_threads.clear()
+        with self._lock, torch.inference_mode(), self.on_own_stream():
+            self._warm_up_on_this_thread()
         elapsed = time.perf_counter() - started
         log.info("compiled the forward pass (%s, batch %d) in %.1fs", mode, batch_size, elapsed)
+        self.graphs_skipped = bool(options.get("triton.cudagraphs")) and _cudagraph_skips() > skips_before
+        if self.graphs_skipped:
+            log.error(
+                "CUDA GRAPHS SKIPPED: inductor compiled the forward pass but will not replay it as a CUDA "
+                "graph (run with TORCH_LOGS=cudagraphs for its reason); --compile %s runs as plain inductor",
+                mode,
+            )
         return elapsed
+
+    def _warm_up_on_this_thread(self) -> None:
+        """Run the compiled forward pass a few times on zeros, once per thread, before it embeds real images:
+        CUDA graphs are recorded (and kept) per thread, on the current stream."""
+        thread = threading.get_ident()
+        if thread in self._warm_threads:
+            return
+        crop = self.preprocessing.crop
+        zeros = torch.zeros((self._compiled_batch, 3, crop, crop), dtype=self.dtype, device=self.device)
+        started = time.perf_counter()
+        for _ in range(_WARMUP_CALLS):
+            self._compiled(pixel_values=zeros)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._warm_threads.add(thread)
+        log.info(
+            "warmed up the compiled forward pass on thread %s in %.1fs",
+            threading.current_thread().name,
+            time.perf_counter() - started,
+        )
 
     def _pin(self, pixels: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         if self._pinned_copied is not None:
@@ -347,6 +397,13 @@ def load_embedder(spec: ModelSpec) -> Embedder:
     preprocessing = _preprocessing_for(spec, int(model.config.image_size))
     log.info("model %s loaded on %s as %s (dim %d)", label, device, dtype, model.config.projection_dim)
     return Embedder(model, label, revision, preprocessing, device, dtype)
+
+
+def _cudagraph_skips() -> int:
+    """How many compiled graphs inductor has refused to run as CUDA graphs in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _check_readable(model_dir: Path) -> None:

@@ -25,6 +25,19 @@ class RejectReason(enum.StrEnum):
     IMAGE_TOO_SMALL = "image_too_small"
     INFERENCE_FAILED = "inference_failed"
     OUTPUT_TOO_LARGE = "output_too_large"
+    UNREADABLE_RECORD = "unreadable_record"
+
+
+class ExitCode(enum.IntEnum):
+    """How the worker process ends; each failure its own code, so a supervisor can tell them apart."""
+
+    OK = 0
+    STARTUP = 2  # a configuration or start-up problem a user must fix; one line says which flag
+    UNCLEAN_DRAIN = 3  # the shutdown grace ended with records unacknowledged (not committed)
+    BROKER_LOST = 4  # the broker stopped answering past --broker-lost-timeout-s
+    FENCED = 5  # another process took this worker's transactional or group instance id
+    STAGE_FAILED = 6  # a thread the pipeline cannot go on without died
+    INTERRUPTED = 130  # Ctrl-C before the worker was running
 
 
 class RejectedRecord(Exception):
@@ -52,6 +65,18 @@ class BrokerLostError(Exception):
     """The broker stopped answering mid-run for longer than ``--broker-lost-timeout-s``."""
 
 
-class TransactionFencedError(Exception):
+class StageFailedError(Exception):
+    """A thread the pipeline cannot go on without died (a bug): the worker exits without committing."""
+
+
+class FencedError(Exception):
+    """Another process took this worker's identity in the group or the broker; it must not go on."""
+
+
+class GroupInstanceFencedError(FencedError):
+    """Another consumer joined the group with this worker's ``--group-instance-id``."""
+
+
+class TransactionFencedError(FencedError):
     """Exactly-once mode cannot go on: another producer took this transactional id, or the broker refused
     transactions. The open transaction is aborted by the broker; nothing it holds is ever visible."""

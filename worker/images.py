@@ -30,6 +30,15 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 RESIZERS = ("pil", "torch", "device")
+# The formats the worker decodes; anything else is not_an_image, whatever plugins Pillow has (EPS would
+# run Ghostscript, for one). MPO is how Pillow names the JPEGs of many cameras and phones.
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+Image.init()  # registers every plugin, so that the list below names only those this Pillow has
+_OPENABLE = tuple(name for name in SUPPORTED_FORMATS if name in Image.OPEN)
+# Past this many times the crop, the intermediate image of "shortest side to 224, then crop" is mostly
+# thrown away (a 3x30000 strip would become 224x2,240,000): such images are resized straight to the crop
+# window instead, at a cost bounded by the source size (see crop_window).
+MAX_INTERMEDIATE_RATIO = 4
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_OPENABLE)
     except UnidentifiedImageError:
         raise RejectedRecord(RejectReason.NOT_AN_IMAGE, "bytes are not a supported image format") from None
     except Exception as exc:
@@ -199,8 +208,34 @@ def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
+def is_elongated(width: int, height: int, params: Preprocessing) -> bool:
+    """Whether resizing the shortest side first would make an intermediate far larger than the crop."""
+    new_w, new_h = resized_shape(width, height, params.size)
+    return max(new_w, new_h) > MAX_INTERMEDIATE_RATIO * params.crop
+
+
+def crop_window(image: Image.Image, params: Preprocessing) -> Image.Image:
+    """The centre crop of the resized image, computed without the resized image.
+
+    PIL resamples the same source window with the same filter support as the reference's resize-then-crop.
+    Only the order of its two 8-bit passes may differ (PIL picks it per image), so a pixel can be one level
+    off on natural images (tests/unit/test_images.py). Only for ``crop <= size``.
+    """
+    new_w, new_h = resized_shape(image.width, image.height, params.size)
+    scale_x, scale_y = image.width / new_w, image.height / new_h
+    left, top = (new_w - params.crop) // 2, (new_h - params.crop) // 2
+    crop, bicubic = params.crop, Image.Resampling.BICUBIC
+    # Two passes, horizontal then vertical, each rounded to 8 bits.
+    columns = image.resize(
+        (crop, image.height), bicubic, box=(left * scale_x, 0, (left + crop) * scale_x, image.height)
+    )
+    return columns.resize((crop, crop), bicubic, box=(0, top * scale_y, crop, (top + crop) * scale_y))
+
+
 def preprocess(image: Image.Image, params: Preprocessing) -> np.ndarray:
     """RGB image to a normalised float32 CHW array of shape ``(3, crop, crop)``."""
+    if params.crop <= params.size and is_elongated(image.width, image.height, params):
+        return normalise(np.asarray(crop_window(image, params), dtype=np.float32), params)
     new_w, new_h = resized_shape(image.width, image.height, params.size)
     if params.resize == "torch":
         pixels = _torch_resize(image, new_w, new_h)
@@ -212,10 +247,14 @@ def preprocess(image: Image.Image, params: Preprocessing) -> np.ndarray:
     if top < 0 or left < 0:
         pixels = _pad_to(pixels, params.crop)
         top, left = max(top, 0), max(left, 0)
-    cropped = pixels[top : top + params.crop, left : left + params.crop]
+    return normalise(pixels[top : top + params.crop, left : left + params.crop], params)
+
+
+def normalise(pixels: np.ndarray, params: Preprocessing) -> np.ndarray:
+    """Cropped HWC pixels (0-255) to the model's normalised float32 CHW input."""
     mean = np.asarray(params.mean, dtype=np.float32)
     std = np.asarray(params.std, dtype=np.float32)
-    normalised = (cropped * np.float32(1 / 255) - mean) / std
+    normalised = (pixels * np.float32(1 / 255) - mean) / std
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
@@ -245,6 +284,10 @@ def decode_and_preprocess(data: bytes, limits: ImageLimits, params: Preprocessin
     the model's device preprocesses); raises :class:`RejectedRecord` on bad input."""
     rgb = load_rgb(data, limits, params.size if params.jpeg_draft else None)
     if params.resize == "device":
+        if params.crop <= params.size and is_elongated(rgb.width, rgb.height, params):
+            # The device would resize it to a huge intermediate too: hand it the crop window, which its
+            # resize then leaves as it is.
+            return np.asarray(crop_window(rgb, params))
         return np.asarray(rgb)
     try:
         return preprocess(rgb, params)
@@ -257,6 +300,6 @@ def prepare(data: bytes, limits: ImageLimits, params: Preprocessing) -> np.ndarr
     ``decode="device"`` a JPEG that the device can decode, left encoded (:func:`device_decodable`)."""
     if params.decode == "device":
         jpeg = device_decodable(data, limits)
-        if jpeg is not None:
+        if jpeg is not None and not is_elongated(jpeg.width, jpeg.height, params):
             return jpeg
     return decode_and_preprocess(data, limits, params)

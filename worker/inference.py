@@ -26,24 +26,14 @@ from worker.batcher import Batch
 from worker.device_decode import DeviceJpegDecoder
 from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import EncodedJpeg, ImageLimits, Preprocessing
-from worker.messages import ImageRequest
+from worker.images import ImageLimits, Preprocessing
+from worker.intake import ReadyImage
 from worker.metrics import WorkerMetrics
 from worker.publisher import Publisher
-from worker.work import InputRecord
 
 log = logging.getLogger(__name__)
 _QUEUE_DEPTH = 2  # closed batches waiting for the stage: one launching while one is being finished
 _STOP = None
-
-
-@dataclass
-class ReadyImage:
-    """A decoded (or, with ``--decode device``, checked and still encoded) image waiting for a batch."""
-
-    record: InputRecord
-    request: ImageRequest
-    pixels: np.ndarray | EncodedJpeg
 
 
 @dataclass
@@ -73,12 +63,20 @@ class InferenceStage:
             DeviceJpegDecoder(embedder.device, limits) if preprocessing.decode == "device" else None
         )
         self._queue: queue.Queue[Batch[ReadyImage] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._device_free_at = 0.0  # when the device finished the last batch (perf_counter)
+        self._failure: BaseException | None = None
 
     def start(self) -> None:
         """Start the inference thread."""
         self._thread.start()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the thread died, or None while it runs (or ended normally). Nothing is embedded after it."""
+        if self._failure is None:
+            return None
+        return f"the inference thread died: {type(self._failure).__name__}: {self._failure}"
 
     def offer(self, batch: Batch[ReadyImage], wait_s: float = 0.0) -> bool:
         """Queue a closed batch, waiting up to ``wait_s`` for room; False if there was none."""
@@ -106,6 +104,13 @@ class InferenceStage:
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
 
     # ---------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: the main loop sees it and stops the worker
+            self._failure = exc
+            log.critical("the inference thread died; the worker stops", exc_info=True)
+
     def _loop(self) -> None:
         pending: _Launched | None = None
         while True:
@@ -187,16 +192,16 @@ class InferenceStage:
             self._embed_now(items[half:], retry=False)
         else:
             message = f"inference failed: {type(exc).__name__}: {exc}"
-            self.publisher.dead_letter(items[0].record, RejectReason.INFERENCE_FAILED, message)
+            self.publisher.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
 
     def _publish(self, items: list[ReadyImage], vectors: np.ndarray, started: float) -> None:
         ready = time.perf_counter()
         # The device works on one batch at a time: count this batch from when it could start on it.
         self.metrics.stage_seconds.labels("inference").observe(ready - max(started, self._device_free_at))
         self._device_free_at = ready
-        self.metrics.embedded.inc(len(items))
         for item, vector in zip(items, vectors, strict=True):
             self.publisher.embedding(item.record, item.request, vector)
+        self.metrics.embedded.inc(len(items))
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - ready)
 
     def _decode_on_device(
@@ -218,7 +223,7 @@ class InferenceStage:
         pixels: list[np.ndarray | torch.Tensor] = []
         for item, result in zip(items, results, strict=True):
             if isinstance(result, RejectedRecord):
-                self.publisher.dead_letter(item.record, result.reason, result.message)
+                self.publisher.reject(item.record, result)
             else:
                 kept.append(item)
                 pixels.append(result)

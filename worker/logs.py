@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,6 +23,31 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets the same message (by its template) through at most once per ``interval_s``, then says how many
+    copies it held back. kafka-python repeats an error about a missing topic ten times a second."""
+
+    def __init__(self, interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = self._clock()
+        last, held = self._seen.get(key, (float("-inf"), 0))
+        if now - last < self._interval_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()  # bounded: templates are few, but a library may format its own messages
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {now - last:.0f}s)"
+        return True
 
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
@@ -42,3 +68,15 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     # says once per attempt what went wrong.
     logging.getLogger("kafka.net").setLevel(logging.WARNING)
     logging.getLogger("kafka.conn").setLevel(logging.CRITICAL)
+    handler.addFilter(_KafkaRepeats(RepeatLimiter()))
+
+
+class _KafkaRepeats(logging.Filter):
+    """Applies the repeat limiter to kafka-python's records, whichever of its loggers they come from."""
+
+    def __init__(self, limiter: RepeatLimiter) -> None:
+        super().__init__()
+        self._limiter = limiter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("kafka") or self._limiter.filter(record)

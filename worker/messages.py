@@ -24,6 +24,25 @@ SOURCE_PARTITION_HEADER = HEADER_PREFIX + "source-partition"
 SOURCE_OFFSET_HEADER = HEADER_PREFIX + "source-offset"
 FAILED_AT_HEADER = HEADER_PREFIX + "failed-at-ms"
 VALUE_OMITTED_HEADER = HEADER_PREFIX + "value-omitted-bytes"
+HEADERS_OMITTED_HEADER = HEADER_PREFIX + "headers-omitted"
+KEY_TRUNCATED_HEADER = HEADER_PREFIX + "key-truncated-bytes"
+NULL_VALUE_HEADER = HEADER_PREFIX + "value-was-null"
+# The headers a dead letter gets. A record dead-lettered before (replayed from the DLQ, say) has its old
+# copies replaced; any other header, clip-worker-* or not, travels unchanged.
+DLQ_HEADERS = frozenset(
+    {
+        REASON_HEADER,
+        ERROR_HEADER,
+        SOURCE_TOPIC_HEADER,
+        SOURCE_PARTITION_HEADER,
+        SOURCE_OFFSET_HEADER,
+        FAILED_AT_HEADER,
+        VALUE_OMITTED_HEADER,
+        HEADERS_OMITTED_HEADER,
+        KEY_TRUNCATED_HEADER,
+        NULL_VALUE_HEADER,
+    }
+)
 MAX_ERROR_MESSAGE = 512
 
 Headers = list[tuple[str, bytes]]
@@ -137,7 +156,7 @@ def decode_embedding(value: bytes) -> dict[str, Any]:
 
 def dlq_headers(original: Headers | None, reason: RejectReason, message: str, source: Source) -> Headers:
     """The original headers plus the error headers of a dead-lettered record."""
-    headers = [(k, v) for k, v in (original or []) if not k.startswith(HEADER_PREFIX)]
+    headers = [(k, v) for k, v in (original or []) if k not in DLQ_HEADERS]
     headers += [
         (REASON_HEADER, reason.value.encode()),
         (ERROR_HEADER, message[:MAX_ERROR_MESSAGE].encode("utf-8", "replace")),

@@ -20,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from worker.errors import StartupError
 from worker.gpu import GpuCollector
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,22 @@ class WorkerMetrics:
         self.commit_failures = Counter("clip_worker_commit_failures", "Failed offset commits", registry=r)
         self.publish_retries = Counter(
             "clip_worker_publish_retries", "Records re-sent after a failed delivery", registry=r
+        )
+        self.publish_failures = Counter(
+            "clip_worker_publish_failures",
+            "Failed deliveries (each is retried, or aborts the transaction), by topic and error",
+            ["topic", "error"],
+            registry=r,
+        )
+        self.undeliverable = Counter(
+            "clip_worker_undeliverable_records",
+            "Dead letters the DLQ topic cannot take even cut down, skipped with an error log line",
+            registry=r,
+        )
+        self.unreadable_records = Counter(
+            "clip_worker_unreadable_records",
+            "Input records the Kafka client could not parse, dead-lettered as far as they were read",
+            registry=r,
         )
         self.rebalances = Counter("clip_worker_rebalances", "Partition assignment changes", registry=r)
         self.device_decode_fallbacks = Counter(
@@ -108,6 +125,11 @@ class WorkerMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.stalled_seconds = Gauge(
+            "clip_worker_stalled_seconds",
+            "Seconds since the last acknowledged result while records are in flight (0 when idle)",
+            registry=r,
+        )
         self.last_progress = Gauge(
             "clip_worker_last_progress_timestamp_seconds", "Unix time the loop last made progress", registry=r
         )
@@ -118,8 +140,17 @@ class WorkerMetrics:
         self.info = Info("clip_worker_model", "Model, revision, dtype, device and version", registry=r)
 
 
+HealthCheck = Callable[[], str | None]
+
+
 class HealthState:
-    """What the health endpoints report: liveness (recent loop progress) and readiness."""
+    """What the health endpoints report.
+
+    Liveness: the main loop made progress recently and every registered liveness check passes (the
+    pipeline moves, its threads are alive). Readiness: the model is loaded, the consumer holds a group
+    assignment and every registered readiness check passes (the topics exist, deliveries succeed). A check
+    returns None when all is well, else a one-line reason that the endpoint answers with.
+    """
 
     def __init__(self, stall_after_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -127,27 +158,106 @@ class HealthState:
         self._last_beat = clock()
         self.model_loaded = False
         self.in_group = False
+        self._liveness: list[HealthCheck] = []
+        self._readiness: list[HealthCheck] = []
 
     def beat(self) -> None:
         """The main loop completed an iteration."""
         self._last_beat = self._clock()
 
+    def add_liveness_check(self, check: HealthCheck) -> None:
+        """A check whose failure means the worker cannot recover by itself (restart it)."""
+        self._liveness.append(check)
+
+    def add_readiness_check(self, check: HealthCheck) -> None:
+        """A check whose failure means the worker cannot do its job right now."""
+        self._readiness.append(check)
+
+    def liveness_problem(self) -> str | None:
+        """Why the worker is not alive, or None."""
+        stalled = self._clock() - self._last_beat
+        if stalled >= self._stall_after_s:
+            return f"the main loop has not run for {stalled:.0f}s"
+        return _first_problem(self._liveness)
+
+    def readiness_problem(self) -> str | None:
+        """Why the worker is not ready, or None."""
+        if not self.model_loaded:
+            return "the model is not loaded yet"
+        problem = _first_problem(self._readiness)
+        if problem is None and not self.in_group:
+            return "no partition assignment from the consumer group yet"
+        return problem
+
     def alive(self) -> bool:
-        """The loop made progress within ``stall_after_s``."""
-        return self._clock() - self._last_beat < self._stall_after_s
+        """The loop made progress within ``stall_after_s`` and every liveness check passes."""
+        return self.liveness_problem() is None
 
     def ready(self) -> bool:
-        """The model is loaded and the consumer holds a group assignment."""
-        return self.model_loaded and self.in_group
+        """The model is loaded, the consumer holds a group assignment, every readiness check passes."""
+        return self.readiness_problem() is None
+
+
+def _first_problem(checks: list[HealthCheck]) -> str | None:
+    for check in checks:
+        problem = check()
+        if problem is not None:
+            return problem
+    return None
+
+
+# Scrapers and probes need a handful of connections; beyond this, new ones are closed at once, and an idle
+# connection is dropped after the timeout, so no client can pin threads.
+MAX_CONNECTIONS = 16
+CONNECTION_TIMEOUT_S = 10.0
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` at once; errors go to the log."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("metrics server: %d connections open; refusing one more", MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-reply (a probe timing out) is routine: one debug line, no traceback.
+        log.debug("metrics server: connection from %s ended early", client_address, exc_info=True)
 
 
 class MetricsServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on one port from a daemon thread."""
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on one port from a daemon thread.
+
+    Raises :class:`worker.errors.StartupError` when the address cannot be bound.
+    """
 
     def __init__(self, host: str, port: int, metrics: WorkerMetrics, health: HealthState) -> None:
         handler = _make_handler(metrics, health)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        try:
+            self._server = _BoundedHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
+                "free the port or choose another with --metrics-port / --metrics-host (0 disables)"
+            ) from None
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 
@@ -164,16 +274,20 @@ class MetricsServer:
 
 def _make_handler(metrics: WorkerMetrics, health: HealthState) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = CONNECTION_TIMEOUT_S
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                ok = health.alive()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
+                problem = health.liveness_problem()
+                body = b"ok\n" if problem is None else f"stalled: {problem}\n".encode()
+                self._reply(200 if problem is None else 503, body)
             elif path == "/readyz":
-                ok = health.ready()
-                self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                problem = health.readiness_problem()
+                body = b"ready\n" if problem is None else f"not ready: {problem}\n".encode()
+                self._reply(200 if problem is None else 503, body)
             else:
                 self._reply(404, b"not found\n")
 

@@ -6,10 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
-
 from worker.gpu import GpuCollector
+from worker.kafka_io import Consumer, TopicPartition
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 
@@ -22,7 +20,7 @@ class Observer:
 
     def __init__(
         self,
-        consumer: KafkaConsumer,
+        consumer: Consumer,
         tracker: OffsetTracker,
         metrics: WorkerMetrics,
         progress_interval_s: float,
@@ -50,6 +48,7 @@ class Observer:
         self._metrics.last_progress.set_to_current_time()
         self._metrics.in_flight_images.set(self._tracker.in_flight)
         self._metrics.in_flight_bytes.set(self._tracker.in_flight_bytes)
+        self._metrics.stalled_seconds.set(self._tracker.stalled_for())
         self._update_lag()
         if self._progress_interval_s and now - self._last_progress_at >= self._progress_interval_s:
             self._log_progress(now)
@@ -73,10 +72,9 @@ class Observer:
 
     def _highwater(self, tp: TopicPartition) -> int | None:
         try:
-            value = self._consumer.highwater(tp)
+            return self._consumer.highwater(tp)
         except Exception:  # revoked between the two calls
             return None
-        return int(value) if value is not None else None
 
     def _log_progress(self, now: float) -> None:
         embedded = self._metrics.embedded._value.get()

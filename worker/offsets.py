@@ -8,10 +8,12 @@ method takes a lock.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kafka.structs import TopicPartition
+from worker.kafka_io import TopicPartition
 
 
 @dataclass
@@ -28,11 +30,13 @@ class _PartitionState:
 class OffsetTracker:
     """Tracks polled offsets of owned partitions and computes safe commit positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._partitions: dict[TopicPartition, _PartitionState] = {}
         self._in_flight = 0
         self._in_flight_bytes = 0
+        self._progress_at = clock()  # last acknowledgement, or when work arrived after none was pending
 
     def assign(self, partitions: set[TopicPartition]) -> None:
         """Start tracking newly owned partitions with a clean state."""
@@ -71,6 +75,8 @@ class OffsetTracker:
                 return True  # re-delivered after a seek: already pending
             state.pending.append(offset)
             state.sizes[offset] = size
+            if self._in_flight == 0:
+                self._progress_at = self._clock()
             self._in_flight += 1
             self._in_flight_bytes += size
             return True
@@ -82,6 +88,7 @@ class OffsetTracker:
             if state is None or not state.pending or offset < state.pending[0]:
                 return  # revoked, or a duplicate acknowledgement of a record already counted
             state.acked.add(offset)
+            self._progress_at = self._clock()
             while state.pending and state.pending[0] in state.acked:
                 done = state.pending.popleft()
                 state.acked.discard(done)
@@ -129,6 +136,11 @@ class OffsetTracker:
         """Records polled but not yet acknowledged, over all owned partitions."""
         with self._lock:
             return self._in_flight
+
+    def stalled_for(self) -> float:
+        """Seconds without any acknowledgement while records are in flight; 0 when nothing is pending."""
+        with self._lock:
+            return self._clock() - self._progress_at if self._in_flight else 0.0
 
     @property
     def in_flight_bytes(self) -> int:

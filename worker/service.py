@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from types import FrameType
-
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
 
 from worker import __version__
 from worker.config import Settings
+from worker.delivery import Delivery, choose
 from worker.device_decode import load_jpeg_decoder
 from worker.embedder import (
     Embedder,
@@ -21,19 +19,36 @@ from worker.embedder import (
     default_decode_workers,
     load_embedder,
 )
-from worker.errors import BrokerLostError, TransactionFencedError
-from worker.kafka_io import check_output_topics, make_consumer, make_producer, topic_message_limits
+from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError
+from worker.kafka_io import Consumer, check_output_topics, open_consumer, topic_message_limits
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
+from worker.offsets import OffsetTracker
 from worker.pipeline import Pipeline
-from worker.transactions import transactional_id
+from worker.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_UNCLEAN_DRAIN = 3
-EXIT_BROKER_LOST = 4
-EXIT_TRANSACTION_FENCED = 5
-_CLOSE_TIMEOUT_MS = 5000
+# Signals that ask for a drain: SIGHUP too, which a closed terminal or some supervisors send.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Clients:
+    """The worker's Kafka side: its consumer, its delivery guarantee and the topics' size limits."""
+
+    consumer: Consumer
+    delivery: Delivery
+    tracker: OffsetTracker
+    limits: TopicLimits
+
+    def close(self) -> None:
+        """Close both clients; with the broker gone this times out quietly (the exit code says why)."""
+        try:
+            self.consumer.close(timeout_ms=int(_CLOSE_TIMEOUT_S * 1000))
+        except Exception as exc:  # closing is best effort
+            log.debug("closing the consumer: %s", exc)
+        self.delivery.close(timeout=_CLOSE_TIMEOUT_S)
 
 
 def model_spec(settings: Settings) -> ModelSpec:
@@ -48,102 +63,122 @@ def model_spec(settings: Settings) -> ModelSpec:
     )
 
 
+def load_model(settings: Settings, metrics: WorkerMetrics, embedder: Embedder | None = None) -> Embedder:
+    """The embedder, loaded (unless given), compiled if asked, and described in the logs and metrics."""
+    if settings.decode == "device":
+        load_jpeg_decoder()  # fail before the model loads when torchvision is missing
+    embedder = embedder or load_embedder(model_spec(settings))
+    threads = configure_cpu_threads(
+        settings.inference_threads,
+        decode_workers(settings),
+        embedder.parameters if embedder.device.type == "cpu" else 0,
+    )
+    log.info("torch CPU threads: %d", threads)
+    if settings.resize == "device" and embedder.device.type == "cpu":
+        log.warning(
+            "--resize device%s on a CPU runs on the inference thread; "
+            "--resize torch (the default) is several times faster there",
+            " --decode device" if settings.decode == "device" else "",
+        )
+    if settings.compile != "off":
+        embedder.compile(settings.compile, batch_size(settings, embedder))
+    if embedder.is_random:
+        log.warning("RANDOM WEIGHTS: embeddings are meaningless; every record says model=%s", embedder.label)
+    metrics.info.info(
+        {
+            "model": embedder.label,
+            "revision": embedder.revision,
+            "dtype": str(embedder.dtype).removeprefix("torch."),
+            "device": str(embedder.device),
+            "version": __version__,
+        }
+    )
+    log.info("model %s on %s (%s), dim %d", embedder.label, embedder.device, embedder.dtype, embedder.dim)
+    return embedder
+
+
+def batch_size(settings: Settings, embedder: Embedder) -> int:
+    """Images per batch: the setting, or sized from the device's free memory."""
+    return settings.batch_size or embedder.auto_batch_size()
+
+
+def decode_workers(settings: Settings) -> int:
+    """Decode threads: the setting, or one per core (at most 8)."""
+    return settings.decode_workers or default_decode_workers()
+
+
+def open_clients(settings: Settings, metrics: WorkerMetrics) -> Clients:
+    """Connect to Kafka with the delivery guarantee the settings ask for; check the output topics."""
+    kind = choose(settings)
+    consumer = open_consumer(settings, **kind.consumer_options)
+    limits = TopicLimits(topic_message_limits(settings, [settings.output_topic, settings.dlq_topic]))
+    tracker = OffsetTracker()
+    delivery = kind.open(settings, consumer, tracker, metrics, limits)
+    check_output_topics(delivery.producer, settings)
+    return Clients(consumer, delivery, tracker, limits)
+
+
 def run_worker(
     settings: Settings,
     stop: threading.Event | None = None,
     embedder: Embedder | None = None,
     metrics: WorkerMetrics | None = None,
+    health: HealthState | None = None,
 ) -> int:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT in the main thread); returns the exit code.
+    """Run until ``stop`` is set (or SIGTERM/SIGINT/SIGHUP in the main thread); returns the exit code.
 
     Raises :class:`worker.errors.StartupError` for problems a user must fix.
     """
     stop = stop or threading.Event()
     log.info("clip-worker %s starting with %s", __version__, settings.redacted())
     metrics = metrics or WorkerMetrics()
-    health = HealthState()
+    health = health or HealthState()
     server = None
     if settings.metrics_port:
         server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics, health)
         server.start()
     try:
-        if settings.decode == "device":
-            load_jpeg_decoder()  # fail before the model loads when torchvision is missing
-        embedder = embedder or load_embedder(model_spec(settings))
-        threads = configure_cpu_threads(
-            settings.inference_threads,
-            settings.decode_workers or default_decode_workers(),
-            embedder.parameters if embedder.device.type == "cpu" else 0,
-        )
-        log.info("torch CPU threads: %d", threads)
-        if settings.resize == "device" and embedder.device.type == "cpu":
-            log.warning(
-                "--resize device%s on a CPU runs on the inference thread; "
-                "--resize torch (the default) is several times faster there",
-                " --decode device" if settings.decode == "device" else "",
-            )
-        batch_size = settings.batch_size or embedder.auto_batch_size()
-        if settings.compile != "off":
-            embedder.compile(settings.compile, batch_size)
+        embedder = load_model(settings, metrics, embedder)
         health.model_loaded = True
-        if embedder.is_random:
-            log.warning(
-                "RANDOM WEIGHTS: embeddings are meaningless; every record says model=%s", embedder.label
-            )
-        metrics.info.info(
-            {
-                "model": embedder.label,
-                "revision": embedder.revision,
-                "dtype": str(embedder.dtype).removeprefix("torch."),
-                "device": str(embedder.device),
-                "version": __version__,
-            }
-        )
-        log.info("model %s on %s (%s), dim %d", embedder.label, embedder.device, embedder.dtype, embedder.dim)
-        consumer = make_consumer(settings)
-        txn_id = transactional_id(settings) if settings.exactly_once else None
-        if txn_id is not None:
-            log.info("exactly-once mode: transactional id %s, read_committed input", txn_id)
-        limits = topic_message_limits(settings, [settings.output_topic, settings.dlq_topic])
-        smallest_limit = min(limits.values(), default=None)
-        producer = make_producer(settings, txn_id, smallest_limit)
-        check_output_topics(producer, settings)
+        clients = open_clients(settings, metrics)
         pipeline = Pipeline(
             settings,
             embedder,
-            consumer,
-            producer,
+            clients.consumer,
+            clients.delivery,
+            clients.tracker,
             metrics,
             health,
+            batch_size(settings, embedder),
+            decode_workers(settings),
+            clients.limits,
             metrics.gpu,
-            batch_size,
-            limits,
-            reopen_producer=lambda: make_producer(settings, txn_id, smallest_limit),
         )
         _install_signal_handlers(stop)
         try:
-            clean = pipeline.run(stop)
-        except BrokerLostError as exc:
-            log.error("%s", exc)
-            return EXIT_BROKER_LOST
-        except TransactionFencedError as exc:
-            log.error("%s", exc)
-            return EXIT_TRANSACTION_FENCED
+            return _outcome(pipeline, stop)
         finally:
-            _close_quietly(consumer, pipeline.publisher.producer)
-        log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
-        return EXIT_OK if clean else EXIT_UNCLEAN_DRAIN
+            clients.close()
     finally:
         if server is not None:
             server.stop()
 
 
-def _close_quietly(consumer: KafkaConsumer, producer: KafkaProducer) -> None:
-    # With the broker gone, closing times out; the exit code already says what happened.
-    with contextlib.suppress(KafkaError):
-        consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
-    with contextlib.suppress(KafkaError):
-        producer.close(timeout=_CLOSE_TIMEOUT_MS / 1000)
+def _outcome(pipeline: Pipeline, stop: threading.Event) -> ExitCode:
+    """Run the pipeline; its end as an exit code."""
+    try:
+        clean = pipeline.run(stop)
+    except BrokerLostError as exc:
+        log.error("%s", exc)
+        return ExitCode.BROKER_LOST
+    except FencedError as exc:
+        log.error("%s", exc)
+        return ExitCode.FENCED
+    except StageFailedError as exc:
+        log.error("%s", exc)
+        return ExitCode.STAGE_FAILED
+    log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
+    return ExitCode.OK if clean else ExitCode.UNCLEAN_DRAIN
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -156,5 +191,5 @@ def _install_signal_handlers(stop: threading.Event) -> None:
         log.info("received %s: finishing in-flight work, then exiting", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)

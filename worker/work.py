@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
-from kafka.structs import TopicPartition
-
 from worker.errors import RejectReason
+from worker.kafka_io import Producer, TopicPartition
+from worker.kafka_io.errors import KafkaLayerError, UnansweredError
 from worker.messages import Headers, Source
 
 
@@ -44,23 +44,78 @@ class Outgoing:
     reason: RejectReason | None = None
     attempt: int = 0
     not_before: float = 0.0
+    undeliverable: str | None = None  # why it cannot be delivered at all: skipped, never sent
+
+
+class BrokerWatch:
+    """How long the broker has left sends unanswered: the only silence that says the broker is gone.
+
+    Work that waits on the worker itself (a slow decode, a long batch) does not count, and neither does a
+    send the broker answered with an error (it is there, and the error says what is wrong). Thread-safe:
+    sends happen on the main and inference threads, answers arrive on the producer's I/O thread.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._awaiting = 0
+        self._silent_since: float | None = None
+
+    def sent(self) -> None:
+        """A record was handed to the producer: an answer is due."""
+        with self._lock:
+            self._awaiting += 1
+            if self._silent_since is None:
+                self._silent_since = self._clock()
+
+    def answered(self) -> None:
+        """The broker answered a send (an acknowledgement or an error of its own)."""
+        with self._lock:
+            self._awaiting = max(0, self._awaiting - 1)
+            self._silent_since = self._clock() if self._awaiting else None
+
+    def unanswered(self) -> None:
+        """A send timed out or lost its connection: the silence goes on (its retry is sent again)."""
+        with self._lock:
+            self._awaiting = max(0, self._awaiting - 1)
+
+    def silent_for(self) -> float:
+        """Seconds the broker has left sends unanswered; 0 when it answered the last one."""
+        with self._lock:
+            return 0.0 if self._silent_since is None else self._clock() - self._silent_since
 
 
 def send(
-    producer: KafkaProducer,
+    producer: Producer,
     out: Outgoing,
     on_delivered: Callable[[Outgoing], None],
     on_failed: Callable[[Outgoing, BaseException], None],
+    watch: BrokerWatch | None = None,
 ) -> None:
     """Send ``out``; the broker's acknowledgement calls ``on_delivered``, any failure ``on_failed``.
 
-    A send refused at once (a full buffer, a closed producer) takes the same failure path as a failed
-    delivery. The callbacks run on the producer's I/O thread: they must not block.
+    A send refused at once (a full buffer, a closed producer, a record the client cannot encode) takes the
+    same failure path as a failed delivery. The callbacks run on the producer's I/O thread: they must not
+    block.
     """
-    try:
-        future = producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
-    except KafkaError as exc:
+    watch = watch or BrokerWatch()
+
+    def delivered(_metadata: object) -> None:
+        watch.answered()
+        on_delivered(out)
+
+    def failed(exc: BaseException) -> None:
+        if isinstance(exc, UnansweredError):
+            watch.unanswered()
+        else:
+            watch.answered()
         on_failed(out, exc)
+
+    watch.sent()
+    try:
+        future = producer.send(out.topic, out.key, out.value, out.headers)
+    except KafkaLayerError as exc:
+        failed(exc)
         return
-    future.add_callback(lambda _metadata: on_delivered(out))
-    future.add_errback(lambda exc: on_failed(out, exc))
+    future.add_callback(delivered)
+    future.add_errback(failed)

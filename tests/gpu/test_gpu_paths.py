@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from worker.device_resize import preprocess_on_device
+from worker.devtools.samples import jpeg_corpus, sample_images
 from worker.embedder import Embedder, ModelSpec, load_embedder
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb
-from worker.samples import jpeg_corpus, sample_images
 
 if not torch.cuda.is_available():
     pytest.skip("the GPU tests need CUDA", allow_module_level=True)
@@ -137,6 +137,118 @@ def test_batches_launched_back_to_back_read_back_their_own_vectors(cuda_embedder
     worst = min(cosine(a, b) for a, b in zip(overlapped, one_at_a_time, strict=True))
     print(f"FIGURES {len(batches)} batches launched back to back: min cosine to one at a time {worst:.6f}")
     assert worst >= 0.9999
+
+
+def _queue_busy_work(cycles: int = 50_000_000) -> None:
+    # About 25 ms of a spinning kernel on the current stream, so the work queued behind it is still pending
+    # when the host moves on to the next batch.
+    torch.cuda._sleep(cycles)  # type: ignore[no-untyped-call]
+
+
+def test_nvjpeg_batches_decoded_while_the_previous_batch_is_in_flight_embed_like_the_host_path(cuda_embedder):
+    # pytorch/vision#9606: nvJPEG could write into blocks that the previous batch's queued kernels still read.
+    # The inference stage decodes batch N+1 while batch N is queued; twelve batches of changing sizes make the
+    # allocator recycle blocks between them, and busy work in front of each batch keeps them queued.
+    from worker.device_decode import DeviceJpegDecoder, decoded_only
+    from worker.images import prepare
+
+    params = replace(cuda_embedder.preprocessing, resize="device", decode="device")
+    limits = ImageLimits()
+    batches = [jpeg_corpus(6, 480 + 32 * (i % 4), 360 + 24 * (i % 3), 200 + 10 * i) for i in range(12)]
+    decoder = DeviceJpegDecoder(torch.device("cuda"), limits)
+
+    def launch(batch: list[bytes]):
+        with cuda_embedder.on_own_stream():
+            _queue_busy_work()
+            decoded = decoder.materialise([prepare(d, limits, params) for d in batch])
+        return cuda_embedder.launch_decoded(decoded_only(decoded))
+
+    overlapped: list[np.ndarray] = []
+    pending = None
+    for batch in batches:  # as the inference stage: launch the next batch, then finish the previous one
+        launched = launch(batch)
+        if pending is not None:
+            overlapped.append(pending.result())
+        pending = launched
+    assert pending is not None
+    overlapped.append(pending.result())
+    serial = []
+    for batch in batches:
+        torch.cuda.synchronize()
+        serial.append(launch(batch).result())
+    host_params = replace(params, decode="pil")
+    on_host = [
+        cuda_embedder.embed_decoded([decode_and_preprocess(d, limits, host_params) for d in batch])
+        for batch in batches
+    ]
+    to_serial = min(cosine(a, b) for a, b in zip(overlapped, serial, strict=True))
+    to_host = min(cosine(a, b) for a, b in zip(overlapped, on_host, strict=True))
+    print(
+        f"FIGURES nvJPEG, {len(batches)} batches decoded while the previous one was in flight: min cosine "
+        f"{to_serial:.6f} to the same batches one at a time, {to_host:.6f} to the host decoder"
+    )
+    assert decoder.fallbacks == 0
+    assert to_serial >= 0.9999  # below: a race (the decode wrote memory a queued batch still used)
+    assert to_host >= 0.9999  # below with the first passing: nvJPEG's own pixels differ from libjpeg's
+
+
+def test_cuda_graphs_compiled_on_one_thread_run_right_on_the_inference_thread(cuda_embedder, pixels):
+    # The worker compiles on its main thread and embeds on the inference thread; inductor keeps compiled
+    # CUDA graphs per thread, so the inference thread records its own on its first batch.
+    import threading
+
+    eager = cuda_embedder.embed(pixels[:8])
+    graphed = cuda_embedder.view()
+    errors: list[BaseException] = []
+
+    def in_thread(name: str, work) -> None:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name=name)
+        thread.start()
+        thread.join(timeout=300)
+        assert not thread.is_alive(), f"the {name} thread hung"
+        assert not errors, errors
+
+    in_thread("compiler", lambda: graphed.compile("cuda-graphs", 8))
+    assert not graphed.graphs_skipped, "inductor skipped the CUDA graphs (see the log)"
+    results: list[np.ndarray] = []
+
+    def infer() -> None:
+        for _ in range(3):  # replays after the first batch's recording
+            pending = [graphed.launch(pixels[:8]), graphed.launch(pixels[2:7])]
+            results.extend(handle.result() for handle in pending)
+
+    in_thread("inference", infer)
+    worst_full = min(cosine(r, eager) for r in results[0::2])
+    worst_partial = min(cosine(r, eager[2:7]) for r in results[1::2])
+    main_thread = graphed.embed(pixels[:8])  # and the main thread still gets its own graph right
+    print(
+        f"FIGURES cuda-graphs on the inference thread: min cosine to eager {worst_full:.6f} (full batches), "
+        f"{worst_partial:.6f} (partial); main thread afterwards {cosine(main_thread, eager):.6f}"
+    )
+    assert worst_full >= 0.999 and worst_partial >= 0.999
+    assert cosine(main_thread, eager) >= 0.999
+
+
+def test_device_resize_queues_without_waiting_for_the_device(cuda_embedder):
+    # --resize device must not make the host wait for the device (no synchronising copies), or the inference
+    # thread cannot queue the next batch while the device works on this one.
+    params = replace(cuda_embedder.preprocessing, resize="device")
+    decoded = [decode_and_preprocess(d, ImageLimits(), params) for d in IMAGES]  # twelve formats, mixed sizes
+    device = torch.device("cuda")
+    with cuda_embedder.on_own_stream():
+        expected = preprocess_on_device(decoded, params, device).cpu()  # the first batch makes constants
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            queued = preprocess_on_device(decoded, params, device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(queued.cpu(), expected)
 
 
 def test_nvml_reports_memory_and_utilisation():

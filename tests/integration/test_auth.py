@@ -22,8 +22,8 @@ from tests.support.kafka_helpers import (
     worker_settings,
 )
 from tests.support.tls import make_tls
-from worker.brokers import free_port
-from worker.samples import jpeg_corpus
+from worker.devtools.brokers import free_port
+from worker.devtools.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 USER = "clip-user"

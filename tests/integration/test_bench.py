@@ -1,12 +1,25 @@
-"""The short bench mode runs end to end (tiny model, about a minute); speed is reported, not asserted."""
+"""The bench: the short mode runs end to end (tiny model, about a minute; speed is reported, not asserted),
+and its end-to-end driver survives failing workers: it ends the row with the error, never hangs, and never
+reports a failure as throughput (those tests use a local Tansu broker, a single binary as on the GPU machine).
+"""
+
+from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.support.kafka_helpers import clean_env
+from worker.devtools.bench.pipeline import Workload, bench_worker
+from worker.devtools.bench.report import Report
+from worker.devtools.brokers import TansuBroker
+from worker.devtools.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +50,7 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
     assert "| ratio | end-to-end / baseline |" in result.stdout
     report = json.loads(output.read_text())
     sections = {row["section"] for row in report["rows"]}
-    assert sections == {"model", "preprocess", "bare", "end-to-end"}
+    assert sections == {"model", "copy", "preprocess", "bare", "end-to-end"}
     assert all(row["images_per_s"] > 0 for row in report["rows"])
     assert set(report["ratios"]) == {
         "end-to-end / bare work",
@@ -45,3 +58,81 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
         "exactly-once / at-least-once",
     }
     assert report["machine"]["cpu_cores"] >= 1
+
+
+CORPUS = jpeg_corpus(48, 160, 120)
+
+
+@pytest.fixture(scope="module")
+def tansu() -> Iterator[str]:
+    with TansuBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+def _work(**extra: Any) -> Workload:
+    return Workload(CORPUS, batch_size=16, decode_workers=1, resize="torch", partitions=2, **extra)
+
+
+@pytest.mark.timeout(60)
+def test_a_model_that_fails_at_start_up_ends_the_row_within_seconds(tansu, tiny_embedder):
+    embedder = tiny_embedder.view()
+
+    def broken_compile(mode: str, batch_size: int) -> float:
+        raise RuntimeError("compiler exploded")
+
+    embedder.compile = broken_compile
+    report = Report()
+    started = time.monotonic()
+    rate = bench_worker(report, embedder, _work(), tansu, compile_mode="inductor")
+    assert time.monotonic() - started < 20  # the backlog fill included; the old driver waited forever
+    assert rate is None
+    row = report.rows[-1]
+    assert row.failed is not None and "compiler exploded" in row.failed
+    assert row.images_per_s == 0
+
+
+def test_a_forward_pass_that_always_raises_is_a_failed_row_not_a_fast_one(tansu, tiny_embedder):
+    embedder = tiny_embedder.view()
+
+    def broken_launch(pixels: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    embedder.launch = broken_launch
+    report = Report()
+    rate = bench_worker(report, embedder, _work(), tansu)
+    row = report.rows[-1]
+    assert not rate  # the old driver counted dead letters as done and reported them as images/s
+    assert row.images_per_s == 0
+    assert row.detail["dead_letters"] == len(CORPUS)
+    assert row.failed is not None and "dead letter" in row.failed
+
+
+def test_a_worker_that_hangs_ends_the_row_at_its_deadline(tansu, tiny_embedder):
+    embedder = tiny_embedder.view()
+    release = threading.Event()
+    real_launch = embedder.launch
+
+    def stuck_launch(pixels: Any) -> Any:
+        release.wait(30)
+        return real_launch(pixels)
+
+    embedder.launch = stuck_launch
+    report = Report()
+    started = time.monotonic()
+    try:
+        rate = bench_worker(report, embedder, _work(timeout_s=4.0), tansu)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 20
+    assert rate is None
+    row = report.rows[-1]
+    assert row.failed is not None and "timed out" in row.failed
+
+
+def test_a_healthy_worker_counts_embedded_records_and_no_dead_letters(tansu, tiny_embedder):
+    report = Report()
+    rate = bench_worker(report, tiny_embedder, _work(), tansu)
+    row = report.rows[-1]
+    assert rate and rate > 0 and row.failed is None
+    assert row.detail["embedded"] == len(CORPUS) and row.detail["dead_letters"] == 0
+    assert row.detail["device_decode_fallbacks"] == 0

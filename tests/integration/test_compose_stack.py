@@ -14,8 +14,8 @@ import pytest
 from tests.support.compose import running_stack
 from tests.support.engine import ensure_image, kafka_image, require_engine, worker_image
 from tests.support.kafka_helpers import unique, wait_until
-from worker.brokers import free_port
-from worker.samples import sample_images
+from worker.devtools.brokers import free_port
+from worker.devtools.samples import sample_images
 
 pytestmark = pytest.mark.integration
 

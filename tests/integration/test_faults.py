@@ -31,8 +31,8 @@ from tests.support.kafka_helpers import (
 )
 from tests.support.tally import Tally, assert_exactly_once
 from worker.config import Settings
+from worker.devtools.samples import jpeg_corpus
 from worker.messages import decode_embedding
-from worker.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 LONG = os.environ.get("FAULTS_LONG") == "1"

@@ -19,7 +19,7 @@ from tests.support.kafka_helpers import (
     wait_until,
     worker_settings,
 )
-from worker.samples import jpeg_corpus
+from worker.devtools.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from tests.support.kafka_helpers import (
     wait_until,
     worker_settings,
 )
-from worker.brokers import free_port
-from worker.samples import jpeg_corpus, sample_images
+from worker.devtools.brokers import free_port
+from worker.devtools.samples import jpeg_corpus, sample_images
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,8 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""  # not listening yet
 
 
-def test_sigterm_drains_commits_and_exits_zero(kafka_bootstrap, tiny_clip_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_stop_signal_drains_commits_and_exits_zero(kafka_bootstrap, tiny_clip_dir, tmp_path, signum):
     settings = worker_settings(kafka_bootstrap, batch_size=32, batch_timeout_ms=2000)
     create_topics(settings)
     port = free_port()
@@ -146,7 +147,7 @@ def test_sigterm_drains_commits_and_exits_zero(kafka_bootstrap, tiny_clip_dir, t
         wait_until(consumed_all, 30, "worker did not consume the 10 records")
         # 10 images sit in a partial batch (size 32, timeout 5 s) and nothing is committed yet.
         started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         code = process.wait(timeout=30)
         drained_in = time.monotonic() - started
     finally:

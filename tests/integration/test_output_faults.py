@@ -18,9 +18,9 @@ from tests.support.kafka_helpers import (
     topic_flags,
     worker_settings,
 )
+from worker.devtools.samples import jpeg_corpus
 from worker.kafka_io import ensure_topics
 from worker.messages import VALUE_OMITTED_HEADER
-from worker.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from tests.support.kafka_helpers import (
     running_worker,
     worker_settings,
 )
+from worker.devtools.samples import jpeg_corpus
 from worker.embedder import Embedder, PendingEmbeddings
-from worker.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ from tests.support.kafka_helpers import (
     worker_settings,
 )
 from tests.support.tools import require_tool
-from worker.brokers import free_port, wait_for_port
-from worker.samples import jpeg_corpus
+from worker.devtools.brokers import free_port, wait_for_port
+from worker.devtools.samples import jpeg_corpus
 
 pytestmark = pytest.mark.integration
 DOCKER = Path(__file__).resolve().parents[2] / "docker"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.support.kafka_helpers import clean_env, create_topics, running_worker, worker_settings
-from worker.samples import broken_samples, sample_images
+from worker.devtools.samples import broken_samples, sample_images
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from tests.support.bad_inputs import bad_requests
 from tests.support.engine import ensure_image, require_engine, worker_image
 from tests.support.kafka_container import KafkaBrokerContainer
 from tests.support.kafka_helpers import collect, create_topics, produce, wait_until, worker_settings
-from worker.samples import sample_images
+from worker.devtools.samples import sample_images
 
 pytestmark = pytest.mark.integration
 

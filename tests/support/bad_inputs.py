@@ -9,9 +9,9 @@ import zlib
 import msgpack
 from PIL import Image
 
+from worker.devtools.samples import scene
 from worker.errors import RejectReason
 from worker.messages import encode_request
-from worker.samples import scene
 
 
 def _png_bomb(side: int) -> bytes:

@@ -11,9 +11,9 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from worker.devtools.samples import scene
 from worker.errors import RejectReason
 from worker.messages import encode_request
-from worker.samples import scene
 
 EMBED = "embed"
 

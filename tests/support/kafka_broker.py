@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.tls import TlsFiles
-from worker.brokers import free_port, stop_process, wait_for_port
+from worker.devtools.brokers import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 POM = ROOT / ".ci" / "kafka" / "pom.xml"

@@ -15,7 +15,7 @@ from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
-from worker.brokers import wait_for_port
+from worker.devtools.brokers import wait_for_port
 
 CLIENT_PORT = 9092
 INTERNAL_PORT = 19092

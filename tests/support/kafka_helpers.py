@@ -19,7 +19,7 @@ from worker.config import Settings, load_settings
 from worker.embedder import Embedder
 from worker.kafka_io import ensure_topics
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
-from worker.metrics import WorkerMetrics
+from worker.metrics import HealthState, WorkerMetrics
 from worker.service import run_worker
 
 
@@ -204,6 +204,7 @@ class RunningWorker:
     thread: threading.Thread
     metrics: WorkerMetrics
     exit_codes: list[int]
+    health: HealthState
 
     def shutdown(self, timeout_s: float = 30.0) -> int:
         """Ask for a graceful stop and wait; returns the exit code."""
@@ -217,13 +218,14 @@ def start_worker(settings: Settings, embedder: Embedder) -> RunningWorker:
     """Start a worker thread with a pre-loaded model."""
     stop = threading.Event()
     metrics = WorkerMetrics()
+    health = HealthState()
     exit_codes: list[int] = []
     thread = threading.Thread(
-        target=lambda: exit_codes.append(run_worker(settings, stop, embedder=embedder, metrics=metrics)),
+        target=lambda: exit_codes.append(run_worker(settings, stop, embedder, metrics, health)),
         daemon=True,
     )
     thread.start()
-    return RunningWorker(settings, stop, thread, metrics, exit_codes)
+    return RunningWorker(settings, stop, thread, metrics, exit_codes, health)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Re-export of the tiny checkpoint builder for tests."""
 
-from worker.tiny_model import TINY_DIM, TINY_IMAGE_SIZE, build_tiny_clip
+from worker.devtools.tiny_model import TINY_DIM, TINY_IMAGE_SIZE, build_tiny_clip
 
 __all__ = ["TINY_DIM", "TINY_IMAGE_SIZE", "build_tiny_clip"]

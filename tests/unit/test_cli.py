@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from tests.support.kafka_helpers import clean_env
-from worker.brokers import free_port
+from worker.devtools.brokers import free_port
 
 
 def clip_worker(

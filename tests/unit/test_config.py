@@ -85,7 +85,7 @@ def test_bad_password_value_is_not_echoed():
 def test_readme_configuration_table_is_current():
     from pathlib import Path
 
-    from worker.readme_table import render
+    from worker.devtools.readme_table import render
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert render(readme) == readme, "run `make docs` to regenerate the README's settings table"

@@ -15,6 +15,7 @@ from PIL import Image
 from tests.support.bad_inputs import bad_requests
 from tests.support.hostile import _exif_orientation
 from worker.device_decode import DeviceJpegDecoder, decoded_only
+from worker.devtools.samples import jpeg_corpus, sample_images, scene
 from worker.embedder import Embedder
 from worker.errors import RejectedRecord, RejectReason
 from worker.images import (
@@ -27,7 +28,6 @@ from worker.images import (
     prepare,
 )
 from worker.messages import decode_request
-from worker.samples import jpeg_corpus, sample_images, scene
 
 CPU = torch.device("cpu")
 LIMITS = ImageLimits()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.support.tiny_clip import TINY_DIM, TINY_IMAGE_SIZE
+from worker.devtools.samples import sample_images
 from worker.embedder import ModelSpec, load_embedder, resolve_device, resolve_dtype
 from worker.errors import ModelLoadError, StartupError
 from worker.images import ImageLimits, decode_and_preprocess
-from worker.samples import sample_images
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,39 @@ def test_compiled_forward_pass_matches_eager_for_full_partial_and_larger_batches
 def test_cuda_graphs_need_a_gpu(tiny_embedder):
     with pytest.raises(StartupError, match="--compile cuda-graphs needs a GPU"):
         tiny_embedder.view().compile("cuda-graphs", batch_size=4)
+
+
+def test_graphs_inductor_skips_are_reported_loudly(tiny_embedder, pixels, monkeypatch, caplog):
+    # On the CPU inductor always refuses CUDA graphs, which makes the skip observable here; on a GPU it
+    # refuses them for CPU ops or mutated inputs in the graph, and the worker must not stay silent about it.
+    import worker.embedder as embedder_module
+
+    monkeypatch.setitem(embedder_module.COMPILE_OPTIONS, "inductor", {"triton.cudagraphs": True})
+    compiled = tiny_embedder.view()
+    with caplog.at_level("ERROR", logger="worker.embedder"):
+        compiled.compile("inductor", batch_size=4)
+    assert compiled.graphs_skipped
+    assert "CUDA GRAPHS SKIPPED" in caplog.text
+    np.testing.assert_allclose(compiled.embed(pixels[:4]), tiny_embedder.embed(pixels[:4]), atol=1e-5)
+
+
+def test_compiling_again_for_the_same_size_reuses_the_graph(tiny_embedder):
+    compiled = tiny_embedder.view()
+    compiled.compile("inductor", batch_size=4)
+    assert compiled.compile("inductor", batch_size=4) == 0.0
+
+
+def test_a_compiled_forward_pass_is_warmed_up_again_on_the_thread_that_runs_it(tiny_embedder, pixels, caplog):
+    # Inductor keeps compiled CUDA graphs per thread: the inference thread must warm its own up before it
+    # embeds real images, whichever thread compiled.
+    import threading
+
+    compiled = tiny_embedder.view()
+    compiled.compile("inductor", batch_size=4)
+    results: list[np.ndarray] = []
+    with caplog.at_level("INFO", logger="worker.embedder"):
+        thread = threading.Thread(target=lambda: results.append(compiled.embed(pixels[:4])), name="inference")
+        thread.start()
+        thread.join(timeout=120)
+    assert "warmed up the compiled forward pass on thread inference" in caplog.text
+    np.testing.assert_allclose(results[0], tiny_embedder.embed(pixels[:4]), atol=1e-5)

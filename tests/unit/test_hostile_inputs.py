@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.support.hostile import EMBED, hostile_corpus
+from worker.devtools.samples import scene
 from worker.errors import RejectedRecord
 from worker.images import ImageLimits, Preprocessing, decode_and_preprocess
 from worker.messages import decode_request, encode_request
-from worker.samples import scene
 
 LIMITS = ImageLimits(max_pixels=64_000_000, min_side=3)
 CORPUS = hostile_corpus()

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from worker.devtools.samples import sample_images, scene
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, preprocess
-from worker.samples import sample_images, scene
+from worker.images import (
+    ImageLimits,
+    Preprocessing,
+    crop_window,
+    decode_and_preprocess,
+    load_rgb,
+    preprocess,
+    resized_shape,
+)
 
 LIMITS = ImageLimits(max_pixels=4_000_000, min_side=3)
 
@@ -122,3 +130,55 @@ def test_preprocess_output_is_centre_cropped_and_normalised():
     pixels = preprocess(white, Preprocessing())
     expected = (1.0 - np.array(Preprocessing().mean)) / np.array(Preprocessing().std)
     np.testing.assert_allclose(pixels[:, 0, 0], expected, rtol=1e-6)
+
+
+def thin_png(width: int, height: int) -> bytes:
+    rows = b"".join(
+        b"\0" + bytes(range(width * 3 % 256))[: width * 3].ljust(width * 3, b"\x80") for _ in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("resize", ["pil", "torch", "device"])
+@pytest.mark.parametrize(("width", "height"), [(3, 30000), (30000, 3)])
+def test_thin_images_cost_bounded_memory(resize, width, height):
+    import tracemalloc
+
+    data = thin_png(width, height)
+    assert len(data) < 2000
+    tracemalloc.start()
+    try:
+        pixels = decode_and_preprocess(data, ImageLimits(), Preprocessing(resize=resize))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Resizing the short side to 224 first would build a 224 x 2,240,000 intermediate (1.5 GB as uint8).
+    assert peak < 64 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB"
+    assert pixels.shape == ((224, 224, 3) if resize == "device" else (3, 224, 224))
+
+
+@pytest.mark.parametrize(("width", "height"), [(40, 1000), (1000, 40), (230, 2000), (300, 5000), (5000, 300)])
+def test_the_crop_window_matches_the_reference_within_one_level(width, height):
+    image = scene(width, height, seed=width)
+    new_w, new_h = resized_shape(width, height, 224)
+    full = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC)).astype(int)
+    top, left = (new_h - 224) // 2, (new_w - 224) // 2
+    window = np.asarray(crop_window(image, Preprocessing())).astype(int)
+    assert np.abs(full[top : top + 224, left : left + 224] - window).max() <= 1
+
+
+def test_formats_outside_the_list_are_not_images():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\n%%EOF\n"
+    assert reject_reason(eps) == RejectReason.NOT_AN_IMAGE
+    ppm = encode(scene(32, 32, 1), "PPM")
+    assert reject_reason(ppm) == RejectReason.NOT_AN_IMAGE

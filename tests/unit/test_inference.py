@@ -8,7 +8,8 @@ import torch
 
 from worker.batcher import Batch, CloseCause
 from worker.images import ImageLimits, Preprocessing
-from worker.inference import InferenceStage, ReadyImage
+from worker.inference import InferenceStage
+from worker.intake import ReadyImage
 from worker.messages import ImageRequest, Source
 from worker.metrics import WorkerMetrics
 from worker.work import InputRecord
@@ -55,7 +56,7 @@ class RecordingPublisher:
     def embedding(self, record: InputRecord, request: ImageRequest, vector: np.ndarray) -> None:
         self.published.append((request.id, float(vector[0])))
 
-    def dead_letter(self, record: InputRecord, reason: object, message: str) -> None:
+    def reject(self, record: InputRecord, rejection: object) -> None:
         self.dead.append(record.key.decode() if record.key else "")
 
 

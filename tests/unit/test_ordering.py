@@ -1,7 +1,7 @@
 import pytest
-from kafka.structs import TopicPartition
 
-from worker.ordering import InOrderRelease, OutOfOrderError
+from worker.delivery.ordering import InOrderRelease, OutOfOrderError
+from worker.kafka_io import TopicPartition
 
 TP = TopicPartition("images", 0)
 OTHER = TopicPartition("images", 1)

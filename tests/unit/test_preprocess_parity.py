@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from worker.device_resize import preprocess_on_device
+from worker.devtools.samples import jpeg_corpus, sample_images
 from worker.embedder import Embedder
 from worker.images import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, preprocess
-from worker.samples import jpeg_corpus, sample_images
 
 # resize=pil is the reference itself: measured 0 to 4.8e-7 (float32 rounding of our fused normalisation).
 PIL_MAX_ABS_DIFF = 1e-5

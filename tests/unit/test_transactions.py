@@ -1,4 +1,4 @@
-"""The transaction bookkeeping of the exactly-once mode, against a recording stand-in for the producer.
+"""The transaction bookkeeping of the exactly-once mode, against the shared fake producer.
 
 The real broker side (fencing, read_committed, kill -9, rebalances) is in
 tests/integration/test_exactly_once.py; here the order of sends and the offsets a commit carries.
@@ -9,49 +9,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from kafka.errors import KafkaError
-from kafka.future import Future
-from kafka.structs import TopicPartition
-
+from tests.support.fake_kafka import FakeConsumer, FakeProducer
+from worker.delivery.transactions import AbortReason, Transactions
+from worker.kafka_io import TopicPartition
+from worker.kafka_io.errors import KafkaLayerError
 from worker.messages import Source
-from worker.transactions import AbortReason, Transactions
 from worker.work import InputRecord, Outgoing
 
 TP = TopicPartition("images", 0)
-
-
-class RecordingProducer:
-    """Records the transactional calls; each send's future is resolved by the test."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.futures: list[Future] = []
-
-    def begin_transaction(self) -> None:
-        self.calls.append(("begin", None))
-
-    def send(self, topic: str, key: Any, value: Any, headers: Any) -> Future:
-        self.calls.append(("send", value))
-        future = Future()
-        self.futures.append(future)
-        return future
-
-    def flush(self, timeout: float) -> None:
-        self.calls.append(("flush", None))
-
-    def send_offsets_to_transaction(self, offsets: Any, group: Any) -> None:
-        self.calls.append(("offsets", {tp: meta.offset for tp, meta in offsets.items()}))
-
-    def commit_transaction(self) -> None:
-        self.calls.append(("commit", None))
-
-    def abort_transaction(self) -> None:
-        self.calls.append(("abort", None))
-
-
-class Consumer:
-    def group_metadata(self) -> str:
-        return "group"
 
 
 def outgoing(offset: int, epoch: int = 0) -> Outgoing:
@@ -60,13 +25,13 @@ def outgoing(offset: int, epoch: int = 0) -> Outgoing:
 
 
 def make(
-    producer: RecordingProducer | None = None, **options: Any
-) -> tuple[Transactions, RecordingProducer, list[int]]:
-    producer = producer or RecordingProducer()
+    producer: FakeProducer | None = None, **options: Any
+) -> tuple[Transactions, FakeProducer, list[int]]:
+    producer = producer or FakeProducer()
     acked: list[int] = []
     transactions = Transactions(
         producer,
-        Consumer(),
+        FakeConsumer(),
         timeout_s=5.0,
         on_delivered=lambda out: acked.append(out.record.source.offset),
         on_failed=lambda out, exc: None,
@@ -75,7 +40,7 @@ def make(
     return transactions, producer, acked
 
 
-def sent(producer: RecordingProducer) -> list[Any]:
+def sent(producer: FakeProducer) -> list[Any]:
     return [value for name, value in producer.calls if name == "send"]
 
 
@@ -108,7 +73,7 @@ def test_a_failed_delivery_dooms_the_transaction_and_the_abort_drops_older_resul
     transactions.expect(TP, 0)
     transactions.expect(TP, 1)
     transactions.publish(outgoing(0))
-    producer.futures[0].failure(KafkaError("refused"))
+    producer.futures[0].failure(KafkaLayerError("refused"))
     assert transactions.doomed is AbortReason.DELIVERY_FAILED
     assert transactions.commit(lambda: {}) is None
     assert transactions.abort() is AbortReason.DELIVERY_FAILED
@@ -127,7 +92,7 @@ def test_nothing_sent_means_nothing_to_commit():
     assert producer.calls == []
 
 
-class StuckProducer(RecordingProducer):
+class StuckProducer(FakeProducer):
     """Commits never return, as kafka-python's did after some broker restarts."""
 
     def __init__(self) -> None:
@@ -142,14 +107,9 @@ class StuckProducer(RecordingProducer):
         self.release.set()
 
 
-class FreshProducer(RecordingProducer):
-    def init_transactions(self) -> None:
-        self.calls.append(("init", None))
-
-
 def test_a_stuck_commit_replaces_the_producer_and_aborts_the_transaction():
     stuck = StuckProducer()
-    fresh = FreshProducer()
+    fresh = FakeProducer()
     transactions, _producer, _acked = make(stuck, reopen=lambda: fresh, stuck_after_s=0.2)
     transactions.expect(TP, 0)
     transactions.publish(outgoing(0))

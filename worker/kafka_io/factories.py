@@ -1,4 +1,4 @@
-"""Kafka client factories: security options, size limits, startup retries, topic creation."""
+"""kafka-python client factories: security options, size limits, start-up retries, topic creation."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from worker.config import Settings
 from worker.errors import BrokerUnavailableError, StartupError
+from worker.kafka_io.adapters import ConsumerAdapter, ProducerAdapter
+from worker.kafka_io.types import Producer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,10 +84,6 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.group_instance_id:
         options["group_instance_id"] = settings.group_instance_id
-    if settings.exactly_once:
-        # Skips records of aborted upstream transactions, and makes a new owner of a partition wait for
-        # the offsets of a transaction still being committed (KIP-447) instead of reading stale ones.
-        options["isolation_level"] = "read_committed"
     return options
 
 
@@ -218,19 +216,29 @@ def make_producer(
     )
 
 
-def check_output_topics(producer: KafkaProducer, settings: Settings) -> None:
+def open_consumer(settings: Settings, **overrides: Any) -> ConsumerAdapter:
+    """The worker's consumer, behind the Kafka layer's Protocol (``overrides``: client options)."""
+    return ConsumerAdapter(make_consumer(settings, **overrides))
+
+
+def open_producer(
+    settings: Settings, transactional_id: str | None = None, smallest_topic_limit: int | None = None
+) -> ProducerAdapter:
+    """The worker's producer, behind the Kafka layer's Protocol."""
+    return ProducerAdapter(make_producer(settings, transactional_id, smallest_topic_limit))
+
+
+def check_output_topics(producer: Producer, settings: Settings) -> None:
     """Fail start-up with a one-line fix if the output or DLQ topic does not exist (and is not auto-created).
 
     Sending to a missing topic blocks each send for the producer's metadata timeout, so the worker
     refuses to start rather than stall every batch.
     """
     for flag, topic in (("--output-topic", settings.output_topic), ("--dlq-topic", settings.dlq_topic)):
-        try:
-            producer.partitions_for(topic)
-        except KafkaError:
+        if not producer.topic_exists(topic):
             raise StartupError(
                 f"topic {topic!r} does not exist on {settings.bootstrap_servers}; create it or fix {flag}"
-            ) from None
+            )
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:

@@ -7,13 +7,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from worker.bench.preprocess import device_decoding_available, reference_pixels, reference_processor
-from worker.bench.report import Report
 from worker.device_decode import DeviceJpegDecoder, decoded_only
 from worker.device_resize import preprocess_on_device
+from worker.devtools.bench.preprocess import device_decoding_available, reference_pixels, reference_processor
+from worker.devtools.bench.report import Report
+from worker.devtools.samples import jpeg_corpus, sample_images
 from worker.embedder import Embedder
 from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, prepare
-from worker.samples import jpeg_corpus, sample_images
 
 
 def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, dict[str, float]]:
@@ -43,7 +43,13 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
         cosine = float(np.min(np.sum(vectors * reference_vectors, axis=1)))
         difference = float(np.abs(ours - reference).max())
         results[mode] = {"max_abs_diff": difference, "min_cosine": cosine}
-        report.parity[mode] = {**results[mode], "images": len(images), "model": embedder.label}
+        report.parity[mode] = {
+            **results[mode],
+            "images": len(images),
+            "model": embedder.label,
+            "device": str(embedder.device),
+        }
+        report.checkpoint()
         print(
             f"  parity      {mode:<16} max|diff| {difference:.2e}  min cosine {cosine:.6f}  "
             f"({len(images)} images, {embedder.label})",

@@ -1,10 +1,11 @@
 """Exactly-once mode: results published in a Kafka transaction together with the consumed offsets.
 
 One transaction is open at a time. Results enter it in poll order per partition (see
-:mod:`worker.ordering`); every ``--commit-interval-ms`` the main loop flushes it, adds the consumed offsets
-(which then cover exactly the records whose results it holds) and commits. Anything that breaks that
-correspondence dooms the transaction: a rebalance (kafka-python calls the rebalance listener on its I/O
-thread, where nothing may block, so the listener only marks the doom), a failed delivery, a failed commit.
+:mod:`worker.delivery.ordering`); every ``--commit-interval-ms`` the main loop flushes it, adds the
+consumed offsets (which then cover exactly the records whose results it holds) and commits. Anything that
+breaks that correspondence dooms the transaction: a rebalance (kafka-python calls the rebalance listener
+on its I/O thread, where nothing may block, so the listener only marks the doom), a failed delivery, a
+failed commit.
 The main loop then aborts it and reads every partition again from its committed offset, so a
 read_committed consumer sees each result exactly once.
 """
@@ -21,34 +22,22 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import (
-    ClusterAuthorizationFailedError,
-    InvalidTxnStateError,
-    KafkaError,
-    ProducerFencedError,
-    TransactionalIdAuthorizationFailedError,
-    UnsupportedForMessageFormatError,
-    UnsupportedVersionError,
-)
-from kafka.structs import OffsetAndMetadata, TopicPartition
-
 from worker.config import Settings
+from worker.delivery.ordering import InOrderRelease, OutOfOrderError
 from worker.errors import BrokerLostError, TransactionFencedError
-from worker.ordering import InOrderRelease, OutOfOrderError
-from worker.work import Outgoing, send
+from worker.kafka_io import Consumer, Producer, TopicPartition
+from worker.kafka_io.errors import (
+    KafkaLayerError,
+    ProducerFencedError,
+    TransactionsRefusedError,
+    UnsendableRecordError,
+)
+from worker.work import BrokerWatch, Outgoing, send
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_FATAL = (
-    ProducerFencedError,
-    TransactionalIdAuthorizationFailedError,
-    ClusterAuthorizationFailedError,
-    InvalidTxnStateError,
-    UnsupportedForMessageFormatError,
-    UnsupportedVersionError,
-)
+_FATAL = (ProducerFencedError, TransactionsRefusedError)
 
 
 class AbortReason(enum.StrEnum):
@@ -95,15 +84,17 @@ class Transactions:
 
     def __init__(
         self,
-        producer: KafkaProducer,
-        consumer: KafkaConsumer,
+        producer: Producer,
+        consumer: Consumer,
         timeout_s: float,
         on_delivered: Callable[[Outgoing], None],
         on_failed: Callable[[Outgoing, BaseException], None],
-        reopen: Callable[[], KafkaProducer] | None = None,
+        reopen: Callable[[], Producer] | None = None,
+        watch: BrokerWatch | None = None,
         stuck_after_s: float = STUCK_AFTER_S,
     ) -> None:
         self._producer = producer
+        self._watch = watch or BrokerWatch()
         self._reopen = reopen
         self._stuck_after_s = min(timeout_s, stuck_after_s)
         self._consumer = consumer
@@ -117,7 +108,7 @@ class Transactions:
         self.epoch = 0
 
     @property
-    def producer(self) -> KafkaProducer:
+    def producer(self) -> Producer:
         """The producer in use (a stuck one is replaced)."""
         return self._producer
 
@@ -130,7 +121,7 @@ class Transactions:
                 return
             except _FATAL as exc:
                 raise _fenced(exc) from None
-            except KafkaError as exc:
+            except KafkaLayerError as exc:
                 if time.monotonic() >= deadline:
                     raise BrokerLostError(
                         f"the broker did not initialise transactions within {self._timeout_s:.0f}s ({exc}); "
@@ -169,14 +160,17 @@ class Transactions:
                 self._send(item)
 
     def _send(self, out: Outgoing) -> None:
+        if out.undeliverable is not None:
+            self._delivered(out)  # skipped by policy: it only had to take its turn
+            return
         if not self._open:
             try:
                 self._producer.begin_transaction()
-            except KafkaError as exc:
+            except KafkaLayerError as exc:
                 self._failed(out, exc)
                 return
             self._open = True
-        send(self._producer, out, self._delivered, self._failed)
+        send(self._producer, out, self._delivered, self._failed, self._watch)
 
     def _delivered(self, out: Outgoing) -> None:
         if out.record.epoch == self.epoch:  # acknowledgements of an aborted epoch count for nothing
@@ -185,7 +179,8 @@ class Transactions:
     def _failed(self, out: Outgoing, exc: BaseException) -> None:
         if out.record.epoch == self.epoch:
             self._on_failed(out, exc)
-            self.doom(AbortReason.DELIVERY_FAILED)
+            if not isinstance(exc, UnsendableRecordError):  # never sent: the transaction is unharmed
+                self.doom(AbortReason.DELIVERY_FAILED)
 
     def commit(
         self, acknowledged: Callable[[], dict[TopicPartition, int]]
@@ -203,7 +198,7 @@ class Transactions:
                 return {}
             try:
                 self._producer.flush(timeout=self._stuck_after_s)
-            except KafkaError:
+            except KafkaLayerError:
                 self.doom(AbortReason.DELIVERY_FAILED)
             if self._doom is not None:
                 return None
@@ -216,12 +211,11 @@ class Transactions:
                 self.doom(AbortReason.INCONSISTENT)
                 return None
             committed = {tp: offsets[tp] for tp in released}
-            offsets_metadata = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in committed.items()}
             group = self._consumer.group_metadata()
             try:
-                if offsets_metadata:
+                if committed:
                     self._bounded(
-                        lambda: self._producer.send_offsets_to_transaction(offsets_metadata, group),
+                        lambda: self._producer.send_offsets_to_transaction(committed, group),
                         "add the consumed offsets to the transaction",
                     )
                 self._bounded(self._producer.commit_transaction, "commit the transaction")
@@ -231,7 +225,7 @@ class Transactions:
                 self._replace_producer(str(stuck))
                 self.doom(AbortReason.PRODUCER_STUCK)
                 return None
-            except KafkaError as exc:
+            except KafkaLayerError as exc:
                 log.warning("transaction commit failed (%s); aborting it", exc)
                 self.doom(AbortReason.COMMIT_FAILED)
                 return None
@@ -246,7 +240,7 @@ class Transactions:
             self.epoch += 1
             self._order.clear()
             if self._open:
-                with contextlib.suppress(KafkaError):  # failures of the aborted records do not matter
+                with contextlib.suppress(KafkaLayerError):  # failures of the aborted records do not matter
                     self._producer.flush(timeout=self._stuck_after_s)
                 try:
                     self._bounded(self._producer.abort_transaction, "abort the transaction")
@@ -298,7 +292,7 @@ class Transactions:
         return result[0]
 
 
-def _close_quietly(producer: KafkaProducer) -> None:
+def _close_quietly(producer: Producer) -> None:
     with contextlib.suppress(Exception):
         producer.close(timeout=1)
 
@@ -309,4 +303,4 @@ def _fenced(exc: BaseException) -> TransactionFencedError:
             "another worker took over this transactional id; give every worker its own --transactional-id "
             "(or --group-instance-id)"
         )
-    return TransactionFencedError(f"the broker refused transactions ({type(exc).__name__}); check its ACLs")
+    return TransactionFencedError(f"the broker refused transactions ({exc}); check its ACLs")

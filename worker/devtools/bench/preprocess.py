@@ -10,9 +10,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from worker.bench.report import Report
 from worker.device_decode import DeviceJpegDecoder, decoded_only, load_jpeg_decoder
 from worker.device_resize import preprocess_on_device
+from worker.devtools.bench.report import Report
 from worker.embedder import Embedder
 from worker.errors import StartupError
 from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
@@ -69,7 +69,7 @@ def bench_preprocess(report: Report, corpus: list[bytes], params: Preprocessing,
 
 def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None:
     """Images/s on 1600x1200 JPEGs, one thread: full decode against libjpeg's draft mode."""
-    from worker.samples import jpeg_corpus
+    from worker.devtools.samples import jpeg_corpus
 
     corpus = jpeg_corpus(count, 1600, 1200, 99)
     limits = ImageLimits(max_pixels=64_000_000)
@@ -85,7 +85,7 @@ def bench_large_jpegs(report: Report, params: Preprocessing, count: int) -> None
 def bench_device_preprocess(report: Report, embedder: Embedder, corpus: list[bytes], batch_size: int) -> None:
     """Images/s of the preprocessing that ``--resize device`` (and ``--decode device``) leave to the model's
     device, batch after batch: the host decodes for the first row, the device decodes too for the second."""
-    corpus = corpus[: 8 * batch_size]  # decoded images are large: hold a few batches, not the corpus
+    corpus = corpus[: 4 * batch_size]  # decoded images are large (and decoded here on one thread): 4 batches
     limits = ImageLimits()
     host_decoded = [
         decode_and_preprocess(d, limits, replace(embedder.preprocessing, resize="device")) for d in corpus

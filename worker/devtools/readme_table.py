@@ -1,4 +1,7 @@
-"""Rewrite the configuration table in README.md from the settings model: ``python -m worker.readme_table``."""
+"""Rewrite the configuration table in README.md from the settings model.
+
+``python -m worker.devtools.readme_table`` (``make docs``).
+"""
 
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from worker.brokers import TansuBroker
 from worker.config import DEFAULT_MODEL, load_settings
+from worker.devtools.brokers import TansuBroker
+from worker.devtools.samples import broken_samples, sample_images
 from worker.embedder import Embedder, ModelSpec, load_embedder
 from worker.errors import ModelLoadError
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
-from worker.samples import broken_samples, sample_images
 from worker.service import run_worker
 
 _DEMO_TIMEOUT_S = 900.0

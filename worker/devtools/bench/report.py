@@ -20,6 +20,7 @@ class Row:
     case: str
     images_per_s: float
     detail: dict[str, Any] = field(default_factory=dict)
+    failed: str | None = None  # why the row could not be trusted; its images/s then mean nothing
 
 
 @dataclass
@@ -30,13 +31,28 @@ class Report:
     ratios: dict[str, float] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: Path | None = None  # when set, the JSON is rewritten after every row
 
-    def add(self, section: str, case: str, images_per_s: float, **detail: Any) -> Row:
-        """Record and return one row."""
-        row = Row(section, case, round(images_per_s, 2), detail)
+    def add(
+        self, section: str, case: str, images_per_s: float, failed: str | None = None, **detail: Any
+    ) -> Row:
+        """Record and return one row (``failed`` says why it cannot be trusted), and save the report."""
+        row = Row(section, case, round(images_per_s, 2), detail, failed)
         self.rows.append(row)
-        print(f"  {section:<11} {case:<44} {images_per_s:>10.1f} img/s  {_detail(detail)}", flush=True)
+        mark = f"  FAILED: {failed}" if failed else ""
+        print(f"  {section:<11} {case:<44} {images_per_s:>10.1f} img/s  {_detail(detail)}{mark}", flush=True)
+        self.checkpoint()
         return row
+
+    def checkpoint(self) -> None:
+        """Save to :attr:`output` if set, so a run cut short still leaves what it measured."""
+        if self.output is not None:
+            self.save(self.output)
+
+    def failures(self) -> list[Row]:
+        """The rows that failed."""
+        return [row for row in self.rows if row.failed]
 
     def best(self, section: str) -> float:
         """Highest images/s of a section (0 if none)."""
@@ -46,7 +62,10 @@ class Report:
         """A markdown table of every row and the ratios."""
         lines = ["| section | case | images/s | detail |", "| --- | --- | ---: | --- |"]
         for row in self.rows:
-            lines.append(f"| {row.section} | {row.case} | {row.images_per_s:.1f} | {_detail(row.detail)} |")
+            failed = f" FAILED: {row.failed}" if row.failed else ""
+            lines.append(
+                f"| {row.section} | {row.case} | {row.images_per_s:.1f} | {_detail(row.detail)}{failed} |"
+            )
         for name, value in self.ratios.items():
             lines.append(f"| ratio | {name} | {value:.2f} | |")
         for mode, facts in self.parity.items():
@@ -54,6 +73,8 @@ class Report:
                 f"| parity | {mode} | | max abs diff {facts['max_abs_diff']:.2e}, "
                 f"min cosine {facts['min_cosine']:.6f} over {facts['images']} images |"
             )
+        for name, facts in self.fidelity.items():
+            lines.append(f"| fidelity | {name} | | {_detail(facts)} |")
         return "\n".join(lines)
 
     def save(self, path: Path) -> None:
@@ -64,8 +85,11 @@ class Report:
             "rows": [asdict(r) for r in self.rows],
             "ratios": self.ratios,
             "parity": self.parity,
+            "fidelity": self.fidelity,
         }
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        partial = path.with_name(path.name + ".part")
+        partial.write_text(json.dumps(payload, indent=2) + "\n")
+        partial.replace(path)  # never a half-written file if the run is killed mid-write
 
 
 def _detail(detail: dict[str, Any]) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SECTIONS = ("model", "preprocess", "end-to-end", "parity", "soak")
+SECTIONS = ("model", "preprocess", "end-to-end", "parity", "fidelity", "soak")
+# End-to-end runs, in the order they run: the bare work, the worker (eager), the worker with --decode
+# device --resize device, the NeMo Curator-style baseline, the worker compiled, the worker exactly-once.
+E2E_RUNS = ("bare", "worker", "nvjpeg", "baseline", "compiled", "exactly-once")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,33 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=2048, help="in-flight cap during the soak")
     parser.add_argument("--parity-images", type=int, default=24, help="images compared in the parity section")
     parser.add_argument(
+        "--fidelity-images", type=int, default=64, help="fidelity section: images for bfloat16 vs float32"
+    )
+    parser.add_argument(
+        "--preprocess-images", type=int, default=0, help="preprocess section corpus (0 = --images)"
+    )
+    parser.add_argument(
+        "--e2e-runs",
+        default=None,
+        help="end-to-end runs, a subset of " + ",".join(E2E_RUNS) + " (default: bare,worker,baseline, "
+        "plus compiled with --compile and exactly-once with --exactly-once)",
+    )
+    parser.add_argument(
+        "--baseline-images", type=int, default=0, help="records the baseline measures (0 = --images)"
+    )
+    parser.add_argument(
+        "--row-timeout",
+        type=float,
+        default=600.0,
+        help="seconds an end-to-end or soak row may take, start-up and compile included, before it fails",
+    )
+    parser.add_argument(
+        "--gpu-samples",
+        type=Path,
+        default=None,
+        help="CSV written by `python -m worker.devtools.bench.gpu_busy`: end-to-end rows report GPU busy",
+    )
+    parser.add_argument(
         "--resize",
         default=None,
         choices=("pil", "torch", "device"),
@@ -50,7 +80,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         default="off",
         choices=("off", "inductor", "cuda-graphs"),
-        help="model section: add compiled rows per batch size; end-to-end: an extra worker run with it",
+        help="compile once at --batch-size: a compiled model row, and the end-to-end 'compiled' run",
     )
     parser.add_argument(
         "--exactly-once",

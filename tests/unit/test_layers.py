@@ -1,0 +1,69 @@
+"""The seams hold: the runtime reaches Kafka only through its layer, and only the delivery guarantees know
+which one runs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import worker
+
+PACKAGE = Path(worker.__file__).parent
+KAFKA_LAYER = PACKAGE / "kafka_io"
+DELIVERY = PACKAGE / "delivery"
+TOOLING = PACKAGE / "devtools"
+# The settings define the flag (and check it against --transactional-id); the delivery package reads it.
+MODE_READERS = {PACKAGE / "config.py"}
+
+
+def runtime_modules() -> list[Path]:
+    return [path for path in PACKAGE.rglob("*.py") if TOOLING not in path.parents]
+
+
+def test_the_tooling_lives_apart_from_the_runtime():
+    assert TOOLING.is_dir()
+    runtime = {path.stem for path in PACKAGE.glob("*.py")}
+    assert not runtime & {"bench", "demo", "samples", "tiny_model", "brokers", "readme_table"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_kafka_layer_imports_the_kafka_client():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            name for name in imported_modules(path) if name.split(".")[0] == "kafka"
+        )
+        for path in runtime_modules()
+        if KAFKA_LAYER not in path.parents
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_runtime_never_imports_the_tooling():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            n for n in imported_modules(path) if n.startswith("worker.devtools")
+        )
+        for path in runtime_modules()
+        if path.name != "cli.py"  # the command line dispatches to the tooling's commands, lazily
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_no_delivery_mode_branch_outside_the_guarantees():
+    offenders = []
+    for path in runtime_modules():
+        if (DELIVERY in path.parents and path not in MODE_READERS) or path in MODE_READERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "exactly_once":
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert offenders == []

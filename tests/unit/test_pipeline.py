@@ -1,0 +1,95 @@
+"""The worker loop on the shared Kafka fake and a stub embedder: no broker, no model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.support.fake_kafka import FakeConsumer, FakeProducer
+from tests.support.stub_embedder import StubEmbedder
+from worker.config import load_settings
+from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.devtools.samples import jpeg_corpus
+from worker.kafka_io import TopicPartition
+from worker.messages import REASON_HEADER, decode_embedding, encode_request
+from worker.metrics import HealthState, WorkerMetrics
+from worker.offsets import OffsetTracker
+from worker.pipeline import Pipeline
+from worker.topic_limits import TopicLimits
+
+TP = TopicPartition("images", 0)
+
+
+def build(exactly_once: bool = False, **overrides: Any) -> tuple[Pipeline, FakeConsumer, FakeProducer]:
+    values = {"batch_size": 4, "batch_timeout_ms": 10, "commit_interval_ms": 0, "device": "cpu", **overrides}
+    if exactly_once:
+        values.update(exactly_once=True, transactional_id="unit")
+    settings = load_settings(values, environ={})
+    consumer, producer = FakeConsumer(), FakeProducer(auto_ack=True)
+    tracker, metrics = OffsetTracker(), WorkerMetrics()
+    delivery: AtLeastOnce | ExactlyOnce
+    if exactly_once:
+        delivery = ExactlyOnce(producer, consumer, tracker, metrics, TopicLimits(), timeout_s=5.0)
+    else:
+        delivery = AtLeastOnce(producer, consumer, tracker, metrics)
+    pipeline = Pipeline(settings, StubEmbedder(), consumer, delivery, tracker, metrics, HealthState(), 4, 1)  # type: ignore[arg-type]
+    return pipeline, consumer, producer
+
+
+def run_until(pipeline: Pipeline, done: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "the loop did not get there"
+        pipeline.step()
+
+
+def add_images(consumer: FakeConsumer, count: int) -> None:
+    for index, data in enumerate(jpeg_corpus(count, 32, 24)):
+        consumer.add("images", encode_request(f"img-{index}", data), key=f"img-{index}".encode())
+
+
+def test_images_are_embedded_bad_records_dead_lettered_and_offsets_committed():
+    pipeline, consumer, producer = build()
+    add_images(consumer, 5)
+    consumer.add("images", b"\xc1 not msgpack", key=b"bad")
+    pipeline.subscribe()
+    pipeline.inference.start()
+    try:
+        run_until(pipeline, lambda: consumer.committed.get(TP) == 6)
+    finally:
+        pipeline.drain(grace_s=2.0)
+    outputs = [decode_embedding(sent.value or b"") for sent in producer.to("image-embeddings")]
+    assert sorted(output["id"] for output in outputs) == [f"img-{i}" for i in range(5)]
+    [dead] = producer.to("images.dlq")
+    assert dead.key == b"bad" and dead.header_map[REASON_HEADER] == b"invalid_msgpack"
+
+
+def test_one_record_in_flight_at_most_still_gets_through_everything():
+    pipeline, consumer, producer = build(max_in_flight=1)
+    add_images(consumer, 3)
+    pipeline.subscribe()
+    pipeline.inference.start()
+    try:
+        run_until(pipeline, lambda: consumer.committed.get(TP) == 3)
+    finally:
+        pipeline.drain(grace_s=2.0)
+    assert len(producer.to("image-embeddings")) == 3
+
+
+def test_exactly_once_commits_results_with_their_offsets_and_rewinds_after_a_rebalance():
+    pipeline, consumer, producer = build(exactly_once=True)
+    add_images(consumer, 4)
+    pipeline.subscribe()
+    pipeline.inference.start()
+    try:
+        run_until(pipeline, lambda: ("offsets", {TP: 4}) in producer.calls)
+        assert producer.calls[-1] == ("commit", None)
+        add_images(consumer, 2)
+        consumer.revoke_all()  # the listener dooms the open transaction
+        consumer.subscribe(["images"], consumer.listener)  # type: ignore[arg-type]
+        assert pipeline.delivery.must_rewind
+        pipeline.step()
+        assert pipeline.metrics.transactions_aborted.labels("rebalance")._value.get() == 1
+        run_until(pipeline, lambda: ("offsets", {TP: 6}) in producer.calls)
+    finally:
+        pipeline.drain(grace_s=2.0)

@@ -1,0 +1,57 @@
+"""The Kafka layer: the only part of the worker that knows its Kafka client.
+
+- :mod:`.types`: the client calls the worker makes, as Protocols, and ``TopicPartition``;
+- :mod:`.errors`: the worker's own error types, translated from the client's;
+- :mod:`.adapters`: kafka-python behind those Protocols;
+- :mod:`.factories`: kafka-python clients from the settings (also used by the tooling);
+- :mod:`.salvage`: reading past a record batch the client refuses to parse.
+"""
+
+from worker.kafka_io.factories import (
+    HEADER_OVERHEAD_BYTES,
+    MAX_POLL_RECORDS,
+    RECORD_OVERHEAD_BYTES,
+    check_output_topics,
+    common_options,
+    consumer_options,
+    ensure_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+    open_consumer,
+    open_producer,
+    producer_options,
+    record_bytes,
+    retry_until_deadline,
+    security_options,
+    topic_message_limits,
+    transactional_producer_options,
+)
+from worker.kafka_io.types import Consumer, Headers, Producer, RebalanceListener, Record, TopicPartition
+
+__all__ = [
+    "HEADER_OVERHEAD_BYTES",
+    "MAX_POLL_RECORDS",
+    "RECORD_OVERHEAD_BYTES",
+    "Consumer",
+    "Headers",
+    "Producer",
+    "RebalanceListener",
+    "Record",
+    "TopicPartition",
+    "check_output_topics",
+    "common_options",
+    "consumer_options",
+    "ensure_topics",
+    "make_admin",
+    "make_consumer",
+    "make_producer",
+    "open_consumer",
+    "open_producer",
+    "producer_options",
+    "record_bytes",
+    "retry_until_deadline",
+    "security_options",
+    "topic_message_limits",
+    "transactional_producer_options",
+]
