@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.tiny_clip import build_tiny_clip
 from worker.embedder import Embedder, ModelSpec, load_embedder
+
+if TYPE_CHECKING:  # testcontainers is imported only when an engine answers
+    from tests.support.kafka_container import KafkaBrokerContainer
 
 
 @pytest.fixture(scope="session")
@@ -26,33 +28,9 @@ def tiny_embedder(tiny_clip_dir: Path) -> Embedder:
     return load_embedder(ModelSpec(model=str(tiny_clip_dir), device="cpu"))
 
 
-def _docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return (
-            subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False).returncode == 0
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Kafka broker: ``$KAFKA_BOOTSTRAP_SERVERS``, else testcontainers with a Docker engine, else a
-    single KRaft node from the Apache Kafka jars."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
-        return
-    if _docker_engine_available():
-        from testcontainers.kafka import KafkaContainer
-
-        from tests.support.kafka_broker import kafka_version
-
-        with KafkaContainer(f"apache/kafka:{kafka_version()}").with_kraft() as container:
-            yield container.get_bootstrap_server()
-        return
+def jar_kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A single KRaft node from the Apache Kafka jars (Maven Central) on loopback, engine or not."""
     from tests.support.kafka_broker import ApacheKafka
 
     broker = ApacheKafka(tmp_path_factory.mktemp("kafka")).start()
@@ -60,3 +38,36 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap_servers
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_container() -> Iterator[KafkaBrokerContainer]:
+    """Kafka in a container (testcontainers), on a network where other containers reach it as kafka:19092.
+
+    Fails in CI and skips elsewhere when no container engine answers."""
+    from tests.support.engine import ensure_image, kafka_image, require_engine
+
+    require_engine()
+    from testcontainers.core.network import Network
+
+    from tests.support.kafka_container import KafkaBrokerContainer
+
+    image = ensure_image(kafka_image(), "kafka")
+    with Network() as network, KafkaBrokerContainer(image, network) as container:
+        yield container
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """A real Kafka broker: ``$KAFKA_BOOTSTRAP_SERVERS``; else Kafka in a container when an engine answers
+    (always in CI); else a single KRaft node from the Apache Kafka jars on loopback."""
+    from tests.support.engine import engine_answers, engine_required
+
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        return external
+    if engine_answers() or engine_required():
+        container: KafkaBrokerContainer = request.getfixturevalue("kafka_container")
+        return container.bootstrap_servers
+    bootstrap: str = request.getfixturevalue("jar_kafka_bootstrap")
+    return bootstrap

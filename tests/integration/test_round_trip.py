@@ -25,8 +25,13 @@ from worker.images import ImageLimits, decode_and_preprocess
 pytestmark = pytest.mark.integration
 
 
-def test_round_trip_of_200_images_with_bad_ones(kafka_bootstrap, tiny_embedder):
-    settings = worker_settings(kafka_bootstrap, batch_size=16)
+# The default broker (a container in CI) and, always, the Apache Kafka jars on loopback: both paths that
+# kafka_bootstrap can take stay covered by a full round trip.
+@pytest.mark.parametrize(
+    "broker", ["kafka_bootstrap", "jar_kafka_bootstrap"], ids=["default-broker", "jar-broker"]
+)
+def test_round_trip_of_200_images_with_bad_ones(broker, request, tiny_embedder):
+    settings = worker_settings(request.getfixturevalue(broker), batch_size=16)
     create_topics(settings, partitions=3)
     good = [(s.name, s.data) for s in sample_images(200)]
     bad = bad_requests()

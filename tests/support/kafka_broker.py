@@ -1,12 +1,14 @@
 """A single-node Apache Kafka (KRaft) for the integration tests, run from its Maven Central jars.
 
 The jars are resolved once with Maven (``.ci/kafka/pom.xml``) into a cache outside the clone
-(``$KAFKA_JARS_DIR``, default ``~/.cache/clip-worker/kafka-<version>``). The broker binds 127.0.0.1 on
+(``$KAFKA_JARS_DIR``, default ``~/.cache/clip-worker/kafka-<version>-<pom digest>``: a changed pom
+resolves afresh). The broker binds 127.0.0.1 on
 free ports and keeps its log directory in a temporary folder, so it can be restarted with its data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -32,7 +34,8 @@ def kafka_version() -> str:
 
 def jars_dir() -> Path:
     """Where the broker's jars are cached."""
-    default = Path.home() / ".cache" / "clip-worker" / f"kafka-{kafka_version()}"
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:8]
+    default = Path.home() / ".cache" / "clip-worker" / f"kafka-{kafka_version()}-{digest}"
     return Path(os.environ.get("KAFKA_JARS_DIR", default))
 
 

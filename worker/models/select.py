@@ -7,7 +7,7 @@ from typing import Any
 
 from worker.errors import ModelLoadError
 from worker.models.base import ModelFamily
-from worker.models.checkpoint import MODEL_HINT, ModelSpec, looks_like_path, read_json
+from worker.models.checkpoint import MODEL_HINT, ModelSpec, check_readable, looks_like_path, read_json
 from worker.models.clip import ClipFamily
 from worker.models.siglip import SiglipFamily
 
@@ -43,7 +43,9 @@ def family_for_type(model_type: str, model: str) -> ModelFamily:
 def select_family(spec: ModelSpec) -> ModelFamily:
     """The family of the checkpoint ``spec`` names: from its config.json (its directory, the cache, the
     hub unless offline), else from the built-in architectures; raises :class:`ModelLoadError`."""
-    if not Path(spec.model).is_dir() and looks_like_path(spec.model):
+    if Path(spec.model).is_dir():
+        check_readable(Path(spec.model))
+    elif looks_like_path(spec.model):
         raise ModelLoadError(f"model directory {spec.model} does not exist; {MODEL_HINT}")
     config = read_json(spec, "config.json")
     if not config:
