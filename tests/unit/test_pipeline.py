@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tests.support.fake_kafka import FakeConsumer, FakeProducer
@@ -36,6 +38,17 @@ def build(exactly_once: bool = False, **overrides: Any) -> tuple[Pipeline, FakeC
     return pipeline, consumer, producer
 
 
+@contextlib.contextmanager
+def running(pipeline: Pipeline) -> Iterator[Pipeline]:
+    """The pipeline subscribed with its inference thread started; drained afterwards."""
+    pipeline.subscribe()
+    pipeline.inference.start()
+    try:
+        yield pipeline
+    finally:
+        pipeline.drain(grace_s=2.0)
+
+
 def run_until(pipeline: Pipeline, done: Any, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
@@ -52,12 +65,8 @@ def test_images_are_embedded_bad_records_dead_lettered_and_offsets_committed():
     pipeline, consumer, producer = build()
     add_images(consumer, 5)
     consumer.add("images", b"\xc1 not msgpack", key=b"bad")
-    pipeline.subscribe()
-    pipeline.inference.start()
-    try:
+    with running(pipeline):
         run_until(pipeline, lambda: consumer.committed.get(TP) == 6)
-    finally:
-        pipeline.drain(grace_s=2.0)
     outputs = [decode_embedding(sent.value or b"") for sent in producer.to("image-embeddings")]
     assert sorted(output["id"] for output in outputs) == [f"img-{i}" for i in range(5)]
     [dead] = producer.to("images.dlq")
@@ -67,21 +76,15 @@ def test_images_are_embedded_bad_records_dead_lettered_and_offsets_committed():
 def test_one_record_in_flight_at_most_still_gets_through_everything():
     pipeline, consumer, producer = build(max_in_flight=1)
     add_images(consumer, 3)
-    pipeline.subscribe()
-    pipeline.inference.start()
-    try:
+    with running(pipeline):
         run_until(pipeline, lambda: consumer.committed.get(TP) == 3)
-    finally:
-        pipeline.drain(grace_s=2.0)
     assert len(producer.to("image-embeddings")) == 3
 
 
 def test_exactly_once_commits_results_with_their_offsets_and_rewinds_after_a_rebalance():
     pipeline, consumer, producer = build(exactly_once=True)
     add_images(consumer, 4)
-    pipeline.subscribe()
-    pipeline.inference.start()
-    try:
+    with running(pipeline):
         run_until(pipeline, lambda: ("offsets", {TP: 4}) in producer.calls)
         assert producer.calls[-1] == ("commit", None)
         add_images(consumer, 2)
@@ -91,5 +94,3 @@ def test_exactly_once_commits_results_with_their_offsets_and_rewinds_after_a_reb
         pipeline.step()
         assert pipeline.metrics.transactions_aborted.labels("rebalance")._value.get() == 1
         run_until(pipeline, lambda: ("offsets", {TP: 6}) in producer.calls)
-    finally:
-        pipeline.drain(grace_s=2.0)
