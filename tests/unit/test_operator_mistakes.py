@@ -87,7 +87,8 @@ def test_idle_connections_cannot_pin_the_metrics_server(monkeypatch, capfd, capl
         for connection in idle:
             connection.close()
         server.stop()
-    assert "Traceback" not in capfd.readouterr().err, "errors go through logging, not raw to stderr"
+    # socketserver's own handler prints this with a traceback; the worker's goes through logging.
+    assert "Exception occurred during processing of request" not in capfd.readouterr().err
 
 
 def test_repeated_library_lines_are_held_back_and_counted():

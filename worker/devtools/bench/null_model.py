@@ -14,6 +14,7 @@ import torch
 
 from worker.embedder import Embedder, PendingEmbeddings
 from worker.images import Preprocessing
+from worker.models.clip import ClipFamily
 
 NULL_LABEL = "null:host-cost"
 VIT_L14_DIM = 768
@@ -33,7 +34,13 @@ class NullEmbedder(Embedder):
 
     def __init__(self, dim: int = VIT_L14_DIM, max_batch: int = 4096) -> None:
         super().__init__(
-            _NoWeights(dim), NULL_LABEL, "none", Preprocessing(), torch.device("cpu"), torch.float32
+            _NoWeights(dim),
+            NULL_LABEL,
+            "none",
+            Preprocessing(),
+            torch.device("cpu"),
+            torch.float32,
+            ClipFamily(),  # stands in for ViT-L/14: a config with its projection size
         )
         vectors = np.zeros((max_batch, dim), dtype=np.float32)
         vectors[:, 0] = 1.0
