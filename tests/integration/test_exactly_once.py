@@ -79,7 +79,8 @@ def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tin
 
     workers = [launch(i) for i in range(2)]
     items = images("eos-kill", total)
-    producer = produce_steadily(settings, items, seconds=total / 80)
+    # 40 images/s: slow enough that every kill lands while images still arrive, on a loaded machine too.
+    producer = produce_steadily(settings, items, seconds=total / 40)
     try:
         # Each kill lands while a transaction holds records that are not committed yet.
         recoveries = kill_and_restart(

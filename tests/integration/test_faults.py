@@ -89,6 +89,8 @@ def kill_and_restart(
         killed_at = time.monotonic()
         before = tally.distinct()
         workers[victim] = launch(victim)
+        if before >= total:
+            continue  # on a slow machine the stream can be through before the last kill: nothing to recover
         assert tally.wait_for(before + 1, 120), "no progress after the kill"
         recoveries.append(round(time.monotonic() - killed_at, 1))
     return recoveries
