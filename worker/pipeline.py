@@ -146,19 +146,20 @@ class Pipeline:
         """Process until ``stop`` is set, then drain. Returns True if everything polled was acknowledged."""
         self.subscribe()
         self.inference.start()
-        try:
-            while not stop.is_set():
-                self.step()
+        try:  # fencing can surface in the loop or in the drain's last commit: one exit either way
+            try:
+                while not stop.is_set():
+                    self.step()
+            except (BrokerLostError, FencedError, StageFailedError, InstanceFencedError):
+                self.intake.shutdown()
+                raise  # nothing to drain into: no commit, the next owner re-reads the pending records
+            except BaseException:
+                self.drain(self.settings.shutdown_grace_s)
+                raise
+            return self.drain(self.settings.shutdown_grace_s)
         except InstanceFencedError:
             self.intake.shutdown()
             raise self._instance_fenced() from None
-        except (BrokerLostError, FencedError, StageFailedError):
-            self.intake.shutdown()
-            raise  # nothing to drain into: no commit, the next owner re-reads the pending records
-        except BaseException:
-            self.drain(self.settings.shutdown_grace_s)
-            raise
-        return self.drain(self.settings.shutdown_grace_s)
 
     def step(self) -> None:
         """One loop iteration: poll, collect decodes, embed due batches, resend, commit."""

@@ -79,6 +79,12 @@ class BrokerWatch:
         with self._lock:
             self._awaiting = max(0, self._awaiting - 1)
 
+    def reset(self) -> None:
+        """Forget every send: they were abandoned (an aborted transaction), none will be answered."""
+        with self._lock:
+            self._awaiting = 0
+            self._silent_since = None
+
     def silent_for(self) -> float:
         """Seconds the broker has left sends unanswered; 0 when it answered the last one."""
         with self._lock:

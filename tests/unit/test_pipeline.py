@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from tests.support.stub_embedder import StubEmbedder
 from worker.config import load_settings
 from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.delivery.transactions import AbortReason
 from worker.devtools.samples import jpeg_corpus
+from worker.errors import GroupInstanceFencedError
 from worker.kafka_io import TopicPartition
+from worker.kafka_io.errors import InstanceFencedError
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
 from worker.metrics import HealthState, WorkerMetrics
 from worker.offsets import OffsetTracker
@@ -22,12 +28,14 @@ from worker.topic_limits import TopicLimits
 TP = TopicPartition("images", 0)
 
 
-def build(exactly_once: bool = False, **overrides: Any) -> tuple[Pipeline, FakeConsumer, FakeProducer]:
+def build(
+    exactly_once: bool = False, consumer: FakeConsumer | None = None, **overrides: Any
+) -> tuple[Pipeline, FakeConsumer, FakeProducer]:
     values = {"batch_size": 4, "batch_timeout_ms": 10, "commit_interval_ms": 0, "device": "cpu", **overrides}
     if exactly_once:
         values.update(exactly_once=True, transactional_id="unit")
     settings = load_settings(values, environ={})
-    consumer, producer = FakeConsumer(), FakeProducer(auto_ack=True)
+    consumer, producer = consumer or FakeConsumer(), FakeProducer(auto_ack=True)
     tracker, metrics = OffsetTracker(), WorkerMetrics()
     delivery: AtLeastOnce | ExactlyOnce
     if exactly_once:
@@ -94,3 +102,38 @@ def test_exactly_once_commits_results_with_their_offsets_and_rewinds_after_a_reb
         pipeline.step()
         assert pipeline.metrics.transactions_aborted.labels("rebalance")._value.get() == 1
         run_until(pipeline, lambda: ("offsets", {TP: 6}) in producer.calls)
+
+
+class FencedAtShutdown(FakeConsumer):
+    """One record is done when the group is joined; the commit at shutdown finds the instance id taken."""
+
+    tracker: OffsetTracker
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        super().subscribe(topics, listener)
+        self.tracker.track(TP, 0)
+        self.tracker.ack(TP, 0)
+
+    def commit(self, offsets: Any, timeout_ms: int) -> None:
+        raise InstanceFencedError("FencedInstanceIdError: another member took the id")
+
+
+def test_fencing_found_by_the_last_commit_is_a_fenced_exit_not_a_crash():
+    consumer = FencedAtShutdown()
+    pipeline, _consumer, _producer = build(consumer=consumer, group_instance_id="w1")
+    consumer.tracker = pipeline.tracker
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(GroupInstanceFencedError, match="--group-instance-id"):
+        pipeline.run(stop)
+
+
+def test_an_abort_forgets_sends_the_broker_left_unanswered():
+    pipeline, _consumer, _producer = build(exactly_once=True)
+    delivery = pipeline.delivery
+    assert isinstance(delivery, ExactlyOnce)
+    delivery.watch.sent()
+    delivery.watch.unanswered()  # a delivery timeout: it dooms the transaction
+    delivery.transactions.doom(AbortReason.DELIVERY_FAILED)
+    delivery.abort()
+    assert delivery.watch.silent_for() == 0, "nothing will answer the abandoned sends: no silence to count"

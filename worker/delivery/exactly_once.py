@@ -138,6 +138,9 @@ class ExactlyOnce:
         """Abort the open transaction; records larger than those refused in it now count as too large."""
         reason = self.transactions.abort()
         self._limits.apply_refusals()
+        # The aborted sends will not be retried (their records are read again and sent anew): a send that
+        # timed out before the abort must not count as the broker's silence from now on.
+        self.watch.reset()
         return reason
 
     def final_commit(self) -> DrainOutcome:
