@@ -26,16 +26,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class RepeatLimiter(logging.Filter):
-    """Lets the same message (by its template) through at most once per ``interval_s``, then says how many
-    copies it held back. kafka-python repeats an error about a missing topic ten times a second."""
+    """Lets the same message (by its template) of loggers under ``prefix`` through at most once per
+    ``interval_s``, then says how many copies it held back; other records pass. kafka-python repeats an
+    error about a missing topic ten times a second."""
 
-    def __init__(self, interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, prefix: str = "", interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
+        self._prefix = prefix
         self._interval_s = interval_s
         self._clock = clock
         self._seen: dict[tuple[str, object], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefix):
+            return True
         key = (record.name, record.msg)
         now = self._clock()
         last, held = self._seen.get(key, (float("-inf"), 0))
@@ -68,15 +74,4 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     # says once per attempt what went wrong.
     logging.getLogger("kafka.net").setLevel(logging.WARNING)
     logging.getLogger("kafka.conn").setLevel(logging.CRITICAL)
-    handler.addFilter(_KafkaRepeats(RepeatLimiter()))
-
-
-class _KafkaRepeats(logging.Filter):
-    """Applies the repeat limiter to kafka-python's records, whichever of its loggers they come from."""
-
-    def __init__(self, limiter: RepeatLimiter) -> None:
-        super().__init__()
-        self._limiter = limiter
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("kafka") or self._limiter.filter(record)
+    handler.addFilter(RepeatLimiter("kafka"))

@@ -189,14 +189,6 @@ class HealthState:
             return "no partition assignment from the consumer group yet"
         return problem
 
-    def alive(self) -> bool:
-        """The loop made progress within ``stall_after_s`` and every liveness check passes."""
-        return self.liveness_problem() is None
-
-    def ready(self) -> bool:
-        """The model is loaded, the consumer holds a group assignment, every readiness check passes."""
-        return self.readiness_problem() is None
-
 
 def _first_problem(checks: list[HealthCheck]) -> str | None:
     for check in checks:

@@ -96,15 +96,14 @@ def send(
     out: Outgoing,
     on_delivered: Callable[[Outgoing], None],
     on_failed: Callable[[Outgoing, BaseException], None],
-    watch: BrokerWatch | None = None,
+    watch: BrokerWatch,
 ) -> None:
     """Send ``out``; the broker's acknowledgement calls ``on_delivered``, any failure ``on_failed``.
 
     A send refused at once (a full buffer, a closed producer, a record the client cannot encode) takes the
     same failure path as a failed delivery. The callbacks run on the producer's I/O thread: they must not
-    block.
+    block. ``watch`` hears of the send and of whether the broker answered it.
     """
-    watch = watch or BrokerWatch()
 
     def delivered(_metadata: object) -> None:
         watch.answered()

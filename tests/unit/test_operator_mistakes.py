@@ -93,7 +93,7 @@ def test_idle_connections_cannot_pin_the_metrics_server(monkeypatch, capfd, capl
 
 def test_repeated_library_lines_are_held_back_and_counted():
     now = [0.0]
-    limiter = RepeatLimiter(interval_s=30, clock=lambda: now[0])
+    limiter = RepeatLimiter("kafka", interval_s=30, clock=lambda: now[0])
 
     def record(msg: str) -> logging.LogRecord:
         return logging.LogRecord("kafka.cluster", logging.ERROR, "", 0, msg, None, None)
@@ -105,6 +105,8 @@ def test_repeated_library_lines_are_held_back_and_counted():
     again = record("Topic %s not found")
     assert limiter.filter(again)
     assert "300 more like it" in str(again.msg)
+    own = [logging.LogRecord("worker.pipeline", logging.WARNING, "", 0, "same", None, None) for _ in range(3)]
+    assert all(limiter.filter(line) for line in own), "the worker's own lines are never held back"
 
 
 def test_broker_silence_counts_only_unanswered_sends():
