@@ -114,7 +114,9 @@ class Pipeline:
         self.health = health
         self.batch_size = batch_size
         self.batcher: Batcher[ReadyImage] = Batcher(batch_size, settings.batch_timeout_s)
-        image_limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
+        image_limits = ImageLimits(
+            settings.max_image_pixels, settings.min_image_side, settings.max_message_bytes
+        )
         preprocessing = replace(
             embedder.preprocessing,
             resize=settings.resize,
