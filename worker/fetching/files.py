@@ -46,10 +46,11 @@ class FileFetcher:
             raise forbidden(f"{shown}: permission denied") from None
         except OSError as exc:
             raise failed(f"{shown}: cannot open it ({exc.strerror or type(exc).__name__})") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise not_found(f"{shown} is not a regular file")
         with os.fdopen(fd, "rb") as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise not_found(f"{shown} is not a regular file")
             check_declared_size(info.st_size, self._max_bytes, shown)
             data = file.read(self._max_bytes + 1)
         if len(data) > self._max_bytes:  # the file grew after the size check

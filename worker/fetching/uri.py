@@ -17,9 +17,11 @@ from worker.fetching.outcomes import forbidden
 SCHEMES = ("http", "https", "s3", "file")
 MAX_URI_LENGTH = 8192
 DEFAULT_PORTS = {"http": 80, "https": 443}
-# Printable ASCII without spaces: anything else (controls, CR/LF) could smuggle headers, so a URI must
-# arrive percent-encoded.
+# Printable ASCII without spaces: anything else (controls, CR/LF) could smuggle headers, so an http(s)
+# or file URI must arrive percent-encoded. An S3 key is taken verbatim (boto3 encodes it), so it may hold
+# spaces and any Unicode, but no control characters.
 _URI_CHARS = re.compile(r"^[\x21-\x7e]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # S3's bucket naming rules (the lenient legacy ones: dots and upper case stay out).
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -62,10 +64,12 @@ def parse_reference(uri: str, enabled: frozenset[str] | set[str]) -> Reference:
         raise _invalid("field 'uri' must be a non-empty string")
     if len(uri) > MAX_URI_LENGTH:
         raise _invalid(f"field 'uri' is longer than {MAX_URI_LENGTH} characters")
-    if not _URI_CHARS.match(uri):
-        raise _invalid("field 'uri' holds spaces, control or non-ASCII characters; percent-encode them")
+    if _CONTROL.search(uri):
+        raise _invalid("field 'uri' holds control characters")
     scheme, sep, _rest = uri.partition(":")
     scheme = scheme.lower()
+    if scheme != "s3" and not _URI_CHARS.match(uri):
+        raise _invalid("field 'uri' holds spaces or non-ASCII characters; percent-encode them")
     if not sep or scheme not in SCHEMES:
         shown = scheme[:16] if sep else "none"
         raise forbidden(f"scheme {shown!r} is not supported (one of {', '.join(SCHEMES)})")
