@@ -25,7 +25,7 @@ from worker.messages import (
     KEY_TRUNCATED_HEADER,
     NULL_VALUE_HEADER,
     VALUE_OMITTED_HEADER,
-    ImageRequest,
+    Request,
     dlq_headers,
     encode_embedding,
 )
@@ -67,7 +67,7 @@ class Publisher:
         self._failing_since: float | None = None
         self._last_failure = ""
 
-    def embedding(self, record: InputRecord, request: ImageRequest, vector: np.ndarray) -> None:
+    def embedding(self, record: InputRecord, request: Request, vector: np.ndarray) -> None:
         """Publish the embedding of ``record`` (dead-lettered instead if it is too large to send)."""
         value = encode_embedding(
             request,
