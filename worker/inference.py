@@ -200,7 +200,7 @@ class InferenceStage:
         self.metrics.stage_seconds.labels("inference").observe(ready - max(started, self._device_free_at))
         self._device_free_at = ready
         for item, vector in zip(items, vectors, strict=True):
-            self.publisher.embedding(item.record, item.request, vector)
+            self.publisher.embedding(item.record, item.request, vector, item.fetched)
         self.metrics.embedded.inc(len(items))
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - ready)
 

@@ -13,7 +13,7 @@ from concurrent.futures import wait
 from dataclasses import dataclass
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import InputHandler, Prepared, Slot
+from worker.inputs.base import Fetched, InputHandler, Prepared, Slot
 from worker.inputs.select import ENABLE_HINTS
 from worker.messages import InputKind, Request, decode_request
 from worker.work import InputRecord
@@ -26,6 +26,7 @@ class ReadyImage:
     record: InputRecord
     request: Request
     pixels: Prepared
+    fetched: bytes | None = None  # the image as fetched by reference, kept only for --forward-image
 
 
 @dataclass
@@ -104,6 +105,8 @@ class IntakeStage:
             elif isinstance(prepared, Exception):
                 message = f"decoder crashed: {type(prepared).__name__}: {prepared}"
                 yield Rejected(item.record, RejectedRecord(RejectReason.CORRUPT_IMAGE, message))
+            elif isinstance(prepared, Fetched):
+                yield ReadyImage(item.record, item.request, prepared.prepared, prepared.image)
             else:
                 yield ReadyImage(item.record, item.request, prepared)
 

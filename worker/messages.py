@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 
 from worker.errors import RejectedRecord, RejectReason
+from worker.fetching.uri import redact
 
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 1024
@@ -182,9 +183,14 @@ def encode_embedding(
     source: Source,
     forward_image: bool,
     dtype: str = "float32",
+    fetched: bytes | None = None,
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
-    :data:`EMBEDDING_DTYPES`) plus its context."""
+    :data:`EMBEDDING_DTYPES`) plus its context.
+
+    A ``uri`` request gets its ``uri`` back (credentials masked, see :func:`shown_uri`); with
+    ``forward_image`` the record also carries the image: the request's own bytes, or ``fetched``, the bytes
+    its ``uri`` was fetched as."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -197,10 +203,21 @@ def encode_embedding(
         "meta": request.meta,
         "source": source.as_dict(),
     }
-    if forward_image:
-        payload["image"] = request.image
+    if request.uri is not None:
+        payload["uri"] = shown_uri(request.uri)
+    image = request.image if request.image is not None else fetched
+    if forward_image and image is not None:
+        payload["image"] = image
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
     return packed
+
+
+def shown_uri(uri: str) -> str:
+    """A request's ``uri`` as echoed in its output: an http(s) URI with userinfo or a query has those
+    masked (presigned URLs carry their signature there); other URIs are unchanged."""
+    if uri[:5].lower() == "http:" or uri[:6].lower() == "https:":
+        return redact(uri)
+    return uri
 
 
 def decode_embedding(value: bytes) -> dict[str, Any]:

@@ -67,8 +67,11 @@ class Publisher:
         self._failing_since: float | None = None
         self._last_failure = ""
 
-    def embedding(self, record: InputRecord, request: Request, vector: np.ndarray) -> None:
-        """Publish the embedding of ``record`` (dead-lettered instead if it is too large to send)."""
+    def embedding(
+        self, record: InputRecord, request: Request, vector: np.ndarray, fetched: bytes | None = None
+    ) -> None:
+        """Publish the embedding of ``record`` (dead-lettered instead if it is too large to send);
+        ``fetched`` is the image a ``uri`` request was fetched as, for ``--forward-image``."""
         value = encode_embedding(
             request,
             vector,
@@ -76,6 +79,7 @@ class Publisher:
             record.source,
             self._settings.forward_image,
             self._settings.output_dtype,
+            fetched,
         )
         if len(value) > self._settings.max_message_bytes:
             message = f"output record is {len(value)} bytes, over --max-message-bytes"

@@ -53,7 +53,9 @@ class RecordingPublisher:
         self.published: list[tuple[str, float]] = []
         self.dead: list[str] = []
 
-    def embedding(self, record: InputRecord, request: Request, vector: np.ndarray) -> None:
+    def embedding(
+        self, record: InputRecord, request: Request, vector: np.ndarray, fetched: bytes | None = None
+    ) -> None:
         self.published.append((request.id, float(vector[0])))
 
     def reject(self, record: InputRecord, rejection: object) -> None:

@@ -35,6 +35,8 @@ class ImageOrigin:
         self.objects: dict[str, bytes] = {}
         self.requests: Counter[str] = Counter()
         self.connections = 0
+        self.serving = 0  # objects being served right now
+        self.peak_serving = 0  # the most served at once
         self._lock = threading.Lock()
         self._flaky: Counter[str] = Counter()
         self._server = _Server((host, 0), _handler(self))
@@ -68,6 +70,11 @@ class ImageOrigin:
     def _connected(self) -> None:
         with self._lock:
             self.connections += 1
+
+    def _serve(self, delta: int) -> None:
+        with self._lock:
+            self.serving += delta
+            self.peak_serving = max(self.peak_serving, self.serving)
 
     def _flaky_turn(self, key: str) -> int:
         with self._lock:
@@ -123,14 +130,18 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                 self._empty(404)
 
         def _object(self, name: str, delay_s: float) -> None:
-            if delay_s:
-                time.sleep(delay_s)
-            data = origin.objects.get(name)
-            if data is None:
-                self._empty(404)
-                return
-            self._head(200, len(data))
-            self.wfile.write(data)
+            origin._serve(+1)
+            try:
+                if delay_s:
+                    time.sleep(delay_s)
+                data = origin.objects.get(name)
+                if data is None:
+                    self._empty(404)
+                    return
+                self._head(200, len(data))
+                self.wfile.write(data)
+            finally:
+                origin._serve(-1)
 
         def _trickle(self, name: str, pause_s: float) -> None:
             data = origin.objects.get(name, b"")
