@@ -176,6 +176,16 @@ def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = 
     return packed
 
 
+def encode_reference(request_id: str, uri: str, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode a request by reference: the image is fetched from ``uri`` (``clip-worker produce
+    --by-reference``, tests)."""
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "uri": uri}
+    if meta:
+        payload["meta"] = meta
+    packed: bytes = msgpack.packb(payload, use_bin_type=True)
+    return packed
+
+
 def encode_embedding(
     request: Request,
     embedding: np.ndarray,

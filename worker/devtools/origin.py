@@ -86,6 +86,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # clients that hang up early (timeouts, size limits) are what the routes are for
+
 
 def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
