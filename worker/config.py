@@ -138,7 +138,11 @@ class Settings(BaseSettings):
         "unset = http,https,s3, plus file when --fetch-file-root is given",
     )
     fetch_concurrency: int = Field(
-        64, ge=1, le=4096, description="images fetched at once by reference (threads and pooled connections)"
+        128,
+        ge=1,
+        le=4096,
+        description="images fetched at once by reference (threads, each holding at most one image): about "
+        "images/s times the fetch latency",
     )
     fetch_timeout_s: float = Field(
         10.0, gt=0, description="time allowed for one try of one fetch, body included"

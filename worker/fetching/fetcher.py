@@ -27,7 +27,7 @@ class FetchPolicy:
     max_bytes: int = 16 * 1024 * 1024
     timeout_s: float = 10.0
     retries: int = 2
-    concurrency: int = 64
+    concurrency: int = 128
     allow_hosts: tuple[str, ...] = ()
     allow_private: bool = False
     file_root: Path | None = None
@@ -67,7 +67,7 @@ class Fetcher:
         self._fetchers: dict[str, _SchemeFetcher] = {}
         if policy.schemes & {"http", "https"}:
             guard = AddressGuard(policy.allow_hosts, policy.allow_private, resolver)
-            web = HttpFetcher(guard, policy.max_bytes, policy.timeout_s, policy.concurrency, policy.schemes)
+            web = HttpFetcher(guard, policy.max_bytes, policy.timeout_s, policy.schemes)
             self._fetchers.update({scheme: web for scheme in policy.schemes & {"http", "https"}})
         if "s3" in policy.schemes:
             from worker.fetching.s3 import S3Fetcher  # boto3 loads only where S3 is enabled

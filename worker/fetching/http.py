@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import threading
 import time
 from urllib.parse import urljoin
 
@@ -20,7 +21,7 @@ MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIABLE_STATUS = frozenset({408, 425, 429})
 _USER_AGENT = b"clip-worker"
-_CHUNK = 64 * 1024
+_CONNECTIONS_PER_THREAD = 4  # kept alive per fetch thread: the origins it fetched from last
 
 
 class HttpFetcher:
@@ -31,20 +32,20 @@ class HttpFetcher:
         guard: AddressGuard,
         max_bytes: int,
         timeout_s: float,
-        max_connections: int,
         enabled: frozenset[str],
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._max_bytes = max_bytes
         self._timeout_s = timeout_s
         self._redirect_schemes = enabled & {"http", "https"}
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=ssl_context or ssl.create_default_context(),
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-            network_backend=GuardedBackend(guard),
-        )
+        self._ssl_context = ssl_context or ssl.create_default_context()
+        self._backend = GuardedBackend(guard)
+        # One small pool per fetch thread: a thread makes one request at a time, so it needs a connection
+        # per origin it talks to, and httpcore's pool does work in the square of its connections under one
+        # lock (measured: 256 threads sharing a pool fetched 5x slower than 64).
+        self._local = threading.local()
+        self._pools: list[httpcore.ConnectionPool] = []
+        self._pools_lock = threading.Lock()
 
     def fetch(self, reference: Reference) -> bytes:
         """One try: the body of ``reference`` after at most :data:`MAX_REDIRECTS` redirects, within one
@@ -60,7 +61,25 @@ class HttpFetcher:
 
     def close(self) -> None:
         """Close the pooled connections."""
-        self._pool.close()
+        with self._pools_lock:
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.close()
+
+    def _pool(self) -> httpcore.ConnectionPool:
+        pool: httpcore.ConnectionPool | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = httpcore.ConnectionPool(
+                ssl_context=self._ssl_context,
+                max_connections=_CONNECTIONS_PER_THREAD,
+                max_keepalive_connections=_CONNECTIONS_PER_THREAD,
+                keepalive_expiry=30.0,
+                network_backend=self._backend,
+            )
+            self._local.pool = pool
+            with self._pools_lock:
+                self._pools.append(pool)
+        return pool
 
     def _get(self, current: Reference, original: Reference, deadline: float) -> tuple[bytes, str | None]:
         remaining = max(0.001, deadline - time.monotonic())
@@ -72,7 +91,7 @@ class HttpFetcher:
             target=current.target.encode(),
         )
         try:
-            with self._pool.stream(
+            with self._pool().stream(
                 "GET", url, headers=self._headers(current, original), extensions={"timeout": timeouts}
             ) as response:
                 status = response.status
