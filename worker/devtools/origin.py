@@ -16,10 +16,14 @@ few misbehaving routes to fetch from:
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,8 +34,9 @@ _PIECE = 1024
 class ImageOrigin:
     """The server; use as a context manager. ``latency_s`` is added before every object's headers."""
 
-    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1") -> None:
+    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1", root: Path | None = None) -> None:
         self.latency_s = latency_s
+        self.root = root  # files under it are served too, at /o/RELATIVE/PATH
         self.objects: dict[str, bytes] = {}
         self.requests: Counter[str] = Counter()
         self.connections = 0
@@ -62,6 +67,16 @@ class ImageOrigin:
     ) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def lookup(self, name: str) -> bytes | None:
+        """The object called ``name``, from memory or under the root (never outside it)."""
+        data = self.objects.get(name)
+        if data is not None or self.root is None:
+            return data
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            return None
+        return path.read_bytes()
 
     def _count(self, path: str) -> None:
         with self._lock:
@@ -137,7 +152,7 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             try:
                 if delay_s:
                     time.sleep(delay_s)
-                data = origin.objects.get(name)
+                data = origin.lookup(name)
                 if data is None:
                     self._empty(404)
                     return
@@ -147,7 +162,7 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                 origin._serve(-1)
 
         def _trickle(self, name: str, pause_s: float) -> None:
-            data = origin.objects.get(name, b"")
+            data = origin.lookup(name) or b""
             self._head(200, len(data))
             for start in range(0, len(data), _PIECE):
                 self.wfile.write(data[start : start + _PIECE])
@@ -179,7 +194,7 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
         def _truncated(self, name: str) -> None:
-            data = origin.objects.get(name, b"")
+            data = origin.lookup(name) or b""
             self._head(200, len(data))
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
@@ -202,3 +217,67 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             return
 
     return Handler
+
+
+class OriginProcess:
+    """A folder served at ``/o/NAME`` from a child process (:func:`_serve_files`), so that serving costs
+    the measured process no interpreter time (the bench's by-reference row); use as a context manager."""
+
+    def __init__(self, root: Path, latency_s: float) -> None:
+        self.root = root
+        self.latency_s = latency_s
+        self.port = 0
+        self._process: subprocess.Popen[str] | None = None
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (with its leading slash) on this server."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> OriginProcess:
+        command = [sys.executable, "-m", "worker.devtools.origin", str(self.root), str(self.latency_s)]
+        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self._process.kill()
+            raise RuntimeError(f"the origin process did not start: {line!r}")
+        self.port = int(line)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+
+
+async def _serve_files(root: Path, latency_s: float) -> None:
+    """A lean keep-alive HTTP/1.1 server for ``GET /o/NAME`` (files under ``root``), on asyncio: the
+    benchmark's origin must cost the shared cores little, as a remote server would cost them nothing."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode("latin-1")
+                await asyncio.sleep(latency_s)
+                name = path.removeprefix("/o/")
+                file = (root / name).resolve()
+                if path.startswith("/o/") and file.is_relative_to(root) and file.is_file():
+                    data = file.read_bytes()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+                else:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, IndexError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_files(Path(sys.argv[1]).resolve(), float(sys.argv[2])))

@@ -109,15 +109,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fetch-concurrency", type=int, default=0, help="by-reference run: the worker's (0 = its default)"
     )
-    parser.add_argument(
-        "--reference-images",
-        type=int,
-        default=10_000,
-        help="memory section: referenced images in the backlog",
-    )
-    parser.add_argument(
-        "--reference-image-mb", type=float, default=5.0, help="memory section: size of each referenced image"
-    )
+
     parser.add_argument(
         "--image-widths",
         default="500",
