@@ -149,6 +149,11 @@ class Settings(BaseSettings):
         description="torch.compile the forward pass for the batch size (partial batches are padded): "
         "inductor = fused kernels; cuda-graphs = also replay it as one CUDA graph (GPU only)",
     )
+    texts: bool = Field(
+        False,
+        description="also embed requests that carry a text, with the model's text tower (loaded only with "
+        "this flag); without it they are dead-lettered as input_kind_disabled",
+    )
     forward_image: bool = Field(False, description="include the original image bytes in each output record")
     output_dtype: Literal["float32", "float16"] = Field(
         "float32",

@@ -66,12 +66,24 @@ class Source:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
+class Modality(enum.StrEnum):
+    """Which tower of the model embeds a request: the output record's ``kind``, a batch's, a metric's."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+
 class InputKind(enum.StrEnum):
     """What a request carries to embed: exactly one of these envelope fields, named by the value."""
 
     IMAGE = "image"  # the encoded image file itself (msgpack bin)
     URI = "uri"  # where to fetch the image from
     TEXT = "text"  # a text to embed with the model's text tower
+
+    @property
+    def modality(self) -> Modality:
+        """The tower that embeds a request of this kind (a fetched image is an image)."""
+        return Modality.TEXT if self is InputKind.TEXT else Modality.IMAGE
 
 
 @dataclass(frozen=True)
@@ -168,7 +180,18 @@ def _input_of(payload: dict[Any, Any]) -> tuple[InputKind, bytes | str]:
 
 def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = None) -> bytes:
     """Encode a request record value (used by ``clip-worker produce``, the demo and tests)."""
-    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "image": image}
+    return _encode_input(request_id, InputKind.IMAGE, image, meta)
+
+
+def encode_text_request(request_id: str, text: str, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode a request record value that carries a text to embed."""
+    return _encode_input(request_id, InputKind.TEXT, text, meta)
+
+
+def _encode_input(
+    request_id: str, kind: InputKind, content: bytes | str, meta: dict[str, Any] | None
+) -> bytes:
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, kind.value: content}
     if meta:
         payload["meta"] = meta
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
@@ -184,7 +207,8 @@ def encode_embedding(
     dtype: str = "float32",
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
-    :data:`EMBEDDING_DTYPES`) plus its context."""
+    :data:`EMBEDDING_DTYPES`) plus its context. ``kind`` says which tower embedded it; a text is not echoed
+    (the request's ``meta``, which is, can carry it)."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -196,8 +220,9 @@ def encode_embedding(
         "normalized": True,
         "meta": request.meta,
         "source": source.as_dict(),
+        "kind": request.kind.modality.value,
     }
-    if forward_image:
+    if forward_image and request.image is not None:
         payload["image"] = request.image
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
     return packed

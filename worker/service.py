@@ -19,7 +19,7 @@ from worker.embedder import (
     default_decode_workers,
     load_embedder,
 )
-from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError
+from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError, StartupError
 from worker.kafka_io import Consumer, check_output_topics, open_consumer, topic_message_limits
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.offsets import OffsetTracker
@@ -67,7 +67,9 @@ def load_model(settings: Settings, metrics: WorkerMetrics, embedder: Embedder | 
     """The embedder, loaded (unless given), compiled if asked, and described in the logs and metrics."""
     if settings.decode == "device":
         load_jpeg_decoder()  # fail before the model loads when torchvision is missing
-    embedder = embedder or load_embedder(model_spec(settings))
+    embedder = embedder or load_embedder(model_spec(settings), texts=settings.texts)
+    if settings.texts and embedder.text is None:
+        raise StartupError("--texts needs the model's text tower, and this embedder was loaded without it")
     threads = configure_cpu_threads(
         settings.inference_threads,
         decode_workers(settings),

@@ -30,6 +30,7 @@ class StubEmbedder:
     device = torch.device("cpu")
     runs_asynchronously = False
     preprocessing = Preprocessing(size=8, crop=8)
+    text = None  # no text tower: a worker with this embedder embeds no texts
 
     def __init__(self) -> None:
         self.images = 0

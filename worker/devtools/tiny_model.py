@@ -3,10 +3,17 @@ the real loading code without downloading anything."""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
+from typing import Any
 
 TINY_DIM = 32
 TINY_IMAGE_SIZE = 32
+TINY_TEXT_LENGTH = 16  # the tiny text tower's positions, and its tokenizer's context
+# The tiny tokenizer's alphabet: texts of these characters tokenise without unknown tokens.
+TINY_ALPHABET = string.ascii_lowercase + string.digits + ".,!?'-"
+_TINY_MERGES = [("p", "h"), ("ph", "o"), ("t", "o</w>"), ("pho", "to</w>"), ("o", "g</w>"), ("d", "og</w>")]
+_TINY_MERGES += [("a", "t</w>"), ("c", "at</w>"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>")]
 
 
 def build_tiny_clip(
@@ -17,7 +24,8 @@ def build_tiny_clip(
     image_mean: tuple[float, float, float] | None = None,
     image_std: tuple[float, float, float] | None = None,
 ) -> Path:
-    """Save a full CLIPModel (text + vision towers) and its image processor config to ``directory``.
+    """Save a full CLIPModel (text + vision towers), its image processor config and a tiny CLIP tokenizer
+    (see :func:`tiny_clip_tokenizer`) to ``directory``.
 
     ``projection_dim`` is set at the top level and in the vision sub-config, as real checkpoints have it.
     ``image_size=224, patch_size=32`` gives a model that is cheap to run but preprocesses like ViT-L/14.
@@ -27,13 +35,17 @@ def build_tiny_clip(
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+    tokenizer = tiny_clip_tokenizer()
     text = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "vocab_size": 128,
-        "max_position_embeddings": 16,
+        "max_position_embeddings": TINY_TEXT_LENGTH,
         "projection_dim": TINY_DIM,
     }
     vision = {
@@ -58,4 +70,21 @@ def build_tiny_clip(
         **({"image_std": list(image_std)} if image_std else {}),
     )
     processor.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_clip_tokenizer() -> Any:
+    """A CLIP tokenizer (byte-level BPE, CLIP's own normaliser and pre-tokeniser) with a vocabulary small
+    enough for the tiny text tower: :data:`TINY_ALPHABET` as word pieces and word ends, a few merges, and
+    CLIP's start and end tokens last, as in OpenAI's vocabulary. Built in memory: nothing is downloaded."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for piece in [*TINY_ALPHABET, *(char + "</w>" for char in TINY_ALPHABET)]:
+        vocab[piece] = len(vocab)
+    for left, right in _TINY_MERGES:
+        vocab[left + right] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=_TINY_MERGES, model_max_length=TINY_TEXT_LENGTH)
