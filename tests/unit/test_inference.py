@@ -9,7 +9,7 @@ import torch
 from worker.batcher import Batch, CloseCause
 from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
-from worker.intake import ReadyImage
+from worker.intake import Ready, ReadyImage
 from worker.messages import Request, Source
 from worker.metrics import WorkerMetrics
 from worker.work import InputRecord
@@ -60,8 +60,8 @@ class RecordingPublisher:
         self.dead.append(record.key.decode() if record.key else "")
 
 
-def batch(number: int, size: int = 2) -> Batch[ReadyImage]:
-    items = []
+def batch(number: int, size: int = 2) -> Batch[Ready]:
+    items: list[Ready] = []
     for index in range(size):
         name = f"b{number}-{index}"
         record = InputRecord(

@@ -187,17 +187,22 @@ def _load_tokenizer(spec: ModelSpec) -> Any:
     """The checkpoint's own tokenizer, with the worker's offline behaviour."""
     from transformers import AutoTokenizer
 
+    problem = "it knows only its special tokens: the checkpoint has no tokenizer files"
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             spec.model,
             cache_dir=str(spec.model_dir) if spec.model_dir else None,
             local_files_only=spec.local_files_only or spec.random_weights,
         )
     except Exception as exc:
+        tokenizer, problem = None, _first_line(exc)
+    # Without tokenizer files transformers builds an empty tokenizer of the model's type rather than fail.
+    if tokenizer is None or len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ModelLoadError(
-            f"cannot load the tokenizer of {spec.model!r} for --texts ({_first_line(exc)}); it must be in "
-            f"the checkpoint directory or the cache (SigLIP's needs the sentencepiece package); {MODEL_HINT}"
-        ) from None
+            f"cannot load the tokenizer of {spec.model!r} for --texts ({problem}); it must be in the "
+            f"checkpoint directory or the cache (SigLIP's needs the sentencepiece package); {MODEL_HINT}"
+        )
+    return tokenizer
 
 
 def _first_line(exc: Exception) -> str:
