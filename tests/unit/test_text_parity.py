@@ -191,3 +191,28 @@ def test_texts_setting_loads_the_text_tower_in_the_worker(tmp_path: Path):
     settings = load_settings({"model": str(directory), "device": "cpu", "texts": True}, environ={})
     embedder = load_model(settings, WorkerMetrics())
     assert embedder.text is not None and embedder.embed_texts(["a dog"]).shape == (1, embedder.dim)
+
+
+@pytest.mark.parametrize(("resize", "decode"), [("device", "device"), ("torch", "pil")])
+def test_texts_and_images_through_the_loop_on_each_image_path(loaded: Loaded, resize: str, decode: str):
+    # --resize device and --decode device are image paths: texts in the same stream still reach the text
+    # tower, and come out as the tower embeds them alone.
+    from tests.unit.test_pipeline import TP, add_images, build, run_until, running
+    from tests.unit.test_texts import add_texts, outputs_of
+
+    pipeline, consumer, producer = build(
+        embedder=loaded.embedder,  # type: ignore[arg-type]
+        texts=True,
+        resize=resize,
+        decode=decode,
+    )
+    add_texts(consumer, TEXTS[:2])
+    add_images(consumer, 3)
+    add_texts(consumer, TEXTS[2:], prefix="more")
+    with running(pipeline):
+        run_until(pipeline, lambda: consumer.committed.get(TP) == 3 + len(TEXTS), timeout_s=60)
+    outputs = outputs_of(producer)
+    ids = ["txt-0", "txt-1"] + [f"more-{i}" for i in range(len(TEXTS) - 2)]
+    ours = np.stack([outputs[i]["embedding"] for i in ids])
+    assert float(np.abs(ours - loaded.embedder.embed_texts(TEXTS)).max()) <= 1e-6
+    assert [outputs[f"img-{i}"]["kind"] for i in range(3)] == ["image"] * 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -39,7 +40,7 @@ def add_texts(consumer: object, texts: Sequence[str], prefix: str = "txt") -> No
         consumer.add("images", encode_text_request(key.decode(), text), key=key)  # type: ignore[attr-defined]
 
 
-def outputs_of(producer: object) -> dict[str, dict[str, object]]:
+def outputs_of(producer: object) -> dict[str, dict[str, Any]]:
     sent = producer.to("image-embeddings")  # type: ignore[attr-defined]
     return {output["id"]: output for output in (decode_embedding(s.value or b"") for s in sent)}
 
