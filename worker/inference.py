@@ -29,6 +29,7 @@ from worker.errors import RejectedRecord, RejectReason
 from worker.images import ImageLimits, Preprocessing
 from worker.intake import ReadyImage
 from worker.metrics import WorkerMetrics
+from worker.models.heads import ScoreHeads
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class InferenceStage:
         metrics: WorkerMetrics,
         preprocessing: Preprocessing,
         limits: ImageLimits,
+        heads: ScoreHeads | None = None,
     ) -> None:
         self.embedder = embedder
+        self.heads = heads
         self.publisher = publisher
         self.metrics = metrics
         self._on_device = preprocessing.resize == "device"
@@ -160,7 +163,7 @@ class InferenceStage:
         except Exception as exc:  # an asynchronous device error surfaces here, not at launch
             self._recover(launched.items, exc, launched.retry)
             return
-        self._publish(launched.items, vectors, launched.started)
+        self._publish(launched.items, vectors, launched.pending.scores(), launched.started)
 
     def _embed_now(self, items: list[ReadyImage], retry: bool) -> None:
         """Embed and publish synchronously: the path of retries and split halves."""
@@ -172,10 +175,10 @@ class InferenceStage:
         self, items: list[ReadyImage], pixels: list[np.ndarray | torch.Tensor] | None
     ) -> PendingEmbeddings:
         if pixels is not None:
-            return self.embedder.launch_decoded(pixels)
+            return self.embedder.launch_decoded(pixels, self.heads)
         if self._on_device:
-            return self.embedder.launch_decoded([_host_pixels(item) for item in items])
-        return self.embedder.launch([_host_pixels(item) for item in items])
+            return self.embedder.launch_decoded([_host_pixels(item) for item in items], self.heads)
+        return self.embedder.launch([_host_pixels(item) for item in items], self.heads)
 
     def _recover(self, items: list[ReadyImage], exc: Exception, retry: bool) -> None:
         """Retry once, then split in halves to isolate the image that fails; out of memory splits at once."""
@@ -194,13 +197,16 @@ class InferenceStage:
             message = f"inference failed: {type(exc).__name__}: {exc}"
             self.publisher.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
 
-    def _publish(self, items: list[ReadyImage], vectors: np.ndarray, started: float) -> None:
+    def _publish(
+        self, items: list[ReadyImage], vectors: np.ndarray, scores: np.ndarray | None, started: float
+    ) -> None:
         ready = time.perf_counter()
         # The device works on one batch at a time: count this batch from when it could start on it.
         self.metrics.stage_seconds.labels("inference").observe(ready - max(started, self._device_free_at))
         self._device_free_at = ready
-        for item, vector in zip(items, vectors, strict=True):
-            self.publisher.embedding(item.record, item.request, vector)
+        for index, (item, vector) in enumerate(zip(items, vectors, strict=True)):
+            named = self.heads.named(scores[index]) if self.heads is not None and scores is not None else None
+            self.publisher.embedding(item.record, item.request, vector, named)
         self.metrics.embedded.inc(len(items))
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - ready)
 

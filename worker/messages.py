@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,9 +131,10 @@ def encode_embedding(
     source: Source,
     forward_image: bool,
     dtype: str = "float32",
+    scores: Mapping[str, float] | None = None,
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
-    :data:`EMBEDDING_DTYPES`) plus its context."""
+    :data:`EMBEDDING_DTYPES`) plus its context, and the ``scores`` of the heads run on it, if any."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -145,6 +147,8 @@ def encode_embedding(
         "meta": request.meta,
         "source": source.as_dict(),
     }
+    if scores:
+        payload["scores"] = dict(scores)
     if forward_image:
         payload["image"] = request.image
     packed: bytes = msgpack.packb(payload, use_bin_type=True)

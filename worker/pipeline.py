@@ -39,6 +39,7 @@ from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, Unreada
 from worker.kafka_io.salvage import salvage_batch
 from worker.messages import Headers, Source
 from worker.metrics import HealthState, WorkerMetrics
+from worker.models.heads import ScoreHeads
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
 from worker.publisher import Publisher
@@ -105,6 +106,7 @@ class Pipeline:
         decode_workers: int,
         limits: TopicLimits | None = None,
         gpu: GpuCollector | None = None,
+        heads: ScoreHeads | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -123,7 +125,7 @@ class Pipeline:
         )
         self.intake = IntakeStage(image_limits, preprocessing, decode_workers, metrics)
         self.publisher = Publisher(settings, delivery, tracker, metrics, embedder.label, limits)
-        self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits)
+        self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits, heads)
         self.observer = Observer(consumer, tracker, metrics, settings.progress_interval_s, gpu)
         self._listener = _RebalanceListener(tracker, delivery, metrics, health)
         self._closed_batches: deque[Batch[ReadyImage]] = deque()

@@ -21,6 +21,9 @@ class StubPending:
     def result(self) -> np.ndarray:
         return np.full((self._count, DIM), 0.5, np.float32)
 
+    def scores(self) -> np.ndarray | None:
+        return None
+
 
 class StubEmbedder:
     """What the pipeline needs of :class:`worker.embedder.Embedder`, and nothing more."""
@@ -34,11 +37,11 @@ class StubEmbedder:
     def __init__(self) -> None:
         self.images = 0
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> StubPending:
+    def launch(self, pixels: np.ndarray | Sequence[np.ndarray], heads: object = None) -> StubPending:
         self.images += len(pixels)
         return StubPending(len(pixels))
 
-    def launch_decoded(self, pixels: Sequence[np.ndarray]) -> StubPending:
+    def launch_decoded(self, pixels: Sequence[np.ndarray], heads: object = None) -> StubPending:
         return self.launch(pixels)
 
     def release_cached_memory(self) -> None:
