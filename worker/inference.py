@@ -163,7 +163,8 @@ class InferenceStage:
         except Exception as exc:  # an asynchronous device error surfaces here, not at launch
             self._recover(launched.items, exc, launched.retry)
             return
-        self._publish(launched.items, vectors, launched.pending.scores(), launched.started)
+        scores = launched.pending.scores() if self.heads is not None else None
+        self._publish(launched.items, vectors, scores, launched.started)
 
     def _embed_now(self, items: list[ReadyImage], retry: bool) -> None:
         """Embed and publish synchronously: the path of retries and split halves."""
