@@ -315,3 +315,18 @@ def test_reference_is_not_the_identity():
         {k: v.double().numpy() for k, v in random_state("aesthetic", 2).items()}, embeddings
     )
     assert np.abs(first - second).max() > 0.01
+
+
+def test_the_run_command_refuses_a_head_for_another_model_before_any_broker(
+    tiny_clip_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    from worker.cli import main
+    from worker.errors import ExitCode
+
+    monkeypatch.setattr("worker.cli.configure_logging", lambda *_args: None)
+    argv = ["run", "--model", str(tiny_clip_dir), "--device", "cpu", "--score", "nsfw", "--random-weights"]
+    argv += ["--metrics-port", "0", "--bootstrap-servers", "127.0.0.1:9", "--connect-timeout-s", "1"]
+    assert main(argv) == ExitCode.STARTUP
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("clip-worker: error: --score nsfw: the nsfw head was trained on ")
+    assert "use --model openai/clip-vit-large-patch14" in line
