@@ -330,3 +330,12 @@ def test_the_run_command_refuses_a_head_for_another_model_before_any_broker(
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("clip-worker: error: --score nsfw: the nsfw head was trained on ")
     assert "use --model openai/clip-vit-large-patch14" in line
+
+
+def test_a_missing_nsfw_topic_stops_start_up_naming_its_flag():
+    from worker.kafka_io import check_output_topics
+
+    config = load_settings({"output_topic": "out", "score": "nsfw", "route_nsfw_above": 0.5}, environ={})
+    check_output_topics(FakeProducer(), config)
+    with pytest.raises(StartupError, match=r"topic 'out.nsfw' does not exist .*fix --nsfw-topic"):
+        check_output_topics(FakeProducer(missing_topics={"out.nsfw"}), config)
