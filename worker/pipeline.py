@@ -33,6 +33,7 @@ from worker.errors import (
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits
 from worker.inference import InferenceStage
+from worker.inputs.select import build_handlers
 from worker.intake import IntakeStage, ReadyImage, Rejected
 from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition
 from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, UnreadableRecordError
@@ -123,7 +124,9 @@ class Pipeline:
             jpeg_draft=settings.jpeg_draft,
             decode=settings.decode,
         )
-        self.intake = IntakeStage(image_limits, preprocessing, decode_workers, metrics)
+        self.intake = IntakeStage(
+            build_handlers(settings, image_limits, preprocessing, decode_workers, metrics)
+        )
         self.publisher = Publisher(settings, delivery, tracker, metrics, embedder.label, limits)
         self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits, heads)
         self.observer = Observer(consumer, tracker, metrics, settings.progress_interval_s, gpu)

@@ -26,7 +26,7 @@ from worker.messages import (
     KEY_TRUNCATED_HEADER,
     NULL_VALUE_HEADER,
     VALUE_OMITTED_HEADER,
-    ImageRequest,
+    Request,
     dlq_headers,
     encode_embedding,
 )
@@ -72,7 +72,7 @@ class Publisher:
     def embedding(
         self,
         record: InputRecord,
-        request: ImageRequest,
+        request: Request,
         vector: np.ndarray,
         scores: Mapping[str, float] | None = None,
     ) -> None:

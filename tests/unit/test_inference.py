@@ -10,7 +10,7 @@ from worker.batcher import Batch, CloseCause
 from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
 from worker.intake import ReadyImage
-from worker.messages import ImageRequest, Source
+from worker.messages import Request, Source
 from worker.metrics import WorkerMetrics
 from worker.work import InputRecord
 
@@ -54,7 +54,7 @@ class RecordingPublisher:
         self.dead: list[str] = []
 
     def embedding(
-        self, record: InputRecord, request: ImageRequest, vector: np.ndarray, scores: object = None
+        self, record: InputRecord, request: Request, vector: np.ndarray, scores: object = None
     ) -> None:
         self.published.append((request.id, float(vector[0])))
 
@@ -70,7 +70,7 @@ def batch(number: int, size: int = 2) -> Batch[ReadyImage]:
             Source("in", 0, number * 10 + index), name.encode(), b"", [], 0, time.monotonic()
         )
         pixels = np.full((3, 4, 4), number, np.float32)
-        items.append(ReadyImage(record, ImageRequest(name, b""), pixels))
+        items.append(ReadyImage(record, Request(name, b""), pixels))
     return Batch(items, CloseCause.SIZE)
 
 

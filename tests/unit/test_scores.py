@@ -25,7 +25,7 @@ from worker.config import SCORE_NAMES, Settings, load_settings
 from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.embedder import Embedder
 from worker.errors import ModelLoadError, StartupError
-from worker.messages import ImageRequest, Source, decode_embedding
+from worker.messages import Request, Source, decode_embedding
 from worker.metrics import WorkerMetrics
 from worker.models.checkpoint import RANDOM_PREFIX, ModelSpec
 from worker.models.heads import HEADS, ScoreHeads, check_trained_on, load_head
@@ -275,7 +275,7 @@ def test_outputs_over_the_threshold_go_to_the_nsfw_topic_and_are_acknowledged(ex
         if isinstance(delivery, ExactlyOnce):
             delivery.transactions.expect(record.partition, offset)
         publisher.embedding(
-            record, ImageRequest(id=f"r{offset}", image=b"x"), vector, {"nsfw": nsfw, "aesthetic": 5.0}
+            record, Request(id=f"r{offset}", image=b"x"), vector, {"nsfw": nsfw, "aesthetic": 5.0}
         )
     values_sent = [sent.value for sent in producer.sent if sent.value is not None]
     assert len(values_sent) == len(producer.sent) == len(given)
@@ -300,7 +300,7 @@ def test_a_record_without_scores_has_no_scores_field():
         config, AtLeastOnce(producer, FakeConsumer(), tracker, metrics), tracker, metrics, "m"
     )
     record = InputRecord(Source("images", 0, 0), None, b"x", [], 0, 0.0)
-    publisher.embedding(record, ImageRequest(id="r", image=b"x"), np.full(4, 0.5, np.float32))
+    publisher.embedding(record, Request(id="r", image=b"x"), np.full(4, 0.5, np.float32))
     value = producer.sent[0].value
     assert value is not None and "scores" not in validate_msgpack(value, "image-embedding.schema.json")
 

@@ -294,7 +294,7 @@ def bench_baseline(
                 continue
             started = started or time.perf_counter()
             requests = [decode_request(r.value) for r in records]
-            pixels = np.stack([reference_pixels(processor, q.image) for q in requests])
+            pixels = np.stack([reference_pixels(processor, q.image or b"") for q in requests])
             vectors = embedder.embed(pixels)
             for record, request, vector in zip(records, requests, vectors, strict=True):
                 source = Source(record.topic, record.partition, record.offset)
