@@ -178,8 +178,8 @@ def load_head(name: str, spec: ModelSpec, flag: str) -> LoadedHead:
     state = _read_state_dict(name, path, flag)
     missing, unexpected = _key_mismatch(head, state)
     if missing or unexpected:
-        parts = [f"{len(keys)} {what} key(s) such as {keys[0]}" for what, keys in (("missing", missing),
-                 ("unexpected", unexpected)) if keys]  # fmt: skip
+        mismatched = (("missing", missing), ("unexpected", unexpected))
+        parts = [f"{len(keys)} {what} key(s) such as {keys[0]}" for what, keys in mismatched if keys]
         raise ModelLoadError(f"{path} is not a {name} head's state dict ({', '.join(parts)}); check {flag}")
     try:
         head.load_state_dict(state)
