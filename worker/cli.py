@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import SecretStr
 
@@ -44,6 +44,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, fields: Iterable[str
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(info.annotation) is tuple:
+            # Repeatable, each a name or a comma list: settings validate and merge them.
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "NAME[,NAME]"
         else:
             choices = _literal_choices(info.annotation)
             if choices:
@@ -61,7 +65,7 @@ def _literal_choices(annotation: Any) -> list[str] | None:
 
 
 def _show_default(value: Any) -> str:
-    if isinstance(value, SecretStr) or value is None:
+    if isinstance(value, SecretStr) or value in (None, ()):
         return "unset"
     return str(value)
 

@@ -23,6 +23,7 @@ from worker.device_resize import preprocess_on_device
 from worker.errors import ModelLoadError, StartupError
 from worker.images import Preprocessing
 from worker.models import RANDOM_PREFIX, ModelFamily, ModelSpec, family_of_model, select_family
+from worker.models.heads import ScoreHeads
 from worker.models.text import TextTower, TokenizedText, stack
 
 __all__ = ["RANDOM_PREFIX", "Embedder", "ModelSpec", "PendingEmbeddings", "load_embedder"]
@@ -100,9 +101,12 @@ class PendingEmbeddings:
     queue the next batch before it waits for this one; on a CPU the vectors are ready at once.
     """
 
-    def __init__(self, vectors: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+    def __init__(
+        self, vectors: torch.Tensor, ready: torch.cuda.Event | None, scores: torch.Tensor | None = None
+    ) -> None:
         self._vectors = vectors
         self._ready = ready
+        self._scores = scores
 
     def result(self) -> np.ndarray:
         """The ``(N, dim)`` float32 unit vectors, once the device has produced them."""
@@ -110,6 +114,11 @@ class PendingEmbeddings:
             self._ready.synchronize()
         vectors: np.ndarray = self._vectors.numpy()
         return vectors
+
+    def scores(self) -> np.ndarray | None:
+        """The ``(N, heads)`` float32 scores of the heads launched with the batch (None without heads), once
+        :meth:`result` has returned."""
+        return None if self._scores is None else self._scores.numpy()
 
 
 class Embedder:
@@ -186,25 +195,30 @@ class Embedder:
         device), preprocessing them on the device."""
         return self.launch_decoded(images).result()
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
+    def launch(
+        self, pixels: np.ndarray | Sequence[np.ndarray], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         """Queue :meth:`embed`'s work on the device and return without waiting for it (on a CPU the work is
         done by the time this returns). ``pixels`` is a batch or a list of ``(3, H, W)`` images, which on a
-        GPU are stacked straight into the pinned buffer (one host copy instead of two)."""
+        GPU are stacked straight into the pinned buffer (one host copy instead of two). ``heads`` score the
+        batch's embeddings in the same pass (see :meth:`PendingEmbeddings.scores`)."""
         with self._lock, torch.inference_mode(), self.on_own_stream():
             if self._stream is None:
                 batch = pixels if isinstance(pixels, np.ndarray) else np.stack(list(pixels))
-                return self._forward(torch.from_numpy(batch))
+                return self._forward(torch.from_numpy(batch), heads)
             # GPU: copy through a reused pinned buffer, so the host-to-device copy is asynchronous.
             pinned = self._pin(pixels)
             on_device = pinned.to(self.device, non_blocking=True)
             self._pinned_copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._pinned_copied.record(self._stream)
-            return self._forward(on_device)
+            return self._forward(on_device, heads)
 
-    def launch_decoded(self, images: Sequence[np.ndarray | torch.Tensor]) -> PendingEmbeddings:
+    def launch_decoded(
+        self, images: Sequence[np.ndarray | torch.Tensor], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         """Queue :meth:`embed_decoded`'s work on the device and return without waiting for it."""
         with self._lock, torch.inference_mode(), self.on_own_stream():
-            return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
+            return self._forward(preprocess_on_device(images, self.preprocessing, self.device), heads)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts with the text tower; returns ``(N, dim)`` float32 unit vectors."""
@@ -254,18 +268,21 @@ class Embedder:
             raise
         return torch.nn.functional.normalize(output[:count].float(), dim=-1)
 
-    def _forward(self, batch: torch.Tensor) -> PendingEmbeddings:
-        return self._read_back(self.features(batch))
+    def _forward(self, batch: torch.Tensor, heads: ScoreHeads | None = None) -> PendingEmbeddings:
+        features = self.features(batch)
+        # The heads read the float32 unit vectors where they are: one call per batch, on the device.
+        scores = heads(features) if heads is not None else None
+        return self._read_back(features, scores)
 
-    def _read_back(self, features: torch.Tensor) -> PendingEmbeddings:
+    def _read_back(self, features: torch.Tensor, scores: torch.Tensor | None = None) -> PendingEmbeddings:
         if self._stream is None:
-            return PendingEmbeddings(features, None)
+            return PendingEmbeddings(features, None, scores)
         # Read back into pinned memory without waiting; the event says when the vectors are there.
-        host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-        host.copy_(features, non_blocking=True)
+        host = _to_pinned(features)
+        host_scores = _to_pinned(scores) if scores is not None else None
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record(self._stream)
-        return PendingEmbeddings(host, ready)
+        return PendingEmbeddings(host, ready, host_scores)
 
     def compile(self, mode: str, batch_size: int) -> float:
         """Compile the forward pass (``mode`` is a key of :data:`COMPILE_OPTIONS`) for ``batch_size`` images.
@@ -398,6 +415,13 @@ def _load_text(
     parameters = sum(p.numel() for p in model.parameters())
     log.info("text tower loaded (%.1fM parameters, %d tokens per text)", parameters / 1e6, tower.length)
     return replace(tower, model=model)
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy of a device tensor into new pinned host memory (ready once the stream is)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _cudagraph_skips() -> int:

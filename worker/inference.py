@@ -30,6 +30,7 @@ from worker.errors import RejectedRecord, RejectReason
 from worker.images import ImageLimits, Preprocessing
 from worker.intake import Ready, ReadyImage, ReadyText
 from worker.metrics import WorkerMetrics
+from worker.models.heads import ScoreHeads
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class InferenceStage:
         metrics: WorkerMetrics,
         preprocessing: Preprocessing,
         limits: ImageLimits,
+        heads: ScoreHeads | None = None,
     ) -> None:
         self.embedder = embedder
+        self.heads = heads
         self.publisher = publisher
         self.metrics = metrics
         self._on_device = preprocessing.resize == "device"
@@ -163,7 +166,8 @@ class InferenceStage:
         except Exception as exc:  # an asynchronous device error surfaces here, not at launch
             self._recover(launched.items, exc, launched.retry)
             return
-        self._publish(launched.items, vectors, launched.started)
+        scores = launched.pending.scores() if self.heads is not None else None
+        self._publish(launched.items, vectors, scores, launched.started)
 
     def _embed_now(self, items: list[Ready], retry: bool) -> None:
         """Embed and publish synchronously: the path of retries and split halves."""
@@ -178,10 +182,10 @@ class InferenceStage:
         if texts:
             return self.embedder.launch_texts(texts)
         if pixels is not None:
-            return self.embedder.launch_decoded(pixels)
+            return self.embedder.launch_decoded(pixels, self.heads)
         if self._on_device:
-            return self.embedder.launch_decoded([_host_pixels(item) for item in items])
-        return self.embedder.launch([_host_pixels(item) for item in items])
+            return self.embedder.launch_decoded([_host_pixels(item) for item in items], self.heads)
+        return self.embedder.launch([_host_pixels(item) for item in items], self.heads)
 
     def _recover(self, items: list[Ready], exc: Exception, retry: bool) -> None:
         """Retry once, then split in halves to isolate the item that fails; out of memory splits at once."""
@@ -200,14 +204,18 @@ class InferenceStage:
             message = f"inference failed: {type(exc).__name__}: {exc}"
             self.publisher.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
 
-    def _publish(self, items: list[Ready], vectors: np.ndarray, started: float) -> None:
+    def _publish(
+        self, items: list[Ready], vectors: np.ndarray, scores: np.ndarray | None, started: float
+    ) -> None:
         ready = time.perf_counter()
         metrics = self.metrics.of(items[0].modality)
         # The device works on one batch at a time: count this batch from when it could start on it.
         metrics.stage("inference").observe(ready - max(started, self._device_free_at))
         self._device_free_at = ready
-        for item, vector in zip(items, vectors, strict=True):
-            self.publisher.embedding(item.record, item.request, vector)
+        # A batch of texts has no scores: the heads score image embeddings.
+        for index, (item, vector) in enumerate(zip(items, vectors, strict=True)):
+            named = self.heads.named(scores[index]) if self.heads is not None and scores is not None else None
+            self.publisher.embedding(item.record, item.request, vector, named)
         metrics.embedded.inc(len(items))
         metrics.stage("publish").observe(time.perf_counter() - ready)
 

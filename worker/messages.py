@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,10 +206,12 @@ def encode_embedding(
     source: Source,
     forward_image: bool,
     dtype: str = "float32",
+    scores: Mapping[str, float] | None = None,
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
-    :data:`EMBEDDING_DTYPES`) plus its context. ``kind`` says which tower embedded it; a text is not echoed
-    (the request's ``meta``, which is, can carry it)."""
+    :data:`EMBEDDING_DTYPES`) plus its context, and the ``scores`` of the heads run on it, if any.
+    ``kind`` says which tower embedded it; a text is not echoed (the request's ``meta``, which is, can carry
+    it)."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -222,6 +225,8 @@ def encode_embedding(
         "source": source.as_dict(),
         "kind": request.kind.modality.value,
     }
+    if scores:
+        payload["scores"] = dict(scores)
     if forward_image and request.image is not None:
         payload["image"] = request.image
     packed: bytes = msgpack.packb(payload, use_bin_type=True)

@@ -45,6 +45,11 @@ class WorkerMetrics:
         self.published = Counter(
             "clip_worker_records_published", "Output records acknowledged by the broker", registry=r
         )
+        self.nsfw_routed = Counter(
+            "clip_worker_nsfw_routed",
+            "Output records acknowledged on the NSFW topic (--route-nsfw-above); also counted as published",
+            registry=r,
+        )
         self.dlq = Counter(
             "clip_worker_dlq_records",
             "Records sent to the dead-letter topic, by reason",

@@ -40,6 +40,7 @@ from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, Unreada
 from worker.kafka_io.salvage import salvage_batch
 from worker.messages import Headers, Modality, Source
 from worker.metrics import HealthState, WorkerMetrics
+from worker.models.heads import ScoreHeads
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
 from worker.publisher import Publisher
@@ -106,6 +107,7 @@ class Pipeline:
         decode_workers: int,
         limits: TopicLimits | None = None,
         gpu: GpuCollector | None = None,
+        heads: ScoreHeads | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -129,7 +131,7 @@ class Pipeline:
             build_handlers(settings, image_limits, preprocessing, decode_workers, metrics, embedder.text)
         )
         self.publisher = Publisher(settings, delivery, tracker, metrics, embedder.label, limits)
-        self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits)
+        self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits, heads)
         self.observer = Observer(consumer, tracker, metrics, settings.progress_interval_s, gpu)
         self._listener = _RebalanceListener(tracker, delivery, metrics, health)
         self._closed_batches: deque[Batch[Ready]] = deque()

@@ -274,3 +274,28 @@ def test_texts_on_cuda_interleaved_with_cuda_graph_image_batches(tiny_clip_dir, 
     image_cosine = min(cosine(images_before, eager_images), cosine(images_after, eager_images))
     print(f"FIGURES texts on cuda bf16 vs cpu fp32: min cosine {text_cosine:.6f}; images {image_cosine:.6f}")
     assert text_cosine >= 0.99 and image_cosine >= 0.999
+
+
+def test_scores_read_back_with_their_own_batch_when_batches_are_in_flight(
+    tiny_clip_768_embedder, tmp_path, pixels
+):
+    from tests.support.score_heads import REFERENCES, load_state, save_random_heads
+    from worker.config import load_settings
+    from worker.scores import load_score_heads
+
+    embedder = load_embedder(ModelSpec(model=tiny_clip_768_embedder.label, device="cuda"))
+    locations = save_random_heads(tmp_path)
+    asked = {"score": "aesthetic,nsfw", "aesthetic_head": str(locations["aesthetic"])}
+    heads = load_score_heads(
+        load_settings({**asked, "nsfw_head": str(locations["nsfw"])}, environ={}), embedder
+    )
+    assert heads is not None
+    first, second = embedder.launch(pixels[:12], heads), embedder.launch(pixels[12:], heads)
+    vectors = np.concatenate([first.result(), second.result()])
+    scores = np.concatenate([first.scores(), second.scores()])
+    worst = 0.0
+    for column, name in enumerate(heads.names):
+        expected = REFERENCES[name](load_state(locations[name]), vectors)
+        worst = max(worst, float(np.abs(scores[:, column] - expected).max()))
+    print(f"FIGURES scores on cuda vs numpy reference on the read-back vectors: max abs diff {worst:.2e}")
+    assert worst < 1e-4

@@ -37,6 +37,9 @@ def stub_tokenizer(texts: list[str], **options: Any) -> dict[str, np.ndarray]:
     ids[:, 0] = [len(text) for text in texts]
     return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
 
+    def scores(self) -> np.ndarray | None:
+        return None
+
 
 class StubEmbedder:
     """What the pipeline needs of :class:`worker.embedder.Embedder`, and nothing more."""
@@ -54,12 +57,12 @@ class StubEmbedder:
         if texts:
             self.text = TextTower(None, stub_tokenizer, STUB_TEXT_LENGTH, lambda *_: torch.zeros(0))
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> StubPending:
+    def launch(self, pixels: np.ndarray | Sequence[np.ndarray], heads: object = None) -> StubPending:
         self.images += len(pixels)
         self.batches.append(("image", len(pixels)))
         return StubPending(len(pixels))
 
-    def launch_decoded(self, pixels: Sequence[np.ndarray]) -> StubPending:
+    def launch_decoded(self, pixels: Sequence[np.ndarray], heads: object = None) -> StubPending:
         return self.launch(pixels)
 
     def launch_texts(self, texts: Sequence[TokenizedText]) -> StubPending:

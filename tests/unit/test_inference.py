@@ -26,7 +26,7 @@ class RecordingEmbedder:
         self.fail_batches = fail_batches
         self.first_result_allowed = threading.Event()  # holds batch 1's result until the test allows it
 
-    def launch(self, pixels: list[np.ndarray]) -> "RecordingPending":
+    def launch(self, pixels: list[np.ndarray], heads: object = None) -> "RecordingPending":
         batch = int(pixels[0][0, 0, 0])
         self.events.append(("launch", batch))
         return RecordingPending(self, batch, len(pixels))
@@ -53,7 +53,9 @@ class RecordingPublisher:
         self.published: list[tuple[str, float]] = []
         self.dead: list[str] = []
 
-    def embedding(self, record: InputRecord, request: Request, vector: np.ndarray) -> None:
+    def embedding(
+        self, record: InputRecord, request: Request, vector: np.ndarray, scores: object = None
+    ) -> None:
         self.published.append((request.id, float(vector[0])))
 
     def reject(self, record: InputRecord, rejection: object) -> None:

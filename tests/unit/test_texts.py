@@ -123,7 +123,10 @@ class Recorder:
         self.published: list[str] = []
         self.dead: list[tuple[str, str]] = []
 
-    def embedding(self, record: InputRecord, request: Request, vector: np.ndarray) -> None:
+    def embedding(
+        self, record: InputRecord, request: Request, vector: np.ndarray, scores: object = None
+    ) -> None:
+        assert scores is None, "texts are not scored"
         self.published.append(request.id)
 
     def reject(self, record: InputRecord, rejection: object) -> None:

@@ -23,6 +23,7 @@ def build_tiny_clip(
     hidden_act: str = "quick_gelu",
     image_mean: tuple[float, float, float] | None = None,
     image_std: tuple[float, float, float] | None = None,
+    projection_dim: int = TINY_DIM,
 ) -> Path:
     """Save a full CLIPModel (text + vision towers), its image processor config and a tiny CLIP tokenizer
     (see :func:`tiny_clip_tokenizer`) to ``directory``.
@@ -30,7 +31,8 @@ def build_tiny_clip(
     ``projection_dim`` is set at the top level and in the vision sub-config, as real checkpoints have it.
     ``image_size=224, patch_size=32`` gives a model that is cheap to run but preprocesses like ViT-L/14.
     OpenCLIP checkpoints in transformers format are CLIPModels too, with ``hidden_act="gelu"`` and
-    sometimes their own mean and std: those arguments build one.
+    sometimes their own mean and std: those arguments build one. ``projection_dim=768`` gives ViT-L/14's
+    embedding size (what the score heads were trained on) at a tiny model's cost.
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -46,7 +48,7 @@ def build_tiny_clip(
         "num_attention_heads": 2,
         "vocab_size": 128,
         "max_position_embeddings": TINY_TEXT_LENGTH,
-        "projection_dim": TINY_DIM,
+        "projection_dim": projection_dim,
     }
     vision = {
         "hidden_size": 32,
@@ -55,10 +57,10 @@ def build_tiny_clip(
         "num_attention_heads": 2,
         "image_size": image_size,
         "patch_size": patch_size,
-        "projection_dim": TINY_DIM,
+        "projection_dim": projection_dim,
         "hidden_act": hidden_act,
     }
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_DIM)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
     torch.manual_seed(1234)
     model = CLIPModel(config).eval()
     directory.mkdir(parents=True, exist_ok=True)
