@@ -10,6 +10,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+import torch
 
 from tests.support.schemas import validate_msgpack
 from tests.support.stub_embedder import IMAGE_VALUE, TEXT_VALUE, StubEmbedder, StubPending
@@ -172,3 +173,27 @@ def test_texts_is_a_flag_and_an_environment_variable():
     assert not load_settings({}, environ={}).texts
     with pytest.raises(StartupError, match="--texts / CLIP_WORKER_TEXTS"):
         load_settings({}, environ={"CLIP_WORKER_TEXTS": "perhaps"})
+
+
+def test_a_text_the_tokenizer_fails_on_is_rejected_alone():
+    from tests.support.stub_embedder import STUB_TEXT_LENGTH, stub_tokenizer
+    from worker.errors import RejectedRecord
+    from worker.inputs.text import TextTokenizer
+    from worker.models.text import TextTower
+
+    def picky(texts: list[str], **options: Any) -> dict[str, np.ndarray]:
+        if "\x00" in "".join(texts):
+            raise ValueError("cannot tokenise NUL")
+        return stub_tokenizer(texts, **options)
+
+    tower = TextTower(None, picky, STUB_TEXT_LENGTH, lambda *_: torch.zeros(0))
+    handler = TextTokenizer(tower, WorkerMetrics())
+    try:
+        slots = handler.submit(
+            [Request(f"t{i}", text=text) for i, text in enumerate(["ok", "bad\x00", "fine"])]
+        )
+        results = [slot.future.result(timeout=5)[slot.index] for slot in slots]
+    finally:
+        handler.shutdown()
+    assert isinstance(results[0], TokenizedText) and isinstance(results[2], TokenizedText)
+    assert isinstance(results[1], RejectedRecord) and results[1].reason.value == "inference_failed"
