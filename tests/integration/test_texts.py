@@ -68,6 +68,8 @@ def reference_vectors(directory: Path, model_class: str, texts: list[str]) -> np
     processor = transformers.AutoProcessor.from_pretrained(directory)
     model = getattr(transformers, model_class).from_pretrained(directory).eval()
     inputs = processor(text=texts, return_tensors="pt", **REFERENCE_OPTIONS[model_class])
+    if model_class == "SiglipModel":  # trained without an attention mask (see worker/models/siglip.py)
+        inputs = {"input_ids": inputs["input_ids"]}
     with torch.inference_mode():
         features = model.get_text_features(**inputs).pooler_output
     vectors: np.ndarray = torch.nn.functional.normalize(features, dim=-1).numpy()

@@ -51,15 +51,18 @@ class Family:
     # longest, truncated to the context); SigLIP's as it was trained and as transformers' zero-shot pipeline
     # calls it (padding="max_length", 64 on published checkpoints, the tiny tower's 16 here).
     reference_options: dict[str, Any]
+    # Whether the model takes the tokenizer's attention mask: SigLIP was trained without one.
+    takes_mask: bool
 
 
 FAMILIES = [
-    Family("CLIP", build_tiny_clip, "CLIPModel", {"padding": True, "truncation": True}),
+    Family("CLIP", build_tiny_clip, "CLIPModel", {"padding": True, "truncation": True}, takes_mask=True),
     Family(
         "SigLIP",
         build_tiny_siglip,
         "SiglipModel",
         {"padding": "max_length", "max_length": TINY_SIGLIP_TEXT_LENGTH, "truncation": True},
+        takes_mask=False,
     ),
 ]
 
@@ -90,8 +93,11 @@ def reference_vectors(loaded: Loaded, texts: list[str]) -> np.ndarray:
     import transformers
 
     model = getattr(transformers, loaded.family.model).from_pretrained(loaded.directory).eval()
+    inputs = reference_inputs(loaded, texts)
+    if not loaded.family.takes_mask:
+        inputs = {"input_ids": inputs["input_ids"]}
     with torch.inference_mode():
-        features = model.get_text_features(**reference_inputs(loaded, texts)).pooler_output
+        features = model.get_text_features(**inputs).pooler_output
     vectors: np.ndarray = torch.nn.functional.normalize(features, dim=-1).numpy()
     return vectors
 
@@ -216,3 +222,30 @@ def test_texts_and_images_through_the_loop_on_each_image_path(loaded: Loaded, re
     ours = np.stack([outputs[i]["embedding"] for i in ids])
     assert float(np.abs(ours - loaded.embedder.embed_texts(TEXTS)).max()) <= 1e-6
     assert [outputs[f"img-{i}"]["kind"] for i in range(3)] == ["image"] * 3
+
+
+def test_siglip_text_vectors_ignore_the_tokenizers_attention_mask(tmp_path: Path):
+    """transformers 5's SigLIP tokenizer returns a mask; with it the vectors differ from how SigLIP was
+    trained. The worker's vectors are those of the ids alone."""
+    import transformers
+
+    directory = build_tiny_siglip(tmp_path / "siglip")
+    embedder = load_embedder(ModelSpec(model=str(directory), device="cpu", dtype="float32"), texts=True)
+    processor = transformers.AutoProcessor.from_pretrained(directory)
+    model = transformers.SiglipModel.from_pretrained(directory).eval()
+    inputs = processor(
+        text=["a dog", "a photo of a cat on a mat"],
+        return_tensors="pt",
+        padding="max_length",
+        max_length=TINY_SIGLIP_TEXT_LENGTH,
+        truncation=True,
+    )
+    with torch.inference_mode():
+        masked = model.get_text_features(**inputs).pooler_output
+        unmasked = model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+    assert float((masked - unmasked).abs().max()) > 1e-4, (
+        "the mask must matter for this test to mean anything"
+    )
+    ours = embedder.embed_texts(["a dog", "a photo of a cat on a mat"])
+    reference = torch.nn.functional.normalize(unmasked, dim=-1).numpy()
+    assert float(np.abs(ours - reference).max()) <= MAX_ABS_DIFF

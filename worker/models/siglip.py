@@ -129,7 +129,11 @@ class SiglipFamily(ModelFamily):
         return int(min(SIGLIP_TEXT_LENGTH, config.max_position_embeddings))
 
     def text_features(self, model: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        features: torch.Tensor = model(input_ids=ids, attention_mask=mask).pooler_output
+        # SigLIP was trained without an attention mask: every position, padding included, attends to every
+        # other (big_vision; transformers 4.x's tokenizer makes no mask). transformers 5's does, and passing
+        # it changes the vectors, so the tower gets the ids alone.
+        del mask
+        features: torch.Tensor = model(input_ids=ids).pooler_output
         return features
 
     def check_loaded(self, model: Any, spec: ModelSpec) -> None:
