@@ -11,11 +11,13 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import wait
 from dataclasses import dataclass
+from typing import ClassVar
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import Fetched, InputHandler, Prepared, Slot
+from worker.inputs.base import Fetched, InputHandler, Pixels, Slot
 from worker.inputs.select import ENABLE_HINTS
-from worker.messages import InputKind, Request, decode_request
+from worker.messages import InputKind, Modality, Request, decode_request
+from worker.models.text import TokenizedText
 from worker.work import InputRecord
 
 
@@ -25,8 +27,23 @@ class ReadyImage:
 
     record: InputRecord
     request: Request
-    pixels: Prepared
+    pixels: Pixels
     fetched: bytes | None = None  # the image as fetched by reference, kept only for --forward-image
+    modality: ClassVar[Modality] = Modality.IMAGE
+
+
+@dataclass
+class ReadyText:
+    """A tokenised text waiting for a batch of texts."""
+
+    record: InputRecord
+    request: Request
+    tokens: TokenizedText
+    modality: ClassVar[Modality] = Modality.TEXT
+
+
+# Work ready for a batch of its modality (batches never mix them).
+Ready = ReadyImage | ReadyText
 
 
 @dataclass
@@ -90,7 +107,7 @@ class IntakeStage:
         if self._preparing:
             wait([self._preparing[0].slot.future], timeout=timeout_s)
 
-    def collect(self, wait: bool) -> Iterator[ReadyImage | Rejected]:
+    def collect(self, wait: bool) -> Iterator[Ready | Rejected]:
         """The results ready now, in order (``wait``: every result, waiting for the handlers)."""
         while self._rejected:
             yield self._rejected.popleft()
@@ -107,6 +124,8 @@ class IntakeStage:
                 yield Rejected(item.record, RejectedRecord(RejectReason.CORRUPT_IMAGE, message))
             elif isinstance(prepared, Fetched):
                 yield ReadyImage(item.record, item.request, prepared.prepared, prepared.image)
+            elif isinstance(prepared, TokenizedText):
+                yield ReadyText(item.record, item.request, prepared)
             else:
                 yield ReadyImage(item.record, item.request, prepared)
 

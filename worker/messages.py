@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,12 +68,24 @@ class Source:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
+class Modality(enum.StrEnum):
+    """Which tower of the model embeds a request: the output record's ``kind``, a batch's, a metric's."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+
 class InputKind(enum.StrEnum):
     """What a request carries to embed: exactly one of these envelope fields, named by the value."""
 
     IMAGE = "image"  # the encoded image file itself (msgpack bin)
     URI = "uri"  # where to fetch the image from
     TEXT = "text"  # a text to embed with the model's text tower
+
+    @property
+    def modality(self) -> Modality:
+        """The tower that embeds a request of this kind (a fetched image is an image)."""
+        return Modality.TEXT if self is InputKind.TEXT else Modality.IMAGE
 
 
 @dataclass(frozen=True)
@@ -169,17 +182,24 @@ def _input_of(payload: dict[Any, Any]) -> tuple[InputKind, bytes | str]:
 
 def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = None) -> bytes:
     """Encode a request record value (used by ``clip-worker produce``, the demo and tests)."""
-    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "image": image}
-    if meta:
-        payload["meta"] = meta
-    packed: bytes = msgpack.packb(payload, use_bin_type=True)
-    return packed
+    return _encode_input(request_id, InputKind.IMAGE, image, meta)
 
 
 def encode_reference(request_id: str, uri: str, meta: dict[str, Any] | None = None) -> bytes:
     """Encode a request by reference: the image is fetched from ``uri`` (``clip-worker produce
     --by-reference``, tests)."""
-    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "uri": uri}
+    return _encode_input(request_id, InputKind.URI, uri, meta)
+
+
+def encode_text_request(request_id: str, text: str, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode a request record value that carries a text to embed."""
+    return _encode_input(request_id, InputKind.TEXT, text, meta)
+
+
+def _encode_input(
+    request_id: str, kind: InputKind, content: bytes | str, meta: dict[str, Any] | None
+) -> bytes:
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, kind.value: content}
     if meta:
         payload["meta"] = meta
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
@@ -193,12 +213,13 @@ def encode_embedding(
     source: Source,
     forward_image: bool,
     dtype: str = "float32",
+    scores: Mapping[str, float] | None = None,
     fetched: bytes | None = None,
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
-    :data:`EMBEDDING_DTYPES`) plus its context.
-
-    A ``uri`` request gets its ``uri`` back (credentials masked, see :func:`shown_uri`); with
+    :data:`EMBEDDING_DTYPES`) plus its context, and the ``scores`` of the heads run on it, if any.
+    ``kind`` says which tower embedded it; a text is not echoed (the request's ``meta``, which is, can carry
+    it). A ``uri`` request gets its ``uri`` back (credentials masked, see :func:`shown_uri`); with
     ``forward_image`` the record also carries the image: the request's own bytes, or ``fetched``, the bytes
     its ``uri`` was fetched as."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
@@ -212,7 +233,10 @@ def encode_embedding(
         "normalized": True,
         "meta": request.meta,
         "source": source.as_dict(),
+        "kind": request.kind.modality.value,
     }
+    if scores:
+        payload["scores"] = dict(scores)
     if request.uri is not None:
         payload["uri"] = shown_uri(request.uri)
     image = request.image if request.image is not None else fetched

@@ -9,7 +9,7 @@ import torch
 from worker.batcher import Batch, CloseCause
 from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
-from worker.intake import ReadyImage
+from worker.intake import Ready, ReadyImage
 from worker.messages import Request, Source
 from worker.metrics import WorkerMetrics
 from worker.work import InputRecord
@@ -26,7 +26,7 @@ class RecordingEmbedder:
         self.fail_batches = fail_batches
         self.first_result_allowed = threading.Event()  # holds batch 1's result until the test allows it
 
-    def launch(self, pixels: list[np.ndarray]) -> "RecordingPending":
+    def launch(self, pixels: list[np.ndarray], heads: object = None) -> "RecordingPending":
         batch = int(pixels[0][0, 0, 0])
         self.events.append(("launch", batch))
         return RecordingPending(self, batch, len(pixels))
@@ -54,7 +54,12 @@ class RecordingPublisher:
         self.dead: list[str] = []
 
     def embedding(
-        self, record: InputRecord, request: Request, vector: np.ndarray, fetched: bytes | None = None
+        self,
+        record: InputRecord,
+        request: Request,
+        vector: np.ndarray,
+        scores: object = None,
+        fetched: bytes | None = None,
     ) -> None:
         self.published.append((request.id, float(vector[0])))
 
@@ -62,8 +67,8 @@ class RecordingPublisher:
         self.dead.append(record.key.decode() if record.key else "")
 
 
-def batch(number: int, size: int = 2) -> Batch[ReadyImage]:
-    items = []
+def batch(number: int, size: int = 2) -> Batch[Ready]:
+    items: list[Ready] = []
     for index in range(size):
         name = f"b{number}-{index}"
         record = InputRecord(

@@ -9,7 +9,7 @@ import numpy as np
 
 from worker.errors import RejectReason
 from worker.inputs.base import Outcome, Slot
-from worker.intake import IntakeStage, ReadyImage, Rejected
+from worker.intake import IntakeStage, Ready, ReadyImage, Rejected
 from worker.messages import InputKind, Request, Source
 from worker.work import InputRecord
 
@@ -40,7 +40,7 @@ def record(offset: int, **fields: object) -> InputRecord:
     return InputRecord(Source("in", 0, offset), None, value, [], 0, 0.0)
 
 
-def ids(results: list[ReadyImage | Rejected]) -> list[str]:
+def ids(results: list[Ready | Rejected]) -> list[str]:
     return [f"r{result.record.source.offset}" for result in results]
 
 

@@ -10,16 +10,19 @@ import numpy as np
 
 from worker.images import EncodedJpeg
 from worker.messages import Request
+from worker.models.text import TokenizedText
 
-# What a handler makes of one request: model-ready pixels (or, with --decode device, a checked JPEG).
-Prepared = np.ndarray | EncodedJpeg
+# An image ready for its batch: model-ready pixels (or, with --decode device, a checked JPEG).
+Pixels = np.ndarray | EncodedJpeg
+# What a handler makes of one request: an image's pixels or a text's token ids.
+Prepared = Pixels | TokenizedText
 
 
 @dataclass(frozen=True)
 class Fetched:
     """A prepared image with the bytes it was fetched as: kept only for ``--forward-image``."""
 
-    prepared: Prepared
+    prepared: Pixels
     image: bytes
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from worker.fetching.fetcher import Fetcher
+from worker.images import EncodedJpeg
 from worker.inputs.base import Fetched, Outcome, Slot
 from worker.inputs.image_bytes import ImageDecoder
 from worker.messages import Request
@@ -43,6 +46,6 @@ class ImageFetcher:
             return [exc]
         [slot] = self._decoder.submit_images([data])
         result = slot.future.result()[slot.index]
-        if self._forward and not isinstance(result, Exception | Fetched):
+        if self._forward and isinstance(result, np.ndarray | EncodedJpeg):
             return [Fetched(result, data)]
         return [result]

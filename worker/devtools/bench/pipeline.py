@@ -275,7 +275,7 @@ def bench_baseline(
     corpus = work.corpus[:images] if images else work.corpus
     settings = fresh_settings(bootstrap, work)
     fill_backlog(settings, corpus)
-    processor = reference_processor(embedder.preprocessing)
+    processor = reference_processor(embedder)
     consumer = make_consumer(settings, max_poll_records=batch)
     producer = make_producer(settings)
     consumer.subscribe([settings.input_topic])
