@@ -109,6 +109,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fetch-concurrency", type=int, default=0, help="by-reference run: the worker's (0 = its default)"
     )
+    parser.add_argument(
+        "--reference-images",
+        type=int,
+        default=10_000,
+        help="reference-memory section: references in the backlog",
+    )
+    parser.add_argument(
+        "--reference-image-mb", type=float, default=5.0, help="reference-memory section: size of each image"
+    )
 
     parser.add_argument(
         "--image-widths",

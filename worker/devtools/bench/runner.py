@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from worker.config import Settings
 from worker.devtools.bench.args import E2E_RUNS
-from worker.devtools.bench.by_reference import bench_by_reference
+from worker.devtools.bench.by_reference import bench_by_reference, bench_reference_memory
 from worker.devtools.bench.fidelity import bench_dtype_fidelity, with_dtype
 from worker.devtools.bench.host_cost import HostCostWork, bench_host_cost
 from worker.devtools.bench.model import bench_copy, bench_model
@@ -192,6 +192,24 @@ def _model_sections(
         )
         stages = _EndToEnd(report, embedder, work, compiled, args, with_model_row="model" in sections)
         _with_broker(args.bootstrap_servers, lambda servers: stages.run(runs, servers))
+    if "reference-memory" in sections:
+        memory_work = Workload(
+            [], args.batch_size, decode_workers, args.resize or Settings.model_fields["resize"].default,
+            timeout_s=args.row_timeout,
+        )  # fmt: skip
+        _with_broker(
+            args.bootstrap_servers,
+            lambda servers: bench_reference_memory(
+                report,
+                embedder,
+                memory_work,
+                servers,
+                args.reference_images,
+                args.reference_image_mb,
+                args.max_in_flight,
+                args.fetch_concurrency,
+            ),
+        )
     if "soak" in sections:
         small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
         soak_work = Workload(
