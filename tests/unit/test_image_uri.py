@@ -3,7 +3,6 @@ decoded like inline images, in record order, with fetch and decode failures type
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -118,36 +117,6 @@ def test_fetches_run_concurrently_up_to_the_pool_size(origin):
     assert all(isinstance(r, ReadyImage) for r in results)
     assert origin.peak_serving == 4, "never more fetches at once than --fetch-concurrency"
     assert elapsed < 12 * 0.3, "fetches overlap"
-
-
-def test_fetch_threads_decode_no_more_images_at_once_than_the_decode_threads(origin, monkeypatch):
-    from worker import images
-    from worker.inputs import image_bytes
-
-    real_prepare = images.prepare
-    lock = threading.Lock()
-    now = peak = 0
-
-    def slow_prepare(data: bytes, limits: ImageLimits, params: Preprocessing) -> object:
-        nonlocal now, peak
-        with lock:
-            now += 1
-            peak = max(peak, now)
-        time.sleep(0.05)
-        try:
-            return real_prepare(data, limits, params)
-        finally:
-            with lock:
-                now -= 1
-
-    monkeypatch.setattr(image_bytes, "prepare", slow_prepare)
-    stage = intake(concurrency=8)  # 8 fetch threads, 2 decode threads
-    stage.submit([record(i, uri=origin.url(f"/o/{i % 4}.jpg")) for i in range(16)])
-    stage.submit([record(16 + i, image=JPEGS[i % 4]) for i in range(16)])
-    results = list(stage.collect(wait=True))
-    stage.shutdown()
-    assert len(results) == 32 and all(isinstance(r, ReadyImage) for r in results)
-    assert peak == 2, "fetched and inline images share the decoder's bound of 2 at once"
 
 
 def test_the_settings_enable_references_unless_no_scheme_is(tmp_path):

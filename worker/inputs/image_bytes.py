@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,8 +16,7 @@ _DECODE_CHUNK = 8
 class ImageDecoder:
     """Decodes and preprocesses image bytes on ``workers`` threads (PIL and torch release the GIL).
 
-    Also the second step of kinds that fetch their image first: :meth:`decode_one` runs on their threads,
-    within the same bound of ``workers`` images decoding at once.
+    Also the second step of kinds that fetch their image first: :meth:`decode_now` runs on their threads.
     """
 
     def __init__(
@@ -29,9 +27,6 @@ class ImageDecoder:
         self._workers = workers
         self._metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        # Shared by the pool's tasks and other kinds' threads, so decoding never takes more than `workers`
-        # threads, however many fetch threads have an image ready.
-        self._decoding = threading.BoundedSemaphore(workers)
 
     def submit(self, requests: list[Request]) -> list[Slot]:
         """Queue the requests' images for the decode threads."""
@@ -44,20 +39,9 @@ class ImageDecoder:
         slots: list[Slot] = []
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
-            future = self._pool.submit(self._decode_chunk, chunk)
+            future = self._pool.submit(self.decode_now, chunk)
             slots.extend(Slot(future, index) for index in range(len(chunk)))
         return slots
-
-    def decode_one(self, data: bytes) -> Outcome:
-        """Decode one image on the calling thread once a decoding turn is free (at most ``workers`` at
-        once): a fetch thread decodes its own image instead of handing it to the pool and waiting, which
-        saves two thread wake-ups and a future per image."""
-        with self._decoding:
-            return self.decode_now([data])[0]
-
-    def _decode_chunk(self, images: list[bytes]) -> list[Outcome]:
-        with self._decoding:
-            return self.decode_now(images)
 
     def decode_now(self, images: list[bytes]) -> list[Outcome]:
         """Decode on the calling thread; each image's result, or the exception that rejects it."""

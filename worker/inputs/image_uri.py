@@ -1,10 +1,9 @@
 """Requests that name their image by ``uri``: fetched on a bounded pool, then decoded like inline images.
 
-Each fetch thread fetches one image and decodes it itself, within the decoder's bound of images decoding
-at once (its decode-thread count), so fetching overlaps decoding and inference while at most
-``--fetch-concurrency`` fetched bodies are held at once, however far fetching runs ahead (decoded pixels
-are bounded by ``--max-in-flight``, as for inline images). With ``--forward-image`` the fetched bytes
-travel on to the output record.
+Each fetch thread fetches one image, hands the bytes to the shared decode pool and waits for its result,
+so fetching overlaps decoding and inference while at most ``--fetch-concurrency`` fetched bodies are held
+at once, however far fetching runs ahead (decoded pixels are bounded by ``--max-in-flight``, as for
+inline images). With ``--forward-image`` the fetched bytes travel on to the output record.
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ class ImageFetcher:
             data = self._fetcher.fetch(uri)
         except Exception as exc:  # a typed rejection (fetch_*, invalid_envelope), kept as this item's result
             return [exc]
-        result = self._decoder.decode_one(data)
+        [slot] = self._decoder.submit_images([data])
+        result = slot.future.result()[slot.index]
         if self._forward and isinstance(result, np.ndarray | EncodedJpeg):
             return [Fetched(result, data)]
         return [result]
