@@ -58,6 +58,7 @@ class InferenceStage:
         self.embedder = embedder
         self.publisher = publisher
         self.metrics = metrics
+        self._queue_wait_seconds = metrics.stage_seconds.labels("queue_wait")  # observed per image
         self._on_device = preprocessing.resize == "device"
         self._device_decoder = (
             DeviceJpegDecoder(embedder.device, limits) if preprocessing.decode == "device" else None
@@ -136,8 +137,9 @@ class InferenceStage:
         self.metrics.batch_closes.labels(batch.cause.value).inc()
         self.metrics.batch_size.observe(len(batch.items))
         now = time.monotonic()
+        observe = self._queue_wait_seconds.observe
         for item in batch.items:
-            self.metrics.stage_seconds.labels("queue_wait").observe(now - item.record.polled_at)
+            observe(now - item.record.polled_at)
         return self._start(batch.items, retry=True)
 
     def _start(self, items: list[ReadyImage], retry: bool) -> _Launched | None:

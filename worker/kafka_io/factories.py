@@ -15,6 +15,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from worker.config import Settings
 from worker.errors import BrokerUnavailableError, StartupError
 from worker.kafka_io.adapters import ConsumerAdapter, ProducerAdapter
+from worker.kafka_io.partitioner import KeyHashPartitioner
 from worker.kafka_io.types import Producer
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def producer_options(settings: Settings, smallest_topic_limit: int | None = None
         # against --max-message-bytes before they are sent.
         "max_request_size": 2 * settings.max_message_bytes,
         "batch_size": batch_bytes,
+        # The default partitioner's choice of partition, hashing keys without kafka-python's slow murmur2.
+        "partitioner": KeyHashPartitioner(),
         # Bounds how long a send (and the start-up topic check) waits for metadata of a missing topic.
         "max_block_ms": 15_000,
     }
