@@ -29,6 +29,14 @@ def tiny_embedder(tiny_clip_dir: Path) -> Embedder:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_768_embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
+    """A tiny random CLIP whose embeddings are 768-d like ViT-L/14's (what the score heads read), loaded
+    through the real loading code on the CPU."""
+    directory = build_tiny_clip(tmp_path_factory.mktemp("tiny-clip-768"), projection_dim=768)
+    return load_embedder(ModelSpec(model=str(directory), device="cpu"))
+
+
+@pytest.fixture(scope="session")
 def jar_kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A single KRaft node from the Apache Kafka jars (Maven Central) on loopback, engine or not."""
     from tests.support.kafka_broker import ApacheKafka

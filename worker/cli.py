@@ -1,11 +1,12 @@
-"""The ``clip-worker`` command: ``run``, ``produce``, ``tail``, ``fleet``, ``demo`` and ``bench``."""
+"""The ``clip-worker`` command: ``run``, ``produce``, ``tail``, ``query``, ``fleet``, ``demo``, ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import SecretStr
 
@@ -43,6 +44,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, fields: Iterable[str
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(info.annotation) is tuple:
+            # Repeatable, each a name or a comma list: settings validate and merge them.
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "NAME[,NAME]"
         else:
             choices = _literal_choices(info.annotation)
             if choices:
@@ -60,7 +65,7 @@ def _literal_choices(annotation: Any) -> list[str] | None:
 
 
 def _show_default(value: Any) -> str:
-    if isinstance(value, SecretStr) or value is None:
+    if isinstance(value, SecretStr) or value in (None, ()):
         return "unset"
     return str(value)
 
@@ -101,6 +106,15 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout_s,
         read_committed=args.read_committed,
     )
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from worker.query import query_text
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    print(json.dumps(query_text(settings, args.text, full=args.full)))
     return 0
 
 
@@ -155,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(tail, (*CONNECTION_FIELDS, "output_topic", "dlq_topic"))
     tail.set_defaults(handler=_cmd_tail)
+
+    query = commands.add_parser(
+        "query", help="print one text's embedding (the model's text tower) as JSON, without Kafka"
+    )
+    query.add_argument("text", help='the text to embed, e.g. "a photo of a dog"')
+    query.add_argument(
+        "--full", action="store_true", help="print the whole vector, not only its first values"
+    )
+    add_settings_arguments(query, (*MODEL_FIELDS, "log_level", "log_format"))
+    query.set_defaults(handler=_cmd_query)
 
     fleet = commands.add_parser(
         "fleet", help="N worker processes in one group on this host, each pinned to a device"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +18,14 @@ from worker.errors import StartupError
 
 ENV_PREFIX = "CLIP_WORKER_"
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+# The score heads --score runs (worker.models.heads has one per name) and where the aesthetic head's weights
+# are published on the hub (LAION's NSFW detector is published outside the hub: see --nsfw-head).
+ScoreName = Literal["aesthetic", "nsfw"]
+SCORE_NAMES: tuple[str, ...] = get_args(ScoreName)
+AESTHETIC_HEAD = "ttj/sac-logos-ava1-l14-linearMSE"
+NSFW_WEIGHTS_URL = (
+    "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/files/10250461/clip_autokeras_binary_nsfw.zip"
+)
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names.
 _TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -149,11 +157,42 @@ class Settings(BaseSettings):
         description="torch.compile the forward pass for the batch size (partial batches are padded): "
         "inductor = fused kernels; cuda-graphs = also replay it as one CUDA graph (GPU only)",
     )
+    texts: bool = Field(
+        False,
+        description="also embed requests that carry a text, with the model's text tower (loaded only with "
+        "this flag); without it they are dead-lettered as input_kind_disabled",
+    )
     forward_image: bool = Field(False, description="include the original image bytes in each output record")
     output_dtype: Literal["float32", "float16"] = Field(
         "float32",
         description="element type of the published embedding (the record's dtype says which); float16 "
         "halves the output topic",
+    )
+
+    # Scores from the same pass
+    score: tuple[ScoreName, ...] = Field(
+        (),
+        description="score heads run on each embedding in the same pass, repeatable or comma separated: "
+        "aesthetic (LAION aesthetic predictor, about 1-10), nsfw (LAION NSFW detector, 0-1); each adds "
+        "scores.<name> to the output record (CLIP ViT-L/14 embeddings only)",
+    )
+    aesthetic_head: str = Field(
+        AESTHETIC_HEAD, description="hub id, weight file or directory of the aesthetic head's weights"
+    )
+    nsfw_head: str | None = Field(
+        None,
+        description="weight file or directory (or hub id) of the NSFW head: the PyTorch port "
+        "clip_autokeras_binary_nsfw.pth, or the zip holding it, that LAION publishes on GitHub",
+    )
+    route_nsfw_above: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="send outputs whose nsfw score is above this to --nsfw-topic instead of --output-topic "
+        "(needs --score nsfw)",
+    )
+    nsfw_topic: str | None = Field(
+        None, description="topic of the outputs --route-nsfw-above routes (default: <output-topic>.nsfw)"
     )
 
     # Operations
@@ -186,12 +225,26 @@ class Settings(BaseSettings):
             raise ValueError("use auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @field_validator("input_topic", "output_topic", "dlq_topic", "nsfw_topic")
     @classmethod
-    def _check_topic(cls, value: str) -> str:
-        if not _TOPIC_PATTERN.match(value) or value in (".", ".."):
+    def _check_topic(cls, value: str | None) -> str | None:
+        if value is not None and not _is_topic_name(value):
             raise ValueError("a topic name is 1-249 characters of letters, digits, '.', '_' and '-'")
         return value
+
+    @field_validator("score", mode="before")
+    @classmethod
+    def _split_scores(cls, value: Any) -> Any:
+        # A comma list (the environment variable, or one flag) or several flags: one tuple without repeats.
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            return value
+        names = [name.strip() for item in value for name in str(item).split(",") if name.strip()]
+        unknown = [name for name in names if name not in SCORE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown score {unknown[0]!r}; choose from {', '.join(SCORE_NAMES)}")
+        return tuple(dict.fromkeys(names))
 
     @field_validator("group_id", "client_id")
     @classmethod
@@ -258,6 +311,37 @@ class Settings(BaseSettings):
             raise ValueError("--jpeg-draft applies to host decoding: drop it or use --decode pil")
         return self
 
+    @model_validator(mode="after")
+    def _check_scores(self) -> Settings:
+        if self.route_nsfw_above is not None and "nsfw" not in self.score:
+            raise ValueError("--route-nsfw-above routes by the nsfw score: add --score nsfw")
+        if self.nsfw_topic is not None and self.route_nsfw_above is None:
+            raise ValueError("--nsfw-topic only applies with --route-nsfw-above; add it or drop the topic")
+        routed = self.nsfw_output_topic
+        if routed is not None:
+            if not _is_topic_name(routed):
+                raise ValueError(f"the NSFW topic {routed!r} is not a valid topic name; set --nsfw-topic")
+            if routed in (self.input_topic, self.output_topic, self.dlq_topic):
+                raise ValueError(
+                    f"the NSFW topic {routed!r} must differ from the input, output and DLQ topics"
+                )
+        return self
+
+    @property
+    def nsfw_output_topic(self) -> str | None:
+        """Where ``--route-nsfw-above`` sends outputs (``--nsfw-topic``, else ``<output-topic>.nsfw``); None
+        without routing."""
+        if self.route_nsfw_above is None:
+            return None
+        return self.nsfw_topic or f"{self.output_topic}.nsfw"
+
+    def output_topics(self) -> list[tuple[str, str]]:
+        """Every topic the worker writes to, with the flag that names it."""
+        topics = [("--output-topic", self.output_topic)]
+        if self.nsfw_output_topic is not None:
+            topics.append(("--nsfw-topic", self.nsfw_output_topic))
+        return [*topics, ("--dlq-topic", self.dlq_topic)]
+
     @property
     def batch_timeout_s(self) -> float:
         """The batch timeout in seconds."""
@@ -274,6 +358,10 @@ class Settings(BaseSettings):
             else:
                 shown[name] = value
         return shown
+
+
+def _is_topic_name(value: str) -> bool:
+    return bool(_TOPIC_PATTERN.match(value)) and value not in (".", "..")
 
 
 def flag_name(field: str) -> str:
@@ -337,6 +425,6 @@ def markdown_table() -> str:
     """The README's configuration table, generated so it never drifts from the code (``make docs``)."""
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
-        default = "unset" if info.default is None else info.default
+        default = "unset" if info.default in (None, ()) else info.default
         rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | `{default}` | {info.description} |")
     return "\n".join(rows) + "\n"

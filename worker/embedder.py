@@ -1,7 +1,8 @@
-"""Run a model family's vision tower: turn preprocessed batches into unit embeddings, batched on its device.
+"""Run a model family's towers: turn preprocessed batches into unit embeddings, batched on its device.
 
-The family (:mod:`worker.models`) loads the tower and says what its preprocessing and its image features
-are; this module runs it: device, dtype, CUDA streams, pinned copies, compilation.
+The family (:mod:`worker.models`) loads the towers and says what its preprocessing and its image and text
+features are; this module runs them: device, dtype, CUDA streams, pinned copies, compilation (of the vision
+tower: the text tower, loaded only with ``--texts``, always runs eagerly).
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from worker.device_resize import preprocess_on_device
-from worker.errors import StartupError
+from worker.errors import ModelLoadError, StartupError
 from worker.images import Preprocessing
 from worker.models import RANDOM_PREFIX, ModelFamily, ModelSpec, family_of_model, select_family
+from worker.models.heads import ScoreHeads
+from worker.models.text import TextTower, TokenizedText, stack
 
 __all__ = ["RANDOM_PREFIX", "Embedder", "ModelSpec", "PendingEmbeddings", "load_embedder"]
 
@@ -97,9 +101,12 @@ class PendingEmbeddings:
     queue the next batch before it waits for this one; on a CPU the vectors are ready at once.
     """
 
-    def __init__(self, vectors: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+    def __init__(
+        self, vectors: torch.Tensor, ready: torch.cuda.Event | None, scores: torch.Tensor | None = None
+    ) -> None:
         self._vectors = vectors
         self._ready = ready
+        self._scores = scores
 
     def result(self) -> np.ndarray:
         """The ``(N, dim)`` float32 unit vectors, once the device has produced them."""
@@ -108,9 +115,15 @@ class PendingEmbeddings:
         vectors: np.ndarray = self._vectors.numpy()
         return vectors
 
+    def scores(self) -> np.ndarray | None:
+        """The ``(N, heads)`` float32 scores of the heads launched with the batch (None without heads), once
+        :meth:`result` has returned."""
+        return None if self._scores is None else self._scores.numpy()
+
 
 class Embedder:
-    """A loaded vision tower: ``embed(pixels)`` returns L2-normalised float32 embeddings.
+    """A loaded vision tower: ``embed(pixels)`` returns L2-normalised float32 embeddings; with a ``text``
+    tower (on the same device, in the same dtype), ``embed_texts(texts)`` returns them for texts.
 
     ``family`` says how to read the tower's output; by default it is found from the tower's own config.
     """
@@ -124,8 +137,10 @@ class Embedder:
         device: torch.device,
         dtype: torch.dtype,
         family: ModelFamily | None = None,
+        text: TextTower | None = None,
     ) -> None:
         self.model = model
+        self.text = text
         self.family = family or family_of_model(model)
         self.label = label
         self.revision = revision
@@ -146,7 +161,14 @@ class Embedder:
     def view(self) -> Embedder:
         """Another embedder on the same weights, without this one's compiled graph (benchmarks compare)."""
         return Embedder(
-            self.model, self.label, self.revision, self.preprocessing, self.device, self.dtype, self.family
+            self.model,
+            self.label,
+            self.revision,
+            self.preprocessing,
+            self.device,
+            self.dtype,
+            self.family,
+            self.text,
         )
 
     @property
@@ -173,25 +195,49 @@ class Embedder:
         device), preprocessing them on the device."""
         return self.launch_decoded(images).result()
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
+    def launch(
+        self, pixels: np.ndarray | Sequence[np.ndarray], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         """Queue :meth:`embed`'s work on the device and return without waiting for it (on a CPU the work is
         done by the time this returns). ``pixels`` is a batch or a list of ``(3, H, W)`` images, which on a
-        GPU are stacked straight into the pinned buffer (one host copy instead of two)."""
+        GPU are stacked straight into the pinned buffer (one host copy instead of two). ``heads`` score the
+        batch's embeddings in the same pass (see :meth:`PendingEmbeddings.scores`)."""
         with self._lock, torch.inference_mode(), self.on_own_stream():
             if self._stream is None:
                 batch = pixels if isinstance(pixels, np.ndarray) else np.stack(list(pixels))
-                return self._forward(torch.from_numpy(batch))
+                return self._forward(torch.from_numpy(batch), heads)
             # GPU: copy through a reused pinned buffer, so the host-to-device copy is asynchronous.
             pinned = self._pin(pixels)
             on_device = pinned.to(self.device, non_blocking=True)
             self._pinned_copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._pinned_copied.record(self._stream)
-            return self._forward(on_device)
+            return self._forward(on_device, heads)
 
-    def launch_decoded(self, images: Sequence[np.ndarray | torch.Tensor]) -> PendingEmbeddings:
+    def launch_decoded(
+        self, images: Sequence[np.ndarray | torch.Tensor], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         """Queue :meth:`embed_decoded`'s work on the device and return without waiting for it."""
         with self._lock, torch.inference_mode(), self.on_own_stream():
-            return self._forward(preprocess_on_device(images, self.preprocessing, self.device))
+            return self._forward(preprocess_on_device(images, self.preprocessing, self.device), heads)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts with the text tower; returns ``(N, dim)`` float32 unit vectors."""
+        return self.launch_texts(self._text_tower().tokenize(texts)).result()
+
+    def launch_texts(self, texts: Sequence[TokenizedText]) -> PendingEmbeddings:
+        """Queue the text tower's work for tokenised texts and return without waiting for it."""
+        tower = self._text_tower()
+        ids, mask = stack(texts)
+        with self._lock, torch.inference_mode(), self.on_own_stream():
+            ids = ids.to(self.device, non_blocking=True)
+            mask = None if mask is None else mask.to(self.device, non_blocking=True)
+            features = tower.features(ids, mask)
+            return self._read_back(torch.nn.functional.normalize(features.float(), dim=-1))
+
+    def _text_tower(self) -> TextTower:
+        if self.text is None:
+            raise RuntimeError("this embedder has no text tower (the worker embeds texts only with --texts)")
+        return self.text
 
     def on_own_stream(self) -> contextlib.AbstractContextManager[Any]:
         """Make this embedder's CUDA stream current (a no-op on a CPU); device decoding runs on it too."""
@@ -222,16 +268,21 @@ class Embedder:
             raise
         return torch.nn.functional.normalize(output[:count].float(), dim=-1)
 
-    def _forward(self, batch: torch.Tensor) -> PendingEmbeddings:
+    def _forward(self, batch: torch.Tensor, heads: ScoreHeads | None = None) -> PendingEmbeddings:
         features = self.features(batch)
+        # The heads read the float32 unit vectors where they are: one call per batch, on the device.
+        scores = heads(features) if heads is not None else None
+        return self._read_back(features, scores)
+
+    def _read_back(self, features: torch.Tensor, scores: torch.Tensor | None = None) -> PendingEmbeddings:
         if self._stream is None:
-            return PendingEmbeddings(features, None)
+            return PendingEmbeddings(features, None, scores)
         # Read back into pinned memory without waiting; the event says when the vectors are there.
-        host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-        host.copy_(features, non_blocking=True)
+        host = _to_pinned(features)
+        host_scores = _to_pinned(scores) if scores is not None else None
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record(self._stream)
-        return PendingEmbeddings(host, ready)
+        return PendingEmbeddings(host, ready, host_scores)
 
     def compile(self, mode: str, batch_size: int) -> float:
         """Compile the forward pass (``mode`` is a key of :data:`COMPILE_OPTIONS`) for ``batch_size`` images.
@@ -324,9 +375,9 @@ class Embedder:
         return chosen
 
 
-def load_embedder(spec: ModelSpec) -> Embedder:
-    """Load the model described by ``spec`` with its family; raises :class:`ModelLoadError` with a one-line
-    fix."""
+def load_embedder(spec: ModelSpec, texts: bool = False) -> Embedder:
+    """Load the model described by ``spec`` with its family (and, with ``texts``, its text tower and
+    tokenizer); raises :class:`ModelLoadError` with a one-line fix."""
     from transformers.utils import logging as hf_logging
 
     # The text tower of a full checkpoint is skipped on purpose; its load report would be noise.
@@ -340,7 +391,37 @@ def load_embedder(spec: ModelSpec) -> Embedder:
     model = loaded.model.to(device=device, dtype=dtype).eval()
     dim = family.embedding_dim(model.config)
     log.info("model %s (%s) loaded on %s as %s (dim %d)", loaded.label, family.name, device, dtype, dim)
-    return Embedder(model, loaded.label, loaded.revision, loaded.preprocessing, device, dtype, family)
+    text = _load_text(spec, family, device, dtype, dim) if texts else None
+    return Embedder(model, loaded.label, loaded.revision, loaded.preprocessing, device, dtype, family, text)
+
+
+def _load_text(
+    spec: ModelSpec, family: ModelFamily, device: torch.device, dtype: torch.dtype, dim: int
+) -> TextTower:
+    """The family's text tower on ``device`` in ``dtype``; refused unless it embeds into the images' space."""
+    tower = family.load_text(spec)
+    model = tower.model.to(device=device, dtype=dtype).eval()
+    probe = tower.tokenize(["a"])
+    with torch.inference_mode():
+        ids, mask = stack(probe)
+        text_dim = int(
+            tower.read_features(model, ids.to(device), None if mask is None else mask.to(device)).shape[-1]
+        )
+    if text_dim != dim:
+        raise ModelLoadError(
+            f"the text tower of {spec.model!r} embeds into {text_dim} dimensions, its images into {dim}: "
+            f"not one space; use a checkpoint whose towers match, or drop --texts"
+        )
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info("text tower loaded (%.1fM parameters, %d tokens per text)", parameters / 1e6, tower.length)
+    return replace(tower, model=model)
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy of a device tensor into new pinned host memory (ready once the stream is)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _cudagraph_skips() -> int:

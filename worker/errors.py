@@ -26,6 +26,7 @@ class RejectReason(enum.StrEnum):
     INFERENCE_FAILED = "inference_failed"
     OUTPUT_TOO_LARGE = "output_too_large"
     UNREADABLE_RECORD = "unreadable_record"
+    INPUT_KIND_DISABLED = "input_kind_disabled"
 
 
 class ExitCode(enum.IntEnum):

@@ -7,7 +7,8 @@ each batch is published at once, batch after batch.) With ``--decode device`` th
 decoded here too, also while the device still works on the previous batch.
 
 A batch that fails is retried once, then split in halves down to the image that fails, which is
-dead-lettered (a CUDA out-of-memory error splits at once), so no image is lost.
+dead-lettered (a CUDA out-of-memory error splits at once), so no image is lost. Batches of texts
+(``--texts``) take the same path through the text tower, with their own metrics.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from worker.device_decode import DeviceJpegDecoder
 from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import RejectedRecord, RejectReason
 from worker.images import ImageLimits, Preprocessing
-from worker.intake import ReadyImage
+from worker.intake import Ready, ReadyImage, ReadyText
 from worker.metrics import WorkerMetrics
+from worker.models.heads import ScoreHeads
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ _STOP = None
 
 @dataclass
 class _Launched:
-    items: list[ReadyImage]
+    items: list[Ready]
     pending: PendingEmbeddings
     started: float
     retry: bool  # a failure may still be retried once before the batch is split
@@ -54,16 +56,17 @@ class InferenceStage:
         metrics: WorkerMetrics,
         preprocessing: Preprocessing,
         limits: ImageLimits,
+        heads: ScoreHeads | None = None,
     ) -> None:
         self.embedder = embedder
+        self.heads = heads
         self.publisher = publisher
         self.metrics = metrics
-        self._queue_wait_seconds = metrics.stage_seconds.labels("queue_wait")  # observed per image
         self._on_device = preprocessing.resize == "device"
         self._device_decoder = (
             DeviceJpegDecoder(embedder.device, limits) if preprocessing.decode == "device" else None
         )
-        self._queue: queue.Queue[Batch[ReadyImage] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._queue: queue.Queue[Batch[Ready] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._device_free_at = 0.0  # when the device finished the last batch (perf_counter)
         self._failure: BaseException | None = None
@@ -79,7 +82,7 @@ class InferenceStage:
             return None
         return f"the inference thread died: {type(self._failure).__name__}: {self._failure}"
 
-    def offer(self, batch: Batch[ReadyImage], wait_s: float = 0.0) -> bool:
+    def offer(self, batch: Batch[Ready], wait_s: float = 0.0) -> bool:
         """Queue a closed batch, waiting up to ``wait_s`` for room; False if there was none."""
         try:
             self._queue.put(batch, timeout=wait_s or None, block=wait_s > 0)
@@ -133,16 +136,17 @@ class InferenceStage:
             if batch is _STOP:
                 return
 
-    def _launch(self, batch: Batch[ReadyImage]) -> _Launched | None:
-        self.metrics.batch_closes.labels(batch.cause.value).inc()
-        self.metrics.batch_size.observe(len(batch.items))
+    def _launch(self, batch: Batch[Ready]) -> _Launched | None:
+        metrics = self.metrics.of(batch.items[0].modality)
+        metrics.closes.labels(batch.cause.value).inc()
+        metrics.size.observe(len(batch.items))
         now = time.monotonic()
-        observe = self._queue_wait_seconds.observe
+        queue_wait = metrics.stage("queue_wait")
         for item in batch.items:
-            observe(now - item.record.polled_at)
+            queue_wait.observe(now - item.record.polled_at)
         return self._start(batch.items, retry=True)
 
-    def _start(self, items: list[ReadyImage], retry: bool) -> _Launched | None:
+    def _start(self, items: list[Ready], retry: bool) -> _Launched | None:
         """Queue the items' embedding on the device; None if nothing is left to wait for (all rejected, or
         a failure handled on the spot)."""
         items, pixels = self._decode_on_device(items)
@@ -162,25 +166,29 @@ class InferenceStage:
         except Exception as exc:  # an asynchronous device error surfaces here, not at launch
             self._recover(launched.items, exc, launched.retry)
             return
-        self._publish(launched.items, vectors, launched.started)
+        scores = launched.pending.scores() if self.heads is not None else None
+        self._publish(launched.items, vectors, scores, launched.started)
 
-    def _embed_now(self, items: list[ReadyImage], retry: bool) -> None:
+    def _embed_now(self, items: list[Ready], retry: bool) -> None:
         """Embed and publish synchronously: the path of retries and split halves."""
         launched = self._start(items, retry)
         if launched is not None:
             self._finish(launched)
 
     def _start_embedding(
-        self, items: list[ReadyImage], pixels: list[np.ndarray | torch.Tensor] | None
+        self, items: list[Ready], pixels: list[np.ndarray | torch.Tensor] | None
     ) -> PendingEmbeddings:
+        texts = [item.tokens for item in items if isinstance(item, ReadyText)]
+        if texts:
+            return self.embedder.launch_texts(texts)
         if pixels is not None:
-            return self.embedder.launch_decoded(pixels)
+            return self.embedder.launch_decoded(pixels, self.heads)
         if self._on_device:
-            return self.embedder.launch_decoded([_host_pixels(item) for item in items])
-        return self.embedder.launch([_host_pixels(item) for item in items])
+            return self.embedder.launch_decoded([_host_pixels(item) for item in items], self.heads)
+        return self.embedder.launch([_host_pixels(item) for item in items], self.heads)
 
-    def _recover(self, items: list[ReadyImage], exc: Exception, retry: bool) -> None:
-        """Retry once, then split in halves to isolate the image that fails; out of memory splits at once."""
+    def _recover(self, items: list[Ready], exc: Exception, retry: bool) -> None:
+        """Retry once, then split in halves to isolate the item that fails; out of memory splits at once."""
         out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
         if out_of_memory:
             self.embedder.release_cached_memory()
@@ -196,32 +204,38 @@ class InferenceStage:
             message = f"inference failed: {type(exc).__name__}: {exc}"
             self.publisher.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
 
-    def _publish(self, items: list[ReadyImage], vectors: np.ndarray, started: float) -> None:
+    def _publish(
+        self, items: list[Ready], vectors: np.ndarray, scores: np.ndarray | None, started: float
+    ) -> None:
         ready = time.perf_counter()
+        metrics = self.metrics.of(items[0].modality)
         # The device works on one batch at a time: count this batch from when it could start on it.
-        self.metrics.stage_seconds.labels("inference").observe(ready - max(started, self._device_free_at))
+        metrics.stage("inference").observe(ready - max(started, self._device_free_at))
         self._device_free_at = ready
-        for item, vector in zip(items, vectors, strict=True):
-            self.publisher.embedding(item.record, item.request, vector)
-        self.metrics.embedded.inc(len(items))
-        self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - ready)
+        # A batch of texts has no scores: the heads score image embeddings.
+        for index, (item, vector) in enumerate(zip(items, vectors, strict=True)):
+            named = self.heads.named(scores[index]) if self.heads is not None and scores is not None else None
+            self.publisher.embedding(item.record, item.request, vector, named)
+        metrics.embedded.inc(len(items))
+        metrics.stage("publish").observe(time.perf_counter() - ready)
 
     def _decode_on_device(
-        self, items: list[ReadyImage]
-    ) -> tuple[list[ReadyImage], list[np.ndarray | torch.Tensor] | None]:
+        self, batch: list[Ready]
+    ) -> tuple[list[Ready], list[np.ndarray | torch.Tensor] | None]:
         """``--decode device``: decode the batch's JPEGs on the model's device; dead-letter what fails.
 
-        Without it, returns the items as they are and no pixels.
+        Without it, or for a batch of texts, returns the items as they are and no pixels.
         """
-        if self._device_decoder is None:
-            return items, None
+        items = [item for item in batch if isinstance(item, ReadyImage)]
+        if self._device_decoder is None or not items:
+            return batch, None
         started = time.perf_counter()
         refused_before = self._device_decoder.fallbacks
         with self.embedder.on_own_stream():
             results = self._device_decoder.materialise([item.pixels for item in items])
         self.metrics.device_decode_fallbacks.inc(self._device_decoder.fallbacks - refused_before)
         self.metrics.stage_seconds.labels("device_decode").observe(time.perf_counter() - started)
-        kept: list[ReadyImage] = []
+        kept: list[Ready] = []
         pixels: list[np.ndarray | torch.Tensor] = []
         for item, result in zip(items, results, strict=True):
             if isinstance(result, RejectedRecord):
@@ -232,7 +246,7 @@ class InferenceStage:
         return kept, pixels
 
 
-def _host_pixels(item: ReadyImage) -> np.ndarray:
+def _host_pixels(item: Ready) -> np.ndarray:
     # Without --decode device every image was decoded on the host.
-    assert isinstance(item.pixels, np.ndarray)
+    assert isinstance(item, ReadyImage) and isinstance(item.pixels, np.ndarray)
     return item.pixels

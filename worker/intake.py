@@ -1,30 +1,24 @@
-"""The intake stage, between poll and batch: request records in, model-ready images or typed rejections out.
+"""The intake stage, between poll and batch: request records in, model-ready work or typed rejections out.
 
-The envelope is decoded on the caller's thread (cheap); images are decoded and preprocessed on a bounded
-thread pool (PIL and torch release the GIL), in chunks, since every submission costs GIL time the decoders
-need. Results come out in the order the records went in. The queue holds at most what the poll loop let
-in, which ``--max-in-flight`` bounds. New input kinds (image URLs, say) plug in here.
+The envelope is decoded on the caller's thread (cheap); each request then goes to the handler of its input
+kind (:mod:`worker.inputs`), which prepares it off this thread. Results come out in the order the records
+went in. The queue holds at most what the poll loop let in, which ``--max-in-flight`` bounds.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator, Mapping
+from concurrent.futures import wait
 from dataclasses import dataclass
-
-import numpy as np
+from typing import ClassVar
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import EncodedJpeg, ImageLimits, Preprocessing, prepare
-from worker.messages import ImageRequest, decode_request
-from worker.metrics import WorkerMetrics
+from worker.inputs.base import InputHandler, Pixels, Slot
+from worker.inputs.select import ENABLE_HINTS
+from worker.messages import InputKind, Modality, Request, decode_request
+from worker.models.text import TokenizedText
 from worker.work import InputRecord
-
-# Images per decode task, at most: a poll of hundreds of records costs a handful of submissions (each
-# holds the GIL the decoders need), while each poll still spreads over every decode thread (see submit).
-_DECODE_CHUNK = 32
 
 
 @dataclass
@@ -32,8 +26,23 @@ class ReadyImage:
     """A decoded (or, with ``--decode device``, checked and still encoded) image waiting for a batch."""
 
     record: InputRecord
-    request: ImageRequest
-    pixels: np.ndarray | EncodedJpeg
+    request: Request
+    pixels: Pixels
+    modality: ClassVar[Modality] = Modality.IMAGE
+
+
+@dataclass
+class ReadyText:
+    """A tokenised text waiting for a batch of texts."""
+
+    record: InputRecord
+    request: Request
+    tokens: TokenizedText
+    modality: ClassVar[Modality] = Modality.TEXT
+
+
+# Work ready for a batch of its modality (batches never mix them).
+Ready = ReadyImage | ReadyText
 
 
 @dataclass
@@ -45,43 +54,43 @@ class Rejected:
 
 
 @dataclass
-class _Decoding:
+class _Preparing:
     record: InputRecord
-    request: ImageRequest
-    future: Future[list[np.ndarray | EncodedJpeg | Exception]]
-    index: int  # position of this image in its chunk's result list
+    request: Request
+    slot: Slot
 
 
 class IntakeStage:
-    """Decodes requests and their images; yields each record's :class:`ReadyImage` or :class:`Rejected`."""
+    """Decodes requests and hands each to its kind's handler; yields each record's result in order."""
 
-    def __init__(
-        self, limits: ImageLimits, preprocessing: Preprocessing, workers: int, metrics: WorkerMetrics
-    ) -> None:
-        self._limits = limits
-        self._preprocessing = preprocessing
-        self._workers = workers
-        self._metrics = metrics
-        self._decode_seconds = metrics.stage_seconds.labels("decode")  # labels() costs a lookup per call
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self._decoding: deque[_Decoding] = deque()
+    def __init__(self, handlers: Mapping[InputKind, InputHandler]) -> None:
+        self._handlers = dict(handlers)
+        self._preparing: deque[_Preparing] = deque()
         self._rejected: deque[Rejected] = deque()
 
     def submit(self, records: list[InputRecord]) -> None:
-        """Decode the records' envelopes now and queue their images for the decode threads."""
-        accepted: list[tuple[InputRecord, ImageRequest]] = []
+        """Decode the records' envelopes now and hand each request to its kind's handler."""
+        accepted: list[tuple[InputRecord, Request]] = []
         for record in records:
             try:
-                accepted.append((record, decode_request(record.value)))
+                request = decode_request(record.value)
             except RejectedRecord as rejection:
                 self._rejected.append(Rejected(record, rejection))
-        # A task per chunk of images rather than per image: submitting costs GIL time the decoders need.
-        size = max(1, min(_DECODE_CHUNK, -(-len(accepted) // (2 * self._workers))))
-        for start in range(0, len(accepted), size):
-            chunk = accepted[start : start + size]
-            future = self._pool.submit(self._decode_images, [request.image for _record, request in chunk])
-            for index, (record, request) in enumerate(chunk):
-                self._decoding.append(_Decoding(record, request, future, index))
+                continue
+            if request.kind in self._handlers:
+                accepted.append((record, request))
+                continue
+            message = f"a request by '{request.kind.value}': {ENABLE_HINTS[request.kind]}"
+            self._rejected.append(Rejected(record, RejectedRecord(RejectReason.INPUT_KIND_DISABLED, message)))
+        # One submission per kind (handlers work in chunks), queued back in the records' order.
+        slots: dict[int, Slot] = {}
+        for kind, handler in self._handlers.items():
+            positions = [i for i, (_record, request) in enumerate(accepted) if request.kind is kind]
+            if positions:
+                submitted = handler.submit([accepted[i][1] for i in positions])
+                slots.update(zip(positions, submitted, strict=True))
+        for position, (record, request) in enumerate(accepted):
+            self._preparing.append(_Preparing(record, request, slots[position]))
 
     def reject(self, record: InputRecord, rejection: RejectedRecord) -> None:
         """Pass on a record refused before intake (one the Kafka client could not read, say)."""
@@ -89,48 +98,40 @@ class IntakeStage:
 
     @property
     def busy(self) -> bool:
-        """Images are being decoded."""
-        return bool(self._decoding)
+        """Requests are being prepared."""
+        return bool(self._preparing)
 
     def wait_for_oldest(self, timeout_s: float) -> None:
-        """Sleep (without the GIL) until the oldest image is decoded, at most ``timeout_s``."""
-        if self._decoding:
-            wait([self._decoding[0].future], timeout=timeout_s)
+        """Sleep (without the GIL) until the oldest request is prepared, at most ``timeout_s``."""
+        if self._preparing:
+            wait([self._preparing[0].slot.future], timeout=timeout_s)
 
-    def collect(self, wait: bool) -> Iterator[ReadyImage | Rejected]:
-        """The results ready now, in order (``wait``: every result, waiting for the decoders)."""
+    def collect(self, wait: bool) -> Iterator[Ready | Rejected]:
+        """The results ready now, in order (``wait``: every result, waiting for the handlers)."""
         while self._rejected:
             yield self._rejected.popleft()
-        while self._decoding and (wait or self._decoding[0].future.done()):
-            item = self._decoding.popleft()
+        while self._preparing and (wait or self._preparing[0].slot.future.done()):
+            item = self._preparing.popleft()
             try:
-                pixels = item.future.result()[item.index]
+                prepared = item.slot.future.result()[item.slot.index]
             except Exception as exc:  # the whole chunk failed (pool shut down): never lose the record
-                pixels = exc
-            if isinstance(pixels, RejectedRecord):
-                yield Rejected(item.record, pixels)
-            elif isinstance(pixels, Exception):
-                message = f"decoder crashed: {type(pixels).__name__}: {pixels}"
+                prepared = exc
+            if isinstance(prepared, RejectedRecord):
+                yield Rejected(item.record, prepared)
+            elif isinstance(prepared, Exception):
+                message = f"decoder crashed: {type(prepared).__name__}: {prepared}"
                 yield Rejected(item.record, RejectedRecord(RejectReason.CORRUPT_IMAGE, message))
+            elif isinstance(prepared, TokenizedText):
+                yield ReadyText(item.record, item.request, prepared)
             else:
-                yield ReadyImage(item.record, item.request, pixels)
+                yield ReadyImage(item.record, item.request, prepared)
 
     def clear(self) -> None:
         """Forget everything queued (exactly-once abort: it will be read again)."""
-        self._decoding.clear()
+        self._preparing.clear()
         self._rejected.clear()
 
     def shutdown(self) -> None:
-        """Stop the decode threads without waiting for queued work."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _decode_images(self, images: list[bytes]) -> list[np.ndarray | EncodedJpeg | Exception]:
-        results: list[np.ndarray | EncodedJpeg | Exception] = []
-        for data in images:
-            started = time.perf_counter()
-            try:
-                results.append(prepare(data, self._limits, self._preprocessing))
-            except Exception as exc:  # a rejection, or a decoder bug: either way this image's own result
-                results.append(exc)
-            self._decode_seconds.observe(time.perf_counter() - started)
-        return results
+        """Stop every handler's threads without waiting for queued work."""
+        for handler in self._handlers.values():
+            handler.shutdown()

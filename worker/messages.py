@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,8 @@ from worker.errors import RejectedRecord, RejectReason
 
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 1024
+MAX_URI_LENGTH = 8192
+MAX_TEXT_LENGTH = 16384  # characters; the tokenizer truncates to the model's context anyway
 HEADER_PREFIX = "clip-worker-"
 REASON_HEADER = HEADER_PREFIX + "reason"
 ERROR_HEADER = HEADER_PREFIX + "error"
@@ -63,17 +67,49 @@ class Source:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
+class Modality(enum.StrEnum):
+    """Which tower of the model embeds a request: the output record's ``kind``, a batch's, a metric's."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+
+class InputKind(enum.StrEnum):
+    """What a request carries to embed: exactly one of these envelope fields, named by the value."""
+
+    IMAGE = "image"  # the encoded image file itself (msgpack bin)
+    URI = "uri"  # where to fetch the image from
+    TEXT = "text"  # a text to embed with the model's text tower
+
+    @property
+    def modality(self) -> Modality:
+        """The tower that embeds a request of this kind (a fetched image is an image)."""
+        return Modality.TEXT if self is InputKind.TEXT else Modality.IMAGE
+
+
 @dataclass(frozen=True)
-class ImageRequest:
-    """A decoded request record."""
+class Request:
+    """A decoded request record: its id, its ``meta``, and the one input it carries (see :attr:`kind`)."""
 
     id: str
-    image: bytes
+    image: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    uri: str | None = None
+    text: str | None = None
+
+    @property
+    def kind(self) -> InputKind:
+        """Which input the request carries."""
+        if self.image is not None:
+            return InputKind.IMAGE
+        return InputKind.URI if self.uri is not None else InputKind.TEXT
 
 
-def decode_request(value: bytes | None) -> ImageRequest:
-    """Decode a request record's value; raise :class:`RejectedRecord` with a typed reason otherwise."""
+def decode_request(value: bytes | None) -> Request:
+    """Decode a request record's value; raise :class:`RejectedRecord` with a typed reason otherwise.
+
+    Whether this worker handles the request's kind is the intake stage's decision, not the envelope's.
+    """
     if not value:
         raise RejectedRecord(RejectReason.INVALID_MSGPACK, "record value is empty")
     try:
@@ -100,23 +136,63 @@ def decode_request(value: bytes | None) -> ImageRequest:
         raise RejectedRecord(
             RejectReason.INVALID_ENVELOPE, f"field 'id' is longer than {MAX_ID_LENGTH} characters"
         )
-    image = payload.get("image")
-    if not isinstance(image, bytes):
-        raise RejectedRecord(
-            RejectReason.INVALID_ENVELOPE,
-            f"field 'image' must be msgpack bin, got {type(image).__name__}",
-        )
     meta = payload.get("meta", {})
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
         raise RejectedRecord(RejectReason.INVALID_ENVELOPE, "field 'meta' must be a map when present")
-    return ImageRequest(id=request_id, image=image, meta=meta)
+    kind, content = _input_of(payload)
+    if isinstance(content, bytes):
+        return Request(id=request_id, image=content, meta=meta)
+    if kind is InputKind.URI:
+        return Request(id=request_id, meta=meta, uri=content)
+    return Request(id=request_id, meta=meta, text=content)
+
+
+def _input_of(payload: dict[Any, Any]) -> tuple[InputKind, bytes | str]:
+    """The request's one input field, type-checked."""
+    present = [kind for kind in InputKind if payload.get(kind.value) is not None]
+    if len(present) != 1:
+        names = " or ".join(f"'{kind.value}'" for kind in InputKind)
+        found = ", ".join(f"'{kind.value}'" for kind in present) or "none"
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE, f"a request carries exactly one of {names}; found {found}"
+        )
+    kind = present[0]
+    content = payload[kind.value]
+    if kind is InputKind.IMAGE:
+        if not isinstance(content, bytes):
+            raise RejectedRecord(
+                RejectReason.INVALID_ENVELOPE,
+                f"field 'image' must be msgpack bin, got {type(content).__name__}",
+            )
+        return kind, content
+    limit = MAX_URI_LENGTH if kind is InputKind.URI else MAX_TEXT_LENGTH
+    if not isinstance(content, str) or not content:
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE, f"field '{kind.value}' must be a non-empty string"
+        )
+    if len(content) > limit:
+        raise RejectedRecord(
+            RejectReason.INVALID_ENVELOPE, f"field '{kind.value}' is longer than {limit} characters"
+        )
+    return kind, content
 
 
 def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = None) -> bytes:
     """Encode a request record value (used by ``clip-worker produce``, the demo and tests)."""
-    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, "image": image}
+    return _encode_input(request_id, InputKind.IMAGE, image, meta)
+
+
+def encode_text_request(request_id: str, text: str, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode a request record value that carries a text to embed."""
+    return _encode_input(request_id, InputKind.TEXT, text, meta)
+
+
+def _encode_input(
+    request_id: str, kind: InputKind, content: bytes | str, meta: dict[str, Any] | None
+) -> bytes:
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request_id, kind.value: content}
     if meta:
         payload["meta"] = meta
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
@@ -124,15 +200,18 @@ def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = 
 
 
 def encode_embedding(
-    request: ImageRequest,
+    request: Request,
     embedding: np.ndarray,
     model: str,
     source: Source,
     forward_image: bool,
     dtype: str = "float32",
+    scores: Mapping[str, float] | None = None,
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
-    :data:`EMBEDDING_DTYPES`) plus its context."""
+    :data:`EMBEDDING_DTYPES`) plus its context, and the ``scores`` of the heads run on it, if any.
+    ``kind`` says which tower embedded it; a text is not echoed (the request's ``meta``, which is, can carry
+    it)."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -144,8 +223,11 @@ def encode_embedding(
         "normalized": True,
         "meta": request.meta,
         "source": source.as_dict(),
+        "kind": request.kind.modality.value,
     }
-    if forward_image:
+    if scores:
+        payload["scores"] = dict(scores)
+    if forward_image and request.image is not None:
         payload["image"] = request.image
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
     return packed

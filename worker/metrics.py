@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -22,6 +23,7 @@ from prometheus_client import (
 
 from worker.errors import StartupError
 from worker.gpu import GpuCollector
+from worker.messages import Modality
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class WorkerMetrics:
         self.embedded = Counter("clip_worker_images_embedded", "Images embedded by the model", registry=r)
         self.published = Counter(
             "clip_worker_records_published", "Output records acknowledged by the broker", registry=r
+        )
+        self.nsfw_routed = Counter(
+            "clip_worker_nsfw_routed",
+            "Output records acknowledged on the NSFW topic (--route-nsfw-above); also counted as published",
+            registry=r,
         )
         self.dlq = Counter(
             "clip_worker_dlq_records",
@@ -96,7 +103,9 @@ class WorkerMetrics:
         )
         self.stage_seconds = Histogram(
             "clip_worker_stage_seconds",
-            "Seconds per stage: decode and queue_wait per image; device_decode, inference, publish per batch",
+            "Seconds per stage: decode and queue_wait per image; device_decode, inference, publish per "
+            "batch; for texts (--texts): tokenize per chunk, text_queue_wait per text, text_inference and "
+            "text_publish per batch",
             ["stage"],
             buckets=_STAGE_SECONDS,
             registry=r,
@@ -133,11 +142,54 @@ class WorkerMetrics:
         self.last_progress = Gauge(
             "clip_worker_last_progress_timestamp_seconds", "Unix time the loop last made progress", registry=r
         )
+        self.texts_embedded = Counter(
+            "clip_worker_texts_embedded", "Texts embedded by the model's text tower (--texts)", registry=r
+        )
+        self.text_batch_closes = Counter(
+            "clip_worker_text_batch_closes",
+            "Batches of texts closed, by cause (size, timeout, drain)",
+            ["cause"],
+            registry=r,
+        )
+        self.text_batch_size = Histogram(
+            "clip_worker_batch_size_texts",
+            "Texts per inference batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        self._by_modality = {
+            Modality.IMAGE: BatchMetrics(
+                self.embedded, self.batch_closes, self.batch_size, self.stage_seconds
+            ),
+            Modality.TEXT: BatchMetrics(
+                self.texts_embedded, self.text_batch_closes, self.text_batch_size, self.stage_seconds, "text_"
+            ),
+        }
         self.gpu: GpuCollector | None = None
         if torch.cuda.is_available():
             self.gpu = GpuCollector()
             r.register(self.gpu)
         self.info = Info("clip_worker_model", "Model, revision, dtype, device and version", registry=r)
+
+    def of(self, modality: Modality) -> BatchMetrics:
+        """The batch metrics of images or of texts: each its own series, so image counts stay images."""
+        return self._by_modality[modality]
+
+
+@dataclass(frozen=True)
+class BatchMetrics:
+    """The metrics of one modality's batches: images' are the original names, texts' their twins."""
+
+    embedded: Counter
+    closes: Counter
+    size: Histogram
+    _stages: Histogram
+    stage_prefix: str = ""
+
+    def stage(self, name: str) -> Any:
+        """The stage histogram of ``name`` (``inference``, ``queue_wait``, ``publish``) for this modality:
+        texts' stages are ``text_<name>``."""
+        return self._stages.labels(self.stage_prefix + name)
 
 
 HealthCheck = Callable[[], str | None]

@@ -33,12 +33,14 @@ from worker.errors import (
 from worker.gpu import GpuCollector
 from worker.images import ImageLimits
 from worker.inference import InferenceStage
-from worker.intake import IntakeStage, ReadyImage, Rejected
+from worker.inputs.select import build_handlers
+from worker.intake import IntakeStage, Ready, Rejected
 from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition
 from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, UnreadableRecordError
 from worker.kafka_io.salvage import salvage_batch
-from worker.messages import Headers, Source
+from worker.messages import Headers, Modality, Source
 from worker.metrics import HealthState, WorkerMetrics
+from worker.models.heads import ScoreHeads
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
 from worker.publisher import Publisher
@@ -105,6 +107,7 @@ class Pipeline:
         decode_workers: int,
         limits: TopicLimits | None = None,
         gpu: GpuCollector | None = None,
+        heads: ScoreHeads | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -113,7 +116,10 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.batch_size = batch_size
-        self.batcher: Batcher[ReadyImage] = Batcher(batch_size, settings.batch_timeout_s)
+        # One batcher per modality: a batch of images and a batch of texts go through different towers.
+        self.batchers: dict[Modality, Batcher[Ready]] = {
+            modality: Batcher(batch_size, settings.batch_timeout_s) for modality in Modality
+        }
         image_limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
         preprocessing = replace(
             embedder.preprocessing,
@@ -121,12 +127,14 @@ class Pipeline:
             jpeg_draft=settings.jpeg_draft,
             decode=settings.decode,
         )
-        self.intake = IntakeStage(image_limits, preprocessing, decode_workers, metrics)
+        self.intake = IntakeStage(
+            build_handlers(settings, image_limits, preprocessing, decode_workers, metrics, embedder.text)
+        )
         self.publisher = Publisher(settings, delivery, tracker, metrics, embedder.label, limits)
-        self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits)
+        self.inference = InferenceStage(embedder, self.publisher, metrics, preprocessing, image_limits, heads)
         self.observer = Observer(consumer, tracker, metrics, settings.progress_interval_s, gpu)
         self._listener = _RebalanceListener(tracker, delivery, metrics, health)
-        self._closed_batches: deque[Batch[ReadyImage]] = deque()
+        self._closed_batches: deque[Batch[Ready]] = deque()
         self._paused = False
         self._last_commit = time.monotonic()
         self._input_topic_missing: str | None = None
@@ -178,9 +186,10 @@ class Pipeline:
             # Nothing new to read: sleep on the oldest decode (without the GIL) rather than spin on poll().
             self.intake.wait_for_oldest(_IDLE_WAIT_S)
         self._collect(wait=False)
-        due = self.batcher.take_if_due()
-        if due is not None:
-            self._closed_batches.append(due)
+        for batcher in self.batchers.values():
+            due = batcher.take_if_due()
+            if due is not None:
+                self._closed_batches.append(due)
         self._hand_over_batches()
         self.delivery.resend_due()
         if self._commit_due():
@@ -274,8 +283,8 @@ class Pipeline:
             return 0  # step() waits on the oldest decode instead
         if self._closed_batches:
             return int(_IDLE_WAIT_S * 1000)
-        due_in = self.batcher.seconds_until_due()
-        limit = 0.1 if due_in is None else min(due_in, 0.1)
+        waits = [batcher.seconds_until_due() for batcher in self.batchers.values()]
+        limit = min([0.1, *(wait for wait in waits if wait is not None)])
         return max(0, int(limit * 1000))
 
     def _poll_budget(self) -> int:
@@ -340,12 +349,13 @@ class Pipeline:
         return True
 
     def _collect(self, wait: bool) -> None:
-        """Move intake's results on: images into batches, rejections to the DLQ (the one place)."""
+        """Move intake's results on: images and texts into batches of their own, rejections to the DLQ (the
+        one place)."""
         for result in self.intake.collect(wait):
             if isinstance(result, Rejected):
                 self.publisher.reject(result.record, result.rejection)
                 continue
-            batch = self.batcher.add(result)
+            batch = self.batchers[result.modality].add(result)
             if batch is not None:
                 self._closed_batches.append(batch)
 
@@ -370,7 +380,8 @@ class Pipeline:
         """
         reason = self.delivery.abort()
         self.intake.clear()
-        self.batcher.drain()
+        for batcher in self.batchers.values():
+            batcher.drain()
         self._closed_batches.clear()
         self.inference.discard_queued()
         assigned = self.consumer.assignment()
@@ -389,9 +400,10 @@ class Pipeline:
         deadline = time.monotonic() + grace_s
         log.info("draining: %d record(s) in flight", self.tracker.in_flight)
         self._collect(wait=True)
-        remaining = self.batcher.drain()
-        if remaining is not None:
-            self._closed_batches.append(remaining)
+        for batcher in self.batchers.values():
+            remaining = batcher.drain()
+            if remaining is not None:
+                self._closed_batches.append(remaining)
         while self._closed_batches and time.monotonic() < deadline:
             self._hand_over_batches(wait_s=0.2)
         self.inference.stop(deadline)

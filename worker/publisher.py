@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -25,12 +26,13 @@ from worker.messages import (
     KEY_TRUNCATED_HEADER,
     NULL_VALUE_HEADER,
     VALUE_OMITTED_HEADER,
-    ImageRequest,
+    Request,
     dlq_headers,
     encode_embedding,
 )
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.scores import output_topic
 from worker.topic_limits import TopicLimits
 from worker.work import InputRecord, Outgoing
 
@@ -67,8 +69,15 @@ class Publisher:
         self._failing_since: float | None = None
         self._last_failure = ""
 
-    def embedding(self, record: InputRecord, request: ImageRequest, vector: np.ndarray) -> None:
-        """Publish the embedding of ``record`` (dead-lettered instead if it is too large to send)."""
+    def embedding(
+        self,
+        record: InputRecord,
+        request: Request,
+        vector: np.ndarray,
+        scores: Mapping[str, float] | None = None,
+    ) -> None:
+        """Publish the embedding of ``record`` with its ``scores`` (dead-lettered instead if it is too large
+        to send), to the output topic or, when its nsfw score is over ``--route-nsfw-above``, the NSFW one."""
         value = encode_embedding(
             request,
             vector,
@@ -76,13 +85,15 @@ class Publisher:
             record.source,
             self._settings.forward_image,
             self._settings.output_dtype,
+            scores,
         )
         if len(value) > self._settings.max_message_bytes:
             message = f"output record is {len(value)} bytes, over --max-message-bytes"
             self.dead_letter(record, RejectReason.OUTPUT_TOO_LARGE, message)
             return
         key = record.key if record.key is not None else request.id.encode()
-        self._send(Outgoing(record, self._settings.output_topic, key, value, record.headers, is_dlq=False))
+        topic = output_topic(self._settings, scores)
+        self._send(Outgoing(record, topic, key, value, record.headers, is_dlq=False))
 
     def reject(self, record: InputRecord, rejection: RejectedRecord) -> None:
         """Dead-letter ``record`` for the reason ``rejection`` gives."""
@@ -109,9 +120,10 @@ class Publisher:
         if silent >= UNANSWERED_AFTER_S:
             # kafka-python retries a send to a deleted topic on its own until its delivery timeout (2 min)
             # without a word: the silence is the first sign.
+            topics = " and ".join(repr(topic) for _, topic in self._settings.output_topics())
             return (
                 f"no result acknowledged by the broker for {silent:.0f}s; check that the topics "
-                f"{self._settings.output_topic!r} and {self._settings.dlq_topic!r} exist and the broker is up"
+                f"{topics} exist and the broker is up"
             )
         return None
 
@@ -141,6 +153,8 @@ class Publisher:
             self._metrics.dlq.labels(out.reason.value).inc()
         else:
             self._metrics.published.inc()
+            if out.topic == self._settings.nsfw_output_topic:
+                self._metrics.nsfw_routed.inc()
             if out.record.timestamp_ms > 0:
                 self._metrics.end_to_end_seconds.observe(
                     max(0.0, time.time() - out.record.timestamp_ms / 1000)

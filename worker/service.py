@@ -19,11 +19,12 @@ from worker.embedder import (
     default_decode_workers,
     load_embedder,
 )
-from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError
+from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError, StartupError
 from worker.kafka_io import Consumer, check_output_topics, open_consumer, topic_message_limits
 from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.pipeline import Pipeline
+from worker.scores import load_score_heads
 from worker.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def load_model(settings: Settings, metrics: WorkerMetrics, embedder: Embedder | 
     """The embedder, loaded (unless given), compiled if asked, and described in the logs and metrics."""
     if settings.decode == "device":
         load_jpeg_decoder()  # fail before the model loads when torchvision is missing
-    embedder = embedder or load_embedder(model_spec(settings))
+    embedder = embedder or load_embedder(model_spec(settings), texts=settings.texts)
+    if settings.texts and embedder.text is None:
+        raise StartupError("--texts needs the model's text tower, and this embedder was loaded without it")
     threads = configure_cpu_threads(
         settings.inference_threads,
         decode_workers(settings),
@@ -83,7 +86,11 @@ def load_model(settings: Settings, metrics: WorkerMetrics, embedder: Embedder | 
     if settings.compile != "off":
         embedder.compile(settings.compile, batch_size(settings, embedder))
     if embedder.is_random:
-        log.warning("RANDOM WEIGHTS: embeddings are meaningless; every record says model=%s", embedder.label)
+        log.warning(
+            "RANDOM WEIGHTS: embeddings%s are meaningless; every record says model=%s",
+            " and scores" if settings.score else "",
+            embedder.label,
+        )
     metrics.info.info(
         {
             "model": embedder.label,
@@ -111,7 +118,7 @@ def open_clients(settings: Settings, metrics: WorkerMetrics) -> Clients:
     """Connect to Kafka with the delivery guarantee the settings ask for; check the output topics."""
     kind = choose(settings)
     consumer = open_consumer(settings, **kind.consumer_options)
-    limits = TopicLimits(topic_message_limits(settings, [settings.output_topic, settings.dlq_topic]))
+    limits = TopicLimits(topic_message_limits(settings, [topic for _, topic in settings.output_topics()]))
     tracker = OffsetTracker()
     delivery = kind.open(settings, consumer, tracker, metrics, limits)
     check_output_topics(delivery.producer, settings)
@@ -139,6 +146,7 @@ def run_worker(
         server.start()
     try:
         embedder = load_model(settings, metrics, embedder)
+        heads = load_score_heads(settings, embedder)
         health.model_loaded = True
         clients = open_clients(settings, metrics)
         pipeline = Pipeline(
@@ -153,6 +161,7 @@ def run_worker(
             decode_workers(settings),
             clients.limits,
             metrics.gpu,
+            heads,
         )
         _install_signal_handlers(stop)
         try:

@@ -60,6 +60,7 @@ def describe_output(value: bytes, head: int = 4) -> dict[str, Any]:
     vector: np.ndarray = record["embedding"]
     return {
         "id": record["id"],
+        "kind": record.get("kind", "image"),
         "dim": record["dim"],
         "norm": round(float(np.linalg.norm(vector)), 6),
         "model": record["model"],

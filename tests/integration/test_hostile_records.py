@@ -38,6 +38,7 @@ from worker.messages import (
     VALUE_OMITTED_HEADER,
     encode_request,
 )
+from worker.models.heads import ScoreHeads
 
 pytestmark = pytest.mark.integration
 MODES = pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
@@ -202,9 +203,11 @@ class SlowEmbedder(Embedder):
         )
         self.seconds = seconds
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
+    def launch(
+        self, pixels: np.ndarray | Sequence[np.ndarray], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         threading.Event().wait(self.seconds)
-        return super().launch(pixels)
+        return super().launch(pixels, heads)
 
 
 def test_slow_batches_are_not_taken_for_a_lost_broker(kafka_bootstrap, tiny_embedder):
@@ -224,8 +227,10 @@ class BrokenEmbedder(Embedder):
             inner.model, inner.label, inner.revision, inner.preprocessing, inner.device, inner.dtype
         )
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
-        return ShortResult(super().launch(pixels).result()[:-1])
+    def launch(
+        self, pixels: np.ndarray | Sequence[np.ndarray], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
+        return ShortResult(super().launch(pixels, heads).result()[:-1])
 
 
 class ShortResult(PendingEmbeddings):

@@ -18,6 +18,7 @@ from tests.support.kafka_helpers import (
 )
 from worker.devtools.samples import jpeg_corpus
 from worker.embedder import Embedder, PendingEmbeddings
+from worker.models.heads import ScoreHeads
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +44,13 @@ class PoisonedEmbedder(Embedder):
         self.fails_at = fails_at
         self.calls = 0
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
+    def launch(
+        self, pixels: np.ndarray | Sequence[np.ndarray], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         self.calls += 1
         white = (1.0 - np.asarray(self.preprocessing.mean)) / np.asarray(self.preprocessing.std)
         if not any(np.allclose(image[:, 0, 0], white, atol=1e-3) for image in pixels):
-            return super().launch(pixels)
+            return super().launch(pixels, heads)
         if self.fails_at == "launch":
             raise RuntimeError("injected inference failure")
         return FailedResult()

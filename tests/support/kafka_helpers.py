@@ -52,10 +52,8 @@ def worker_settings(bootstrap: str, tag: str | None = None, **overrides: Any) ->
 
 
 def create_topics(settings: Settings, partitions: int = 1) -> None:
-    """Input, output and DLQ topics of a test."""
-    ensure_topics(
-        settings, {settings.input_topic: partitions, settings.output_topic: 1, settings.dlq_topic: 1}
-    )
+    """Input, output and DLQ topics of a test (and the NSFW topic when it routes)."""
+    ensure_topics(settings, {settings.input_topic: partitions, **{t: 1 for _, t in settings.output_topics()}})
 
 
 def produce(
@@ -124,12 +122,14 @@ def produce_steadily(settings: Settings, items: list[tuple[str, bytes]], seconds
 
 @dataclass
 class Results:
-    """Everything read back from the output and DLQ topics."""
+    """Everything read back from the output, NSFW (with ``--route-nsfw-above``) and DLQ topics."""
 
     outputs: list[dict[str, Any]] = field(default_factory=list)
     raw_outputs: list[bytes] = field(default_factory=list)
     output_keys: list[bytes | None] = field(default_factory=list)
     dead: list[Any] = field(default_factory=list)
+    routed: list[dict[str, Any]] = field(default_factory=list)
+    raw_routed: list[bytes] = field(default_factory=list)
 
     def dlq_keys(self) -> list[str]:
         """Keys of dead-lettered records (the request ids in these tests)."""
@@ -140,8 +140,8 @@ class Results:
         return {(m.key.decode() if m.key else ""): dict(m.headers)[REASON_HEADER].decode() for m in self.dead}
 
     def total(self) -> int:
-        """Outputs plus dead letters."""
-        return len(self.outputs) + len(self.dead)
+        """Outputs (routed ones included) plus dead letters."""
+        return len(self.outputs) + len(self.routed) + len(self.dead)
 
 
 def collect(
@@ -151,7 +151,8 @@ def collect(
     settle_s: float = 0.0,
     read_committed: bool = False,
 ) -> Results:
-    """Read output and DLQ topics from the start until ``expected`` records (then ``settle_s`` more)."""
+    """Read the topics the worker writes to from the start until ``expected`` records (then ``settle_s``
+    more)."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=None,
@@ -161,7 +162,7 @@ def collect(
         max_partition_fetch_bytes=32 * 1024 * 1024,
         isolation_level="read_committed" if read_committed else "read_uncommitted",
     )
-    consumer.subscribe([settings.output_topic, settings.dlq_topic])
+    consumer.subscribe([topic for _, topic in settings.output_topics()])
     results = Results()
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
@@ -173,6 +174,9 @@ def collect(
                         results.outputs.append(decode_embedding(message.value))
                         results.raw_outputs.append(message.value)
                         results.output_keys.append(message.key)
+                    elif message.topic == settings.nsfw_output_topic:
+                        results.routed.append(decode_embedding(message.value))
+                        results.raw_routed.append(message.value)
                     else:
                         results.dead.append(message)
             if results.total() >= expected:

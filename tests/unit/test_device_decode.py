@@ -72,6 +72,7 @@ def test_bad_images_get_the_host_decoders_reasons(case):
         request = decode_request(value)
     except RejectedRecord:
         return  # an envelope error: never reaches decoding
+    assert request.image is not None
     with pytest.raises(RejectedRecord) as caught:
         prepare(request.image, LIMITS, Preprocessing(resize="device", decode="device"))
     assert caught.value.reason == reason

@@ -20,6 +20,7 @@ CORPUS = hostile_corpus()
 def outcome(value: bytes) -> str:
     try:
         request = decode_request(value)
+        assert request.image is not None
         decode_and_preprocess(request.image, LIMITS, Preprocessing())
     except RejectedRecord as rejected:
         return rejected.reason.value

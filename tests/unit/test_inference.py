@@ -9,8 +9,8 @@ import torch
 from worker.batcher import Batch, CloseCause
 from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
-from worker.intake import ReadyImage
-from worker.messages import ImageRequest, Source
+from worker.intake import Ready, ReadyImage
+from worker.messages import Request, Source
 from worker.metrics import WorkerMetrics
 from worker.work import InputRecord
 
@@ -26,7 +26,7 @@ class RecordingEmbedder:
         self.fail_batches = fail_batches
         self.first_result_allowed = threading.Event()  # holds batch 1's result until the test allows it
 
-    def launch(self, pixels: list[np.ndarray]) -> "RecordingPending":
+    def launch(self, pixels: list[np.ndarray], heads: object = None) -> "RecordingPending":
         batch = int(pixels[0][0, 0, 0])
         self.events.append(("launch", batch))
         return RecordingPending(self, batch, len(pixels))
@@ -53,22 +53,24 @@ class RecordingPublisher:
         self.published: list[tuple[str, float]] = []
         self.dead: list[str] = []
 
-    def embedding(self, record: InputRecord, request: ImageRequest, vector: np.ndarray) -> None:
+    def embedding(
+        self, record: InputRecord, request: Request, vector: np.ndarray, scores: object = None
+    ) -> None:
         self.published.append((request.id, float(vector[0])))
 
     def reject(self, record: InputRecord, rejection: object) -> None:
         self.dead.append(record.key.decode() if record.key else "")
 
 
-def batch(number: int, size: int = 2) -> Batch[ReadyImage]:
-    items = []
+def batch(number: int, size: int = 2) -> Batch[Ready]:
+    items: list[Ready] = []
     for index in range(size):
         name = f"b{number}-{index}"
         record = InputRecord(
             Source("in", 0, number * 10 + index), name.encode(), b"", [], 0, time.monotonic()
         )
         pixels = np.full((3, 4, 4), number, np.float32)
-        items.append(ReadyImage(record, ImageRequest(name, b""), pixels))
+        items.append(ReadyImage(record, Request(name, b""), pixels))
     return Batch(items, CloseCause.SIZE)
 
 

@@ -6,7 +6,8 @@ from tests.support.schemas import validate_dlq_headers, validate_msgpack
 from worker.errors import RejectedRecord, RejectReason
 from worker.messages import (
     REASON_HEADER,
-    ImageRequest,
+    InputKind,
+    Request,
     Source,
     decode_embedding,
     decode_request,
@@ -20,12 +21,29 @@ def test_request_round_trip_and_schema():
     raw = encode_request("cat.jpg", b"\xff\xd8bytes", {"shard": 3})
     validate_msgpack(raw, "image-request.schema.json")
     request = decode_request(raw)
-    assert request == ImageRequest("cat.jpg", b"\xff\xd8bytes", {"shard": 3})
+    assert request == Request("cat.jpg", b"\xff\xd8bytes", {"shard": 3})
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind"),
+    [
+        ({"image": b"x"}, InputKind.IMAGE),
+        ({"uri": "s3://bucket/cat.jpg"}, InputKind.URI),
+        ({"text": "a photo of a dog"}, InputKind.TEXT),
+        ({"image": b"x", "uri": None, "text": None}, InputKind.IMAGE),  # a null field is an absent one
+    ],
+)
+def test_a_request_carries_exactly_one_input_and_names_its_kind(fields, kind):
+    raw = msgpack.packb({"id": "a", **fields}, use_bin_type=True)
+    validate_msgpack(raw, "image-request.schema.json")
+    request = decode_request(raw)
+    assert request.kind is kind
+    assert getattr(request, kind.value) == fields[kind.value]
 
 
 def test_request_without_version_or_meta_is_accepted():
     raw = msgpack.packb({"id": "a", "image": b"x"}, use_bin_type=True)
-    assert decode_request(raw) == ImageRequest("a", b"x", {})
+    assert decode_request(raw) == Request("a", b"x", {})
 
 
 @pytest.mark.parametrize(
@@ -59,6 +77,13 @@ def test_request_without_version_or_meta_is_accepted():
             msgpack.packb({"v": True, "id": "a", "image": b"x"}, use_bin_type=True),
             RejectReason.UNSUPPORTED_VERSION,
         ),
+        (msgpack.packb({"id": "a", "image": b"x", "uri": "http://h/x"}), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "uri": "s3://b/k", "text": "dog"}), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "uri": b"http://h/x"}, use_bin_type=True), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "uri": ""}), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "text": 7}), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "text": "x" * 20_000}), RejectReason.INVALID_ENVELOPE),
+        (msgpack.packb({"id": "a", "uri": "http://h/" + "x" * 9000}), RejectReason.INVALID_ENVELOPE),
     ],
 )
 def test_bad_requests_are_rejected_with_a_typed_reason(value, reason):
@@ -71,7 +96,7 @@ def test_bad_requests_are_rejected_with_a_typed_reason(value, reason):
 def test_embedding_record_matches_schema_and_round_trips():
     vector = np.linspace(-1, 1, 768, dtype=np.float32)
     vector /= np.linalg.norm(vector)
-    request = ImageRequest("x", b"img", {"k": "v"})
+    request = Request("x", b"img", {"k": "v"})
     raw = encode_embedding(request, vector, "openai/clip-vit-large-patch14", Source("images", 2, 41), False)
     decoded = validate_msgpack(raw, "image-embedding.schema.json")
     assert "image" not in decoded
@@ -84,7 +109,7 @@ def test_embedding_record_matches_schema_and_round_trips():
 
 
 def test_forward_image_includes_original_bytes():
-    request = ImageRequest("x", b"original", {})
+    request = Request("x", b"original", {})
     raw = encode_embedding(request, np.ones(4, np.float32) / 2, "m", Source("t", 0, 0), True)
     assert validate_msgpack(raw, "image-embedding.schema.json")["image"] == b"original"
 
@@ -110,7 +135,7 @@ def test_every_reason_is_in_the_dlq_schema():
 def test_float16_embeddings_halve_the_vector_match_the_schema_and_decode_as_float16():
     vector = np.linspace(-1, 1, 768, dtype=np.float32)
     vector /= np.linalg.norm(vector)
-    request = ImageRequest("x", b"img", {})
+    request = Request("x", b"img", {})
     source = Source("images", 0, 1)
     wide = encode_embedding(request, vector, "m", source, False)
     raw = encode_embedding(request, vector, "m", source, False, dtype="float16")

@@ -29,7 +29,10 @@ TP = TopicPartition("images", 0)
 
 
 def build(
-    exactly_once: bool = False, consumer: FakeConsumer | None = None, **overrides: Any
+    exactly_once: bool = False,
+    consumer: FakeConsumer | None = None,
+    embedder: StubEmbedder | None = None,
+    **overrides: Any,
 ) -> tuple[Pipeline, FakeConsumer, FakeProducer]:
     values = {"batch_size": 4, "batch_timeout_ms": 10, "commit_interval_ms": 0, "device": "cpu", **overrides}
     if exactly_once:
@@ -42,7 +45,8 @@ def build(
         delivery = ExactlyOnce(producer, consumer, tracker, metrics, TopicLimits(), timeout_s=5.0)
     else:
         delivery = AtLeastOnce(producer, consumer, tracker, metrics)
-    pipeline = Pipeline(settings, StubEmbedder(), consumer, delivery, tracker, metrics, HealthState(), 4, 1)  # type: ignore[arg-type]
+    embedder = embedder or StubEmbedder()
+    pipeline = Pipeline(settings, embedder, consumer, delivery, tracker, metrics, HealthState(), 4, 1)  # type: ignore[arg-type]
     return pipeline, consumer, producer
 
 

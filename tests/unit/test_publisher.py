@@ -12,7 +12,7 @@ from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from worker.config import load_settings
 from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.kafka_io.errors import RecordTooLargeError
-from worker.messages import VALUE_OMITTED_HEADER, ImageRequest, Source, decode_embedding
+from worker.messages import VALUE_OMITTED_HEADER, Request, Source, decode_embedding
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.publisher import Publisher
@@ -38,9 +38,9 @@ def publisher(
     return Publisher(settings, delivery, tracker, metrics, "tiny", topic_limits), producer, delivery
 
 
-def record(size: int) -> tuple[InputRecord, ImageRequest]:
+def record(size: int) -> tuple[InputRecord, Request]:
     image = bytes(size)
-    request = ImageRequest(id="big", image=image, meta={})
+    request = Request(id="big", image=image, meta={})
     return InputRecord(Source("images", 0, 7), b"big", image, [], 0, 0.0), request
 
 

@@ -240,12 +240,13 @@ def open_producer(
 
 
 def check_output_topics(producer: Producer, settings: Settings) -> None:
-    """Fail start-up with a one-line fix if the output or DLQ topic does not exist (and is not auto-created).
+    """Fail start-up with a one-line fix if a topic the worker writes to (output, NSFW, DLQ) does not exist
+    (and is not auto-created).
 
     Sending to a missing topic blocks each send for the producer's metadata timeout, so the worker
     refuses to start rather than stall every batch.
     """
-    for flag, topic in (("--output-topic", settings.output_topic), ("--dlq-topic", settings.dlq_topic)):
+    for flag, topic in settings.output_topics():
         if not producer.topic_exists(topic):
             raise StartupError(
                 f"topic {topic!r} does not exist on {settings.bootstrap_servers}; create it or fix {flag}"

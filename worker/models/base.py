@@ -21,6 +21,7 @@ import torch
 from worker.errors import ModelLoadError
 from worker.images import Preprocessing
 from worker.models.checkpoint import MODEL_HINT, RANDOM_PREFIX, ModelSpec, read_json
+from worker.models.text import TextTower
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,20 @@ class ModelFamily(ABC):
         """The ``(N, dim)`` image features (not normalised) of ``model`` (the tower, or a compiled wrapper
         of it) for a normalised ``(N, 3, H, W)`` batch."""
 
+    @abstractmethod
+    def text_classes(self) -> tuple[Any, Any]:
+        """The transformers text model class (with whatever maps it into the image space) and its config
+        class."""
+
+    @abstractmethod
+    def text_length(self, config: Any, tokenizer: Any) -> int:
+        """How many tokens every text is padded and truncated to, as the family's reference tokenises."""
+
+    @abstractmethod
+    def text_features(self, model: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The ``(N, dim)`` text features (not normalised) of the text tower for ``(N, length)`` ids, in the
+        space of :meth:`image_features`: what the family's ``get_text_features`` returns."""
+
     def check_loaded(self, model: Any, spec: ModelSpec) -> None:
         """Refuse a loaded tower this family cannot embed with (raise :class:`ModelLoadError`); by default
         every tower the family's class loads is fine."""
@@ -82,10 +97,40 @@ class ModelFamily(ABC):
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Load the vision tower described by ``spec``; raises :class:`ModelLoadError` with a one-line fix."""
         model_class, config_class = self.vision_classes()
+        builtin = self.builtins.get(spec.model)
+        model, label, revision = self._load_tower(
+            spec, model_class, config_class, "vision", builtin.vision if builtin else None
+        )
+        self.check_loaded(model, spec)
+        processor_config = read_json(spec, "preprocessor_config.json")
+        if not processor_config and builtin is not None:
+            processor_config = dict(builtin.preprocessor)
+        preprocessing = self.preprocessing(processor_config, int(model.config.image_size))
+        return LoadedModel(model, label, revision, preprocessing)
+
+    def load_text(self, spec: ModelSpec) -> TextTower:
+        """Load the text tower and the tokenizer of the checkpoint ``spec`` names (``--texts``); raises
+        :class:`ModelLoadError` with a one-line fix."""
+        model_class, config_class = self.text_classes()
+        model, _label, _revision = self._load_tower(spec, model_class, config_class, "text", None)
+        tokenizer = _load_tokenizer(spec)
+        return TextTower(
+            model.eval(), tokenizer, self.text_length(model.config, tokenizer), self.text_features
+        )
+
+    def _load_tower(
+        self,
+        spec: ModelSpec,
+        model_class: Any,
+        config_class: Any,
+        tower: str,
+        builtin: Mapping[str, Any] | None,
+    ) -> tuple[Any, str, str]:
+        """One tower of the checkpoint (``tower`` names it in errors) with its label and revision."""
         try:
             if spec.random_weights:
                 torch.manual_seed(0)
-                model = model_class(self._architecture(spec, config_class))
+                model = model_class(self._architecture(spec, config_class, builtin))
                 label, revision = RANDOM_PREFIX + spec.model, "random"
             else:
                 model, loading = model_class.from_pretrained(
@@ -95,11 +140,12 @@ class ModelFamily(ABC):
                     attn_implementation="sdpa",
                     output_loading_info=True,
                 )
-                # A checkpoint without some vision weights would load with random ones: never embed with that.
+                # A checkpoint without some of the tower's weights would load with random ones: never
+                # embed with that.
                 if loading.get("missing_keys"):
                     missing = sorted(loading["missing_keys"])
                     raise ModelLoadError(
-                        f"{spec.model!r} lacks {len(missing)} vision weight(s) such as {missing[0]}; "
+                        f"{spec.model!r} lacks {len(missing)} {tower} weight(s) such as {missing[0]}; "
                         f"it is not a {self.name} checkpoint; {MODEL_HINT}"
                     )
                 label = spec.model
@@ -110,19 +156,12 @@ class ModelFamily(ABC):
         except ModelLoadError:
             raise
         except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
-                f"cannot load model {spec.model!r} ({first_line[:200]}); {MODEL_HINT}"
+                f"cannot load the {tower} tower of {spec.model!r} ({_first_line(exc)}); {MODEL_HINT}"
             ) from None
-        self.check_loaded(model, spec)
-        processor_config = read_json(spec, "preprocessor_config.json")
-        builtin = self.builtins.get(spec.model)
-        if not processor_config and builtin is not None:
-            processor_config = dict(builtin.preprocessor)
-        preprocessing = self.preprocessing(processor_config, int(model.config.image_size))
-        return LoadedModel(model, label, revision, preprocessing)
+        return model, label, revision
 
-    def _architecture(self, spec: ModelSpec, config_class: Any) -> Any:
+    def _architecture(self, spec: ModelSpec, config_class: Any, builtin: Mapping[str, Any] | None) -> Any:
         """The architecture for random weights: from a local checkpoint, the cache, or the built-in table."""
         try:
             return config_class.from_pretrained(
@@ -131,10 +170,41 @@ class ModelFamily(ABC):
                 local_files_only=True,
             )
         except Exception:
-            builtin = self.builtins.get(spec.model)
             if builtin is not None:
-                return config_class(**builtin.vision)
+                return config_class(**builtin)
+            if spec.model in self.builtins:  # built in are the vision towers (texts need the tokenizer too)
+                raise ModelLoadError(
+                    f"random weights for the text tower of {spec.model!r} need its config.json and "
+                    f"tokenizer files in a local directory or the cache; {MODEL_HINT}"
+                ) from None
             raise ModelLoadError(
                 f"random weights need the architecture of {spec.model!r}, which is neither a local "
                 f"directory, cached, nor built in ({', '.join(sorted(self.builtins))}); {MODEL_HINT}"
             ) from None
+
+
+def _load_tokenizer(spec: ModelSpec) -> Any:
+    """The checkpoint's own tokenizer, with the worker's offline behaviour."""
+    from transformers import AutoTokenizer
+
+    problem = "it knows only its special tokens: the checkpoint has no tokenizer files"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.model,
+            cache_dir=str(spec.model_dir) if spec.model_dir else None,
+            local_files_only=spec.local_files_only or spec.random_weights,
+        )
+    except Exception as exc:
+        tokenizer, problem = None, _first_line(exc)
+    # Without tokenizer files transformers builds an empty tokenizer of the model's type rather than fail.
+    if tokenizer is None or len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {spec.model!r} for --texts ({problem}); it must be in the "
+            f"checkpoint directory or the cache (SigLIP's needs the sentencepiece package); {MODEL_HINT}"
+        )
+    return tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

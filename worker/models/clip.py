@@ -1,8 +1,10 @@
 """CLIP: OpenAI's checkpoints (ViT-B/32, B/16, L/14, L/14 at 336 px) and OpenCLIP's in transformers format.
 
 The vision tower with its projection (``CLIPVisionModelWithProjection``) loads from a full CLIPModel
-checkpoint; the embedding is ``image_embeds``. Preprocessing is CLIPImageProcessor's: shortest side to
-``size`` (bicubic), centre crop, mean and std from the checkpoint's preprocessor config.
+checkpoint; the embedding is ``image_embeds``. With ``--texts`` the text tower with its projection
+(``CLIPTextModelWithProjection``) loads too; a text's embedding is ``text_embeds``, every text padded and
+truncated to the tokenizer's 77 tokens with an attention mask. Preprocessing is CLIPImageProcessor's:
+shortest side to ``size`` (bicubic), centre crop, mean and std from the checkpoint's preprocessor config.
 """
 
 from __future__ import annotations
@@ -79,4 +81,19 @@ class ClipFamily(ModelFamily):
 
     def image_features(self, model: Callable[..., Any], pixel_values: torch.Tensor) -> torch.Tensor:
         features: torch.Tensor = model(pixel_values=pixel_values).image_embeds
+        return features
+
+    def text_classes(self) -> tuple[Any, Any]:
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection, CLIPTextConfig
+
+    def text_length(self, config: Any, tokenizer: Any) -> int:
+        # The tokenizer's context (77 for every OpenAI and OpenCLIP checkpoint), at most the tower's
+        # positions. CLIPProcessor pads to the longest text instead; the causal mask and the attention mask
+        # make that the same features, and one length lets texts be tokenised apart from their batch.
+        return int(min(tokenizer.model_max_length, config.max_position_embeddings))
+
+    def text_features(self, model: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        features: torch.Tensor = model(input_ids=ids, attention_mask=mask).text_embeds
         return features

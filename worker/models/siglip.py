@@ -5,6 +5,10 @@ attention-pooling head's output, ``pooler_output``, which is what ``SiglipModel.
 returns (dim = the tower's hidden size, no projection). Preprocessing is SiglipImageProcessor's: the whole
 image to a fixed square without keeping its aspect ratio, with the filter its config names (bicubic for
 SigLIP, bilinear for SigLIP 2), rescale to [0, 1], mean = std = 0.5.
+
+With ``--texts`` the text tower (``SiglipTextModel``, whose head maps into the image space) loads too; a
+text's embedding is its ``pooler_output``, every text padded to 64 tokens (``padding="max_length"``, as the
+model was trained).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ SIGLIP_SO400M_PATCH14_384_VISION = {
     "image_size": 384,
 }
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
+SIGLIP_TEXT_LENGTH = 64
 # PIL's resampling numbers, as preprocessor_config.json writes them.
 _FILTERS = {2: "bilinear", 3: "bicubic"}
 _BICUBIC, _BILINEAR = 3, 2
@@ -110,6 +115,25 @@ class SiglipFamily(ModelFamily):
 
     def image_features(self, model: Callable[..., Any], pixel_values: torch.Tensor) -> torch.Tensor:
         features: torch.Tensor = model(pixel_values=pixel_values).pooler_output
+        return features
+
+    def text_classes(self) -> tuple[Any, Any]:
+        from transformers import SiglipTextConfig, SiglipTextModel
+
+        return SiglipTextModel, SiglipTextConfig
+
+    def text_length(self, config: Any, tokenizer: Any) -> int:
+        # The tower pools its last position, so the padding is part of the input: SigLIP was trained with
+        # every text padded to 64 tokens, and transformers' zero-shot pipeline pads so (max_length 64).
+        del tokenizer
+        return int(min(SIGLIP_TEXT_LENGTH, config.max_position_embeddings))
+
+    def text_features(self, model: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # SigLIP was trained without an attention mask: every position, padding included, attends to every
+        # other (big_vision; transformers 4.x's tokenizer makes no mask). transformers 5's does, and passing
+        # it changes the vectors, so the tower gets the ids alone.
+        del mask
+        features: torch.Tensor = model(input_ids=ids).pooler_output
         return features
 
     def check_loaded(self, model: Any, spec: ModelSpec) -> None:

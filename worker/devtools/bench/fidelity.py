@@ -27,7 +27,7 @@ def bench_dtype_fidelity(report: Report, embedder: Embedder, count: int, batch: 
     embedder's device; recorded in the report's ``fidelity``."""
     half = count // 2
     images = [s.data for s in sample_images(half, seed=31)] + jpeg_corpus(count - half, 640, 480, 32)
-    processor = reference_processor(embedder.preprocessing)
+    processor = reference_processor(embedder)
     pixels = np.stack([reference_pixels(processor, data) for data in images])
     vectors = {}
     for dtype in ("float32", "bfloat16"):

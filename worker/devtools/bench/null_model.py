@@ -15,6 +15,7 @@ import torch
 from worker.embedder import Embedder, PendingEmbeddings
 from worker.images import Preprocessing
 from worker.models.clip import ClipFamily
+from worker.models.heads import ScoreHeads
 
 NULL_LABEL = "null:host-cost"
 VIT_L14_DIM = 768
@@ -46,10 +47,21 @@ class NullEmbedder(Embedder):
         vectors[:, 0] = 1.0
         self._vectors = torch.from_numpy(vectors)
 
-    def launch(self, pixels: np.ndarray | Sequence[np.ndarray]) -> PendingEmbeddings:
-        """The vectors at once, whatever the pixels."""
-        return PendingEmbeddings(self._vectors[: len(pixels)], None)
+    def launch(
+        self, pixels: np.ndarray | Sequence[np.ndarray], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
+        """The vectors at once, whatever the pixels (scored by ``heads``, if any)."""
+        return self._pending(len(pixels), heads)
 
-    def launch_decoded(self, images: Sequence[np.ndarray | torch.Tensor]) -> PendingEmbeddings:
+    def launch_decoded(
+        self, images: Sequence[np.ndarray | torch.Tensor], heads: ScoreHeads | None = None
+    ) -> PendingEmbeddings:
         """The vectors at once: no resize, no forward pass."""
-        return PendingEmbeddings(self._vectors[: len(images)], None)
+        return self._pending(len(images), heads)
+
+    def _pending(self, count: int, heads: ScoreHeads | None) -> PendingEmbeddings:
+        vectors = self._vectors[:count]
+        if heads is None:
+            return PendingEmbeddings(vectors, None)
+        with torch.inference_mode():
+            return PendingEmbeddings(vectors, None, heads(vectors))

@@ -29,7 +29,7 @@ def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, di
         + jpeg_corpus(third, 640, 480, 77)
         + jpeg_corpus(count - 2 * third, 1600, 1200, 78)
     )
-    processor = reference_processor(embedder.preprocessing)
+    processor = reference_processor(embedder)
     reference = np.stack([reference_pixels(processor, data) for data in images])
     reference_vectors = _embed(embedder, reference)
     results: dict[str, dict[str, float]] = {}

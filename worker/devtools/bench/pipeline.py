@@ -271,7 +271,7 @@ def bench_baseline(
     corpus = work.corpus[:images] if images else work.corpus
     settings = fresh_settings(bootstrap, work)
     fill_backlog(settings, corpus)
-    processor = reference_processor(embedder.preprocessing)
+    processor = reference_processor(embedder)
     consumer = make_consumer(settings, max_poll_records=batch)
     producer = make_producer(settings)
     consumer.subscribe([settings.input_topic])
@@ -294,7 +294,7 @@ def bench_baseline(
                 continue
             started = started or time.perf_counter()
             requests = [decode_request(r.value) for r in records]
-            pixels = np.stack([reference_pixels(processor, q.image) for q in requests])
+            pixels = np.stack([reference_pixels(processor, q.image or b"") for q in requests])
             vectors = embedder.embed(pixels)
             for record, request, vector in zip(records, requests, vectors, strict=True):
                 source = Source(record.topic, record.partition, record.offset)

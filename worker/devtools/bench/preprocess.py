@@ -18,20 +18,6 @@ from worker.errors import StartupError
 from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
 
 
-def reference_processor(params: Preprocessing) -> object:
-    """transformers' CLIPImageProcessor with the PIL backend (the parity reference)."""
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor as Processor
-    return Processor(
-        size={"shortest_edge": params.size},
-        crop_size={"height": params.crop, "width": params.crop},
-        image_mean=list(params.mean),
-        image_std=list(params.std),
-    )
-
-
 def reference_pixels(processor: object, data: bytes) -> np.ndarray:
     """Reference preprocessing of one encoded image (NeMo Curator's per-image path)."""
     image = load_rgb(data, ImageLimits())
@@ -39,16 +25,22 @@ def reference_pixels(processor: object, data: bytes) -> np.ndarray:
     return pixels
 
 
-def bench_preprocess(report: Report, corpus: list[bytes], params: Preprocessing, workers: list[int]) -> None:
+def reference_processor(embedder: Embedder) -> object:
+    """The parity reference: the embedder's family's own transformers processor (PIL backend) for its
+    preprocessing."""
+    return embedder.family.reference_processor(embedder.preprocessing)
+
+
+def bench_preprocess(report: Report, corpus: list[bytes], embedder: Embedder, workers: list[int]) -> None:
     """Images/s of decode + preprocess over ``corpus`` with 1..N threads, and the reference on one thread."""
     limits = ImageLimits()
-    processor = reference_processor(params)
+    params = embedder.preprocessing
+    processor = reference_processor(embedder)
     started = time.perf_counter()
     for data in corpus:
         reference_pixels(processor, data)
-    report.add(
-        "preprocess", "reference CLIPImageProcessor, 1 thread", len(corpus) / (time.perf_counter() - started)
-    )
+    case = f"reference {type(processor).__name__}, 1 thread"
+    report.add("preprocess", case, len(corpus) / (time.perf_counter() - started))
     variants = [(f"resize={resize}", replace(params, resize=resize)) for resize in RESIZERS]
     variants.append(("decode=device", replace(params, resize="device", decode="device")))
     notes = {

@@ -174,7 +174,7 @@ def _model_sections(
         bench_parity(report, embedder, args.parity_images)
     if "preprocess" in sections:
         few = corpus[: args.preprocess_images or len(corpus)]
-        bench_preprocess(report, few, embedder.preprocessing, [int(t) for t in args.threads.split(",")])
+        bench_preprocess(report, few, embedder, [int(t) for t in args.threads.split(",")])
         bench_large_jpegs(report, embedder.preprocessing, 16 if args.quick else 48)
         bench_device_preprocess(report, embedder, few, args.batch_size)
     if "end-to-end" in sections:

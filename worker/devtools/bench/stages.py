@@ -35,7 +35,7 @@ acknowledgement + offset tracking   ``Publisher.delivered``, the send callbacks,
 commit                              ``Pipeline.commit``, the guarantees' ``commit``, ``KafkaConsumer.commit``
 metrics                             ``prometheus_client``, ``worker.metrics``, ``worker.observer``
 main loop (other)                   the rest of ``worker.pipeline`` and ``worker.service`` while running
-decode (stand-in)                   ``IntakeStage._decode_images``, ``worker.images``, ``PIL``: a tiny image
+decode (stand-in)                   ``ImageDecoder.decode_now``, ``worker.images``, ``PIL``: a tiny image
 model (stand-in)                    ``worker.embedder``, ``worker.devtools.bench.null_model``
 ==================================  =====================================================================
 """
@@ -117,7 +117,7 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.images", "", DECODE),
     ("PIL", "", DECODE),
     ("worker.batcher", "", BATCHING),
-    ("worker.intake", "IntakeStage._decode_images", DECODE),
+    ("worker.inputs.image_bytes", "ImageDecoder.decode_now", DECODE),
     ("worker.intake", "IntakeStage.collect", BATCHING),
     ("worker.intake", "", INTAKE),
     ("worker.pipeline", "Pipeline._poll", POLL),

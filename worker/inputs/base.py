@@ -1,0 +1,42 @@
+"""What an input kind's handler promises the intake stage."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from worker.images import EncodedJpeg
+from worker.messages import Request
+from worker.models.text import TokenizedText
+
+# An image ready for its batch: model-ready pixels (or, with --decode device, a checked JPEG).
+Pixels = np.ndarray | EncodedJpeg
+# What a handler makes of one request: an image's pixels or a text's token ids.
+Prepared = Pixels | TokenizedText
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one request's result will appear: item ``index`` of the list ``future`` resolves to.
+
+    Handlers prepare requests in chunks (every submission costs GIL time the workers need), so several
+    slots share a future. An item that is an exception is that request's rejection or failure.
+    """
+
+    future: Future[list[Prepared | Exception]]
+    index: int
+
+
+class InputHandler(Protocol):
+    """Turns requests of one input kind into model-ready work, off the caller's thread."""
+
+    def submit(self, requests: list[Request]) -> list[Slot]:
+        """Start preparing ``requests``; one slot per request, in order."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the handler's threads without waiting for queued work."""
+        ...

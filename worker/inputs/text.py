@@ -1,0 +1,63 @@
+"""Requests that carry a text (``--texts``): tokenised for the model's text tower on one thread.
+
+A chunk of texts is one tokenizer call: measured on 2 cores with the test checkpoints' tokenizers, 51 us
+per CLIP text and 107 us per SigLIP text in chunks of 64, against 128 and 164 us one call each. One thread:
+that is 10-20 thousand texts a second, more than a GPU embeds, and tokenising holds the GIL much of the
+time (the main thread keeps 62% of its Python throughput beside a CLIP tokenizer thread, 76% beside
+SigLIP's), so more threads would only contend with the poll loop.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from worker.errors import RejectedRecord, RejectReason
+from worker.inputs.base import Prepared, Slot
+from worker.messages import Request
+from worker.metrics import WorkerMetrics
+from worker.models.text import TextTower
+
+_TOKENIZE_CHUNK = 64
+
+
+class TextTokenizer:
+    """Tokenises the requests' texts with the text tower's tokenizer, off the caller's thread."""
+
+    def __init__(self, tower: TextTower, metrics: WorkerMetrics) -> None:
+        self._tower = tower
+        self._metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    def submit(self, requests: list[Request]) -> list[Slot]:
+        """Queue the requests' texts for the tokenizer thread; one slot per request, in order."""
+        texts = [request.text or "" for request in requests]
+        slots: list[Slot] = []
+        for start in range(0, len(texts), _TOKENIZE_CHUNK):
+            chunk = texts[start : start + _TOKENIZE_CHUNK]
+            future = self._pool.submit(self.tokenize_now, chunk)
+            slots.extend(Slot(future, index) for index in range(len(chunk)))
+        return slots
+
+    def tokenize_now(self, texts: list[str]) -> list[Prepared | Exception]:
+        """Tokenise on the calling thread; each text's ids, or the rejection of a text the tokenizer fails
+        on (the chunk is tried text by text, so only that one is rejected)."""
+        started = time.perf_counter()
+        results: list[Prepared | Exception]
+        try:
+            results = list(self._tower.tokenize(texts))
+        except Exception:
+            results = [self._tokenize_one(text) for text in texts]
+        self._metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - started)
+        return results
+
+    def _tokenize_one(self, text: str) -> Prepared | Exception:
+        try:
+            return self._tower.tokenize([text])[0]
+        except Exception as exc:
+            message = f"the tokenizer failed on this text: {type(exc).__name__}: {exc}"
+            return RejectedRecord(RejectReason.INFERENCE_FAILED, message)
+
+    def shutdown(self) -> None:
+        """Stop the tokenizer thread without waiting for queued work."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
