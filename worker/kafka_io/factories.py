@@ -28,7 +28,6 @@ MAX_POLL_RECORDS = 500
 RECORD_OVERHEAD_BYTES = 128
 HEADER_OVERHEAD_BYTES = 10
 _PRODUCER_BATCH_BYTES = 256 * 1024
-_FETCH_PARTITION_BYTES = 1024 * 1024
 
 
 def record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
@@ -77,12 +76,8 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
         "group_id": settings.group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": settings.auto_offset_reset,
-        # Small fetches: every fetch response is received into a buffer of its whole size, so large ones
-        # (64 MiB) cost fresh memory and page faults per response; 1 MiB halves the consumer's CPU per 80 KB
-        # record. A larger record still comes through (alone): brokers return at least one whole record
-        # batch whatever these say (KIP-74, every broker that has record headers, which the worker needs).
-        "max_partition_fetch_bytes": min(settings.max_message_bytes, _FETCH_PARTITION_BYTES),
-        "fetch_max_bytes": 2 * min(settings.max_message_bytes, _FETCH_PARTITION_BYTES),
+        "max_partition_fetch_bytes": settings.max_message_bytes,
+        "fetch_max_bytes": max(settings.max_message_bytes, 64 * 1024 * 1024),
         "max_poll_records": MAX_POLL_RECORDS,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
         "session_timeout_ms": settings.session_timeout_ms,

@@ -1,4 +1,4 @@
-"""Client options: keys partitioned as the default partitioners of kafka-python and Java do; small fetches."""
+"""The producer's partitioner puts every record where kafka-python's (and Java's) default one does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from kafka.partitioner.default import DefaultPartitioner
 from kafka.partitioner.default import murmur2 as reference_murmur2
 
 from worker.config import load_settings
-from worker.kafka_io import consumer_options, producer_options, transactional_producer_options
+from worker.kafka_io import producer_options, transactional_producer_options
 from worker.kafka_io.partitioner import KeyHashPartitioner, murmur2
 
 
@@ -89,11 +89,3 @@ def test_both_producers_use_it():
     assert isinstance(producer_options(settings)["partitioner"], KeyHashPartitioner)
     transactional = transactional_producer_options(settings, "t")
     assert isinstance(transactional["partitioner"], KeyHashPartitioner)
-
-
-def test_fetches_are_small_whatever_the_largest_record():
-    # A record over the fetch size still comes through alone (KIP-74): the sizes only bound each response.
-    options = consumer_options(load_settings({"device": "cpu"}, environ={}))
-    assert (options["max_partition_fetch_bytes"], options["fetch_max_bytes"]) == (1 << 20, 2 << 20)
-    small = consumer_options(load_settings({"device": "cpu", "max_message_bytes": 100_000}, environ={}))
-    assert (small["max_partition_fetch_bytes"], small["fetch_max_bytes"]) == (100_000, 200_000)
