@@ -89,7 +89,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    sent = produce_paths(settings, args.paths, partitions=args.partitions)
+    sent = produce_paths(settings, args.paths, partitions=args.partitions, by_reference=args.by_reference)
     print(f"published {sent} image record(s) to {settings.input_topic}")
     return 0
 
@@ -153,9 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     produce = commands.add_parser("produce", help="publish image files and folders as request records")
-    produce.add_argument("paths", nargs="+", help="image files or folders (recursive)")
+    produce.add_argument("paths", nargs="*", help="image files or folders (recursive)")
     produce.add_argument("--partitions", type=int, default=None, help="create the topic with N partitions")
-    add_settings_arguments(produce, (*CONNECTION_FIELDS, "input_topic"))
+    produce.add_argument(
+        "--by-reference",
+        metavar="BASE",
+        default=None,
+        help="publish URIs instead of bytes: each file's relative path under BASE, the URL the folder is "
+        "served at (http://host/images/) or the S3 prefix it is copied to (s3://bucket/prefix/); with no "
+        "paths, every object under the S3 prefix BASE",
+    )
+    add_settings_arguments(produce, (*CONNECTION_FIELDS, "input_topic", "s3_endpoint_url", "s3_region"))
     produce.set_defaults(handler=_cmd_produce)
 
     tail = commands.add_parser("tail", help="print output records as JSON lines")

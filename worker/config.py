@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import StartupError
+from worker.fetching.uri import SCHEMES, redact
 
 ENV_PREFIX = "CLIP_WORKER_"
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -136,6 +137,48 @@ class Settings(BaseSettings):
         "pil",
         description="JPEG decoding: pil = on the decode threads; device = on the model's device (nvJPEG via "
         "torchvision on a GPU; needs --resize device), other formats stay on the decode threads",
+    )
+
+    # Images by reference
+    fetch_schemes: str | None = Field(
+        None,
+        description="URI schemes a request's uri may use, comma separated (http, https, s3, file); "
+        "unset = http,https,s3, plus file when --fetch-file-root is given",
+    )
+    fetch_concurrency: int = Field(
+        128,
+        ge=1,
+        le=4096,
+        description="images fetched at once by reference (threads, each holding at most one image): about "
+        "images/s times the fetch latency",
+    )
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, description="time allowed for one try of one fetch, body included"
+    )
+    fetch_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="further tries after a timeout, 5xx, 429 or dropped connection (with backoff)",
+    )
+    fetch_allow_hosts: str = Field(
+        "",
+        description="host names and IP ranges (CIDR), comma separated, that references may reach even if "
+        "private, loopback or link-local (the metadata services only if named)",
+    )
+    fetch_allow_private: bool = Field(
+        False,
+        description="let references reach private, loopback and link-local addresses (not the metadata "
+        "services)",
+    )
+    fetch_file_root: Path | None = Field(
+        None, description="directory that file:// references must lie under (enables the file scheme)"
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for s3:// references (default: AWS, or AWS_ENDPOINT_URL_S3)"
+    )
+    s3_region: str | None = Field(
+        None, description="region for s3:// references (default: AWS_REGION / AWS_DEFAULT_REGION / profile)"
     )
 
     # Model
@@ -260,6 +303,41 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty (leave it unset instead)")
         return value
 
+    @field_validator("fetch_schemes")
+    @classmethod
+    def _check_schemes(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        schemes = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = [scheme for scheme in schemes if scheme not in SCHEMES]
+        if unknown:
+            raise ValueError(f"unknown scheme {unknown[0]!r}; use some of {', '.join(SCHEMES)}")
+        return ",".join(schemes)
+
+    @field_validator("fetch_allow_hosts")
+    @classmethod
+    def _check_allow_hosts(cls, value: str) -> str:
+        from worker.fetching.guard import parse_allow_entries
+
+        parse_allow_entries(value.split(","))
+        return value
+
+    @field_validator("fetch_file_root")
+    @classmethod
+    def _check_file_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no such directory: {value}")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/@\s]+(/\S*)?$", value):
+            raise ValueError("use an http:// or https:// URL without credentials (they come from AWS_*)")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _read_secret_files(cls, values: Any) -> Any:
@@ -310,6 +388,27 @@ class Settings(BaseSettings):
         if self.decode == "device" and self.jpeg_draft:
             raise ValueError("--jpeg-draft applies to host decoding: drop it or use --decode pil")
         return self
+
+    @model_validator(mode="after")
+    def _check_file_scheme(self) -> Settings:
+        if "file" in self.fetch_scheme_set and self.fetch_file_root is None:
+            raise ValueError(
+                "the file scheme needs --fetch-file-root (the directory file:// URIs must lie under)"
+            )
+        return self
+
+    @property
+    def fetch_scheme_set(self) -> frozenset[str]:
+        """The schemes a request's ``uri`` may use (the one place that decides the default)."""
+        if self.fetch_schemes is not None:
+            return frozenset(s for s in self.fetch_schemes.split(",") if s)
+        defaults = {"http", "https", "s3"}
+        return frozenset(defaults | ({"file"} if self.fetch_file_root is not None else set()))
+
+    @property
+    def fetch_allow_host_list(self) -> tuple[str, ...]:
+        """``--fetch-allow-hosts`` as a list."""
+        return tuple(part.strip() for part in self.fetch_allow_hosts.split(",") if part.strip())
 
     @model_validator(mode="after")
     def _check_scores(self) -> Settings:
@@ -417,6 +516,8 @@ def _describe_validation_error(exc: ValidationError) -> str:
         field = location[0]
         value = error.get("input")
         shown = "***" if "password" in field else repr(value)
+        if field == "s3_endpoint_url" and isinstance(value, str):
+            shown = repr(redact(value))
         return f"invalid {flag_name(field)} / {env_name(field)} = {shown}: {message}"
     return f"invalid configuration: {message}"
 

@@ -27,6 +27,11 @@ class RejectReason(enum.StrEnum):
     OUTPUT_TOO_LARGE = "output_too_large"
     UNREADABLE_RECORD = "unreadable_record"
     INPUT_KIND_DISABLED = "input_kind_disabled"
+    FETCH_FORBIDDEN = "fetch_forbidden"
+    FETCH_NOT_FOUND = "fetch_not_found"
+    FETCH_TIMEOUT = "fetch_timeout"
+    FETCH_TOO_LARGE = "fetch_too_large"
+    FETCH_FAILED = "fetch_failed"
 
 
 class ExitCode(enum.IntEnum):

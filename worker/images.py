@@ -83,10 +83,16 @@ class EncodedJpeg:
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Guards applied before an image is decoded."""
+    """Guards applied before an image is decoded.
+
+    ``max_bytes`` is the largest encoded image: an inline image can be no larger than its record
+    (``--max-message-bytes``), and an image fetched by reference gets the same cap, enforced while it
+    streams in.
+    """
 
     max_pixels: int = 64_000_000
     min_side: int = 3
+    max_bytes: int = 16 * 1024 * 1024
 
 
 def load_rgb(data: bytes, limits: ImageLimits, draft_shortest_side: int | None = None) -> Image.Image:

@@ -215,7 +215,8 @@ class InferenceStage:
         # A batch of texts has no scores: the heads score image embeddings.
         for index, (item, vector) in enumerate(zip(items, vectors, strict=True)):
             named = self.heads.named(scores[index]) if self.heads is not None and scores is not None else None
-            self.publisher.embedding(item.record, item.request, vector, named)
+            fetched = item.fetched if isinstance(item, ReadyImage) else None
+            self.publisher.embedding(item.record, item.request, vector, named, fetched)
         metrics.embedded.inc(len(items))
         metrics.stage("publish").observe(time.perf_counter() - ready)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import InputHandler, Pixels, Slot
+from worker.inputs.base import Fetched, InputHandler, Pixels, Slot
 from worker.inputs.select import ENABLE_HINTS
 from worker.messages import InputKind, Modality, Request, decode_request
 from worker.models.text import TokenizedText
@@ -28,6 +28,7 @@ class ReadyImage:
     record: InputRecord
     request: Request
     pixels: Pixels
+    fetched: bytes | None = None  # the image as fetched by reference, kept only for --forward-image
     modality: ClassVar[Modality] = Modality.IMAGE
 
 
@@ -121,6 +122,8 @@ class IntakeStage:
             elif isinstance(prepared, Exception):
                 message = f"decoder crashed: {type(prepared).__name__}: {prepared}"
                 yield Rejected(item.record, RejectedRecord(RejectReason.CORRUPT_IMAGE, message))
+            elif isinstance(prepared, Fetched):
+                yield ReadyImage(item.record, item.request, prepared.prepared, prepared.image)
             elif isinstance(prepared, TokenizedText):
                 yield ReadyText(item.record, item.request, prepared)
             else:

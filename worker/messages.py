@@ -15,6 +15,7 @@ import msgpack
 import numpy as np
 
 from worker.errors import RejectedRecord, RejectReason
+from worker.fetching.uri import redact
 
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 1024
@@ -184,6 +185,12 @@ def encode_request(request_id: str, image: bytes, meta: dict[str, Any] | None = 
     return _encode_input(request_id, InputKind.IMAGE, image, meta)
 
 
+def encode_reference(request_id: str, uri: str, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode a request by reference: the image is fetched from ``uri`` (``clip-worker produce
+    --by-reference``, tests)."""
+    return _encode_input(request_id, InputKind.URI, uri, meta)
+
+
 def encode_text_request(request_id: str, text: str, meta: dict[str, Any] | None = None) -> bytes:
     """Encode a request record value that carries a text to embed."""
     return _encode_input(request_id, InputKind.TEXT, text, meta)
@@ -207,11 +214,14 @@ def encode_embedding(
     forward_image: bool,
     dtype: str = "float32",
     scores: Mapping[str, float] | None = None,
+    fetched: bytes | None = None,
 ) -> bytes:
     """Encode one output record: the embedding as little-endian ``dtype`` bytes (a key of
     :data:`EMBEDDING_DTYPES`) plus its context, and the ``scores`` of the heads run on it, if any.
     ``kind`` says which tower embedded it; a text is not echoed (the request's ``meta``, which is, can carry
-    it)."""
+    it). A ``uri`` request gets its ``uri`` back (credentials masked, see :func:`shown_uri`); with
+    ``forward_image`` the record also carries the image: the request's own bytes, or ``fetched``, the bytes
+    its ``uri`` was fetched as."""
     vector = np.ascontiguousarray(embedding, dtype=EMBEDDING_DTYPES[dtype])
     payload: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -227,10 +237,21 @@ def encode_embedding(
     }
     if scores:
         payload["scores"] = dict(scores)
-    if forward_image and request.image is not None:
-        payload["image"] = request.image
+    if request.uri is not None:
+        payload["uri"] = shown_uri(request.uri)
+    image = request.image if request.image is not None else fetched
+    if forward_image and image is not None:
+        payload["image"] = image
     packed: bytes = msgpack.packb(payload, use_bin_type=True)
     return packed
+
+
+def shown_uri(uri: str) -> str:
+    """A request's ``uri`` as echoed in its output: an http(s) URI with userinfo or a query has those
+    masked (presigned URLs carry their signature there); other URIs are unchanged."""
+    if uri[:5].lower() == "http:" or uri[:6].lower() == "https:":
+        return redact(uri)
+    return uri
 
 
 def decode_embedding(value: bytes) -> dict[str, Any]:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _BATCH_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _STAGE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FETCH_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _E2E_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -109,6 +110,28 @@ class WorkerMetrics:
             ["stage"],
             buckets=_STAGE_SECONDS,
             registry=r,
+        )
+        self.fetches = Counter(
+            "clip_worker_fetches",
+            "Images fetched by reference, by scheme and outcome (ok or the dead-letter reason)",
+            ["scheme", "outcome"],
+            registry=r,
+        )
+        self.fetch_retries = Counter(
+            "clip_worker_fetch_retries",
+            "Fetch tries repeated after a retriable failure, by scheme",
+            ["scheme"],
+            registry=r,
+        )
+        self.fetch_seconds = Histogram(
+            "clip_worker_fetch_seconds",
+            "Seconds to fetch an image by reference, retries included, by scheme",
+            ["scheme"],
+            buckets=_FETCH_SECONDS,
+            registry=r,
+        )
+        self.fetched_bytes = Counter(
+            "clip_worker_fetched_bytes", "Image bytes fetched by reference, by scheme", ["scheme"], registry=r
         )
         self.end_to_end_seconds = Histogram(
             "clip_worker_end_to_end_seconds",

@@ -120,7 +120,9 @@ class Pipeline:
         self.batchers: dict[Modality, Batcher[Ready]] = {
             modality: Batcher(batch_size, settings.batch_timeout_s) for modality in Modality
         }
-        image_limits = ImageLimits(settings.max_image_pixels, settings.min_image_side)
+        image_limits = ImageLimits(
+            settings.max_image_pixels, settings.min_image_side, settings.max_message_bytes
+        )
         preprocessing = replace(
             embedder.preprocessing,
             resize=settings.resize,

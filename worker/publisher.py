@@ -75,9 +75,11 @@ class Publisher:
         request: Request,
         vector: np.ndarray,
         scores: Mapping[str, float] | None = None,
+        fetched: bytes | None = None,
     ) -> None:
         """Publish the embedding of ``record`` with its ``scores`` (dead-lettered instead if it is too large
-        to send), to the output topic or, when its nsfw score is over ``--route-nsfw-above``, the NSFW one."""
+        to send), to the output topic or, when its nsfw score is over ``--route-nsfw-above``, the NSFW one.
+        ``fetched``: the image a ``uri`` request was fetched as, for ``--forward-image``."""
         value = encode_embedding(
             request,
             vector,
@@ -86,6 +88,7 @@ class Publisher:
             self._settings.forward_image,
             self._settings.output_dtype,
             scores,
+            fetched,
         )
         if len(value) > self._settings.max_message_bytes:
             message = f"output record is {len(value)} bytes, over --max-message-bytes"

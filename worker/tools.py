@@ -9,13 +9,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import numpy as np
 
 from worker.config import Settings
 from worker.errors import StartupError
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
-from worker.messages import decode_embedding, encode_request
+from worker.messages import decode_embedding, encode_reference, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,72 @@ def iter_image_files(paths: list[str]) -> Iterator[tuple[str, Path]]:
             raise StartupError(f"{argument}: no such file or directory")
 
 
-def produce_paths(settings: Settings, paths: list[str], partitions: int | None = None) -> int:
-    """Publish each file as one request record (key = id); returns how many were acknowledged."""
-    files = list(iter_image_files(paths))
+def reference_requests(base: str, paths: list[str], settings: Settings) -> Iterator[tuple[str, bytes]]:
+    """``(id, record value)`` of requests by reference under ``base``.
+
+    With ``paths``, each file's path relative to its argument is appended to ``base``: the folder as
+    served over HTTP (``http://host/images/``, the path percent-encoded) or copied under an S3 prefix
+    (``s3://bucket/prefix/``, the key verbatim). Without ``paths``, ``base`` must be an S3 prefix, and its
+    objects are listed.
+    """
+    scheme = base.partition("://")[0].lower()
+    if scheme not in ("http", "https", "s3"):
+        raise StartupError(f"--by-reference {base!r}: use an http://, https:// or s3:// base")
+    prefix = base if base.endswith("/") else base + "/"
+    if paths:
+        for request_id, _path in iter_image_files(paths):
+            tail = request_id if scheme == "s3" else quote(request_id)
+            yield request_id, encode_reference(request_id, prefix + tail, {"path": request_id})
+        return
+    if scheme != "s3":
+        raise StartupError("--by-reference with an http(s) base needs the local folder it serves")
+    bucket, _, key_prefix = base[len("s3://") :].partition("/")
+    for key in list_s3_keys(bucket, key_prefix, settings):
+        yield key, encode_reference(key, f"s3://{bucket}/{key}", {"path": key})
+
+
+def list_s3_keys(bucket: str, prefix: str, settings: Settings) -> Iterator[str]:
+    """The keys under ``prefix`` in ``bucket`` (credentials and endpoint as the worker finds them)."""
+    import boto3
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
+    )
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                yield item["Key"]
+
+
+def produce_paths(
+    settings: Settings, paths: list[str], partitions: int | None = None, by_reference: str | None = None
+) -> int:
+    """Publish each file as one request record (key = id), carrying its bytes, or with ``by_reference``
+    its URI under that base (:func:`reference_requests`); returns how many were acknowledged."""
+    # Listed before connecting, so that a wrong path is the error a user sees.
+    if by_reference is not None:
+        requests: Iterator[tuple[str, bytes]] = iter(list(reference_requests(by_reference, paths, settings)))
+    elif paths:
+        files = list(iter_image_files(paths))
+        requests = (
+            (request_id, encode_request(request_id, path.read_bytes(), {"path": str(path)}))
+            for request_id, path in files
+        )
+    else:
+        raise StartupError("name the image files or folders to publish")
     if partitions:
         ensure_topics(settings, {settings.input_topic: partitions})
     producer = make_producer(settings)
     try:
         futures = []
-        for request_id, path in files:
-            value = encode_request(request_id, path.read_bytes(), {"path": str(path)})
+        for request_id, value in requests:
             futures.append(producer.send(settings.input_topic, key=request_id.encode(), value=value))
         producer.flush()
         for future in futures:
             future.get(timeout=30)
     finally:
         producer.close()
-    return len(files)
+    return len(futures)
 
 
 def describe_output(value: bytes, head: int = 4) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| ratio | end-to-end / baseline |" in result.stdout
+    assert "by reference (+200 ms per image)" in result.stdout
     report = json.loads(output.read_text())
     sections = {row["section"] for row in report["rows"]}
     assert sections == {"model", "copy", "preprocess", "bare", "end-to-end"}
@@ -57,6 +58,7 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
     assert set(report["ratios"]) == {
         "end-to-end / bare work",
         "end-to-end / baseline",
+        "by reference / by bytes",
         "exactly-once / at-least-once",
     }
     assert report["machine"]["cpu_cores"] >= 1

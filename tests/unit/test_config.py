@@ -51,6 +51,14 @@ def test_settings_are_frozen():
         ({"decode": "device"}, {}, "--decode device leaves pixels on the device: add --resize device"),
         ({"decode": "device", "resize": "device", "jpeg_draft": "1"}, {}, "drop it or use --decode pil"),
         ({"decode": "gpu"}, {}, "--decode / CLIP_WORKER_DECODE"),
+        ({"fetch_schemes": "http,ftp"}, {}, "unknown scheme 'ftp'; use some of http, https, s3, file"),
+        ({"fetch_schemes": "http,file"}, {}, "the file scheme needs --fetch-file-root"),
+        ({}, {"CLIP_WORKER_FETCH_ALLOW_HOSTS": "ok.example,not a host"}, "is neither a host name nor"),
+        ({"fetch_file_root": "/no/such/dir"}, {}, "--fetch-file-root / CLIP_WORKER_FETCH_FILE_ROOT"),
+        ({"fetch_concurrency": "0"}, {}, "--fetch-concurrency"),
+        ({"fetch_timeout_s": "0"}, {}, "--fetch-timeout-s"),
+        ({"fetch_retries": "-1"}, {}, "--fetch-retries"),
+        ({"s3_endpoint_url": "minio:9000"}, {}, "use an http:// or https:// URL"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_fix(overrides, env, fragment):
@@ -91,3 +99,19 @@ def test_readme_configuration_table_is_current():
     assert render(readme) == readme, "run `make docs` to regenerate the README's settings table"
     for name in Settings.model_fields:
         assert f"`{flag_name(name)}`" in readme, name
+
+
+def test_fetch_schemes_default_to_http_https_s3_and_file_only_with_a_root(tmp_path):
+    assert load_settings({}, environ={}).fetch_scheme_set == {"http", "https", "s3"}
+    rooted = load_settings({"fetch_file_root": str(tmp_path)}, environ={})
+    assert rooted.fetch_scheme_set == {"http", "https", "s3", "file"}
+    chosen = load_settings({"fetch_schemes": "HTTPS, s3"}, environ={})
+    assert chosen.fetch_scheme_set == {"https", "s3"}
+    env = {"CLIP_WORKER_FETCH_ALLOW_HOSTS": "cdn.internal, 10.0.0.0/8"}
+    assert load_settings({}, environ=env).fetch_allow_host_list == ("cdn.internal", "10.0.0.0/8")
+
+
+def test_an_endpoint_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(StartupError) as caught:
+        load_settings({"s3_endpoint_url": "http://AKIA:s3cr3t@minio:9000"}, environ={})
+    assert "s3cr3t" not in str(caught.value) and "--s3-endpoint-url" in str(caught.value)

@@ -54,7 +54,12 @@ class RecordingPublisher:
         self.dead: list[str] = []
 
     def embedding(
-        self, record: InputRecord, request: Request, vector: np.ndarray, scores: object = None
+        self,
+        record: InputRecord,
+        request: Request,
+        vector: np.ndarray,
+        scores: object = None,
+        fetched: bytes | None = None,
     ) -> None:
         self.published.append((request.id, float(vector[0])))
 

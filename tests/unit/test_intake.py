@@ -11,7 +11,7 @@ import numpy as np
 from worker.devtools.samples import jpeg_corpus
 from worker.errors import RejectReason
 from worker.images import ImageLimits, Preprocessing
-from worker.inputs.base import Prepared, Slot
+from worker.inputs.base import Outcome, Slot
 from worker.inputs.image_bytes import ImageDecoder
 from worker.intake import IntakeStage, Ready, ReadyImage, Rejected
 from worker.messages import InputKind, Request, Source
@@ -23,17 +23,17 @@ class ManualHandler:
     """Prepares each request as a 1-element array of its position; the test decides when chunks finish."""
 
     def __init__(self) -> None:
-        self.futures: list[Future[list[Prepared | Exception]]] = []
+        self.futures: list[Future[list[Outcome]]] = []
         self.seen: list[Request] = []
         self.stopped = False
 
     def submit(self, requests: list[Request]) -> list[Slot]:
-        future: Future[list[Prepared | Exception]] = Future()
+        future: Future[list[Outcome]] = Future()
         self.futures.append(future)
         self.seen.extend(requests)
         return [Slot(future, index) for index in range(len(requests))]
 
-    def finish(self, chunk: int, results: list[Prepared | Exception]) -> None:
+    def finish(self, chunk: int, results: list[Outcome]) -> None:
         self.futures[chunk].set_result(results)
 
     def shutdown(self) -> None:

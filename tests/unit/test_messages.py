@@ -146,3 +146,25 @@ def test_float16_embeddings_halve_the_vector_match_the_schema_and_decode_as_floa
     record = decode_embedding(raw)
     assert record["embedding"].dtype == np.dtype("<f2")
     np.testing.assert_allclose(record["embedding"], vector, atol=1e-3)
+
+
+def test_a_request_by_reference_gets_its_uri_back_masked_and_the_bytes_only_if_forwarded():
+    vector = np.ones(4, dtype=np.float32) / 2
+    source = Source("images", 0, 3)
+    signed = "https://bucket.example.com/a.jpg?X-Amz-Signature=abc123&X-Amz-Credential=AKIA"
+    request = Request("x", uri=signed)
+    plain = validate_msgpack(
+        encode_embedding(request, vector, "m", source, False), "image-embedding.schema.json"
+    )
+    assert plain["uri"] == "https://bucket.example.com/a.jpg?X-Amz-Signature=***&X-Amz-Credential=***"
+    assert "image" not in plain
+    forwarded = validate_msgpack(
+        encode_embedding(request, vector, "m", source, True, fetched=b"jpeg"), "image-embedding.schema.json"
+    )
+    assert forwarded["image"] == b"jpeg"
+    s3 = encode_embedding(Request("y", uri="s3://b/k?v=1"), vector, "m", source, False)
+    assert validate_msgpack(s3, "image-embedding.schema.json")["uri"] == "s3://b/k?v=1"
+    inline = validate_msgpack(
+        encode_embedding(Request("z", image=b"img"), vector, "m", source, True), "image-embedding.schema.json"
+    )
+    assert inline["image"] == b"img" and "uri" not in inline

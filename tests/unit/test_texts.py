@@ -125,7 +125,12 @@ class Recorder:
         self.dead: list[tuple[str, str]] = []
 
     def embedding(
-        self, record: InputRecord, request: Request, vector: np.ndarray, scores: object = None
+        self,
+        record: InputRecord,
+        request: Request,
+        vector: np.ndarray,
+        scores: object = None,
+        fetched: bytes | None = None,
     ) -> None:
         assert scores is None, "texts are not scored"
         self.published.append(request.id)

@@ -19,6 +19,19 @@ Prepared = Pixels | TokenizedText
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """A prepared image with the bytes it was fetched as: kept only for ``--forward-image``."""
+
+    prepared: Pixels
+    image: bytes
+
+
+# One request's result: its prepared image (with the fetched bytes, when forwarded), or the exception that
+# rejects it.
+Outcome = Prepared | Fetched | Exception
+
+
+@dataclass(frozen=True)
 class Slot:
     """Where one request's result will appear: item ``index`` of the list ``future`` resolves to.
 
@@ -26,7 +39,7 @@ class Slot:
     slots share a future. An item that is an exception is that request's rejection or failure.
     """
 
-    future: Future[list[Prepared | Exception]]
+    future: Future[list[Outcome]]
     index: int
 
 

@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.images import ImageLimits, Preprocessing, prepare
-from worker.inputs.base import Prepared, Slot
+from worker.inputs.base import Outcome, Slot
 from worker.messages import Request
 from worker.metrics import WorkerMetrics
 
@@ -46,9 +46,9 @@ class ImageDecoder:
             slots.extend(Slot(future, index) for index in range(len(chunk)))
         return slots
 
-    def decode_now(self, images: list[bytes]) -> list[Prepared | Exception]:
+    def decode_now(self, images: list[bytes]) -> list[Outcome]:
         """Decode on the calling thread; each image's result, or the exception that rejects it."""
-        results: list[Prepared | Exception] = []
+        results: list[Outcome] = []
         for data in images:
             started = time.perf_counter()
             try:

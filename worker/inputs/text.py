@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import Prepared, Slot
+from worker.inputs.base import Outcome, Prepared, Slot
 from worker.messages import Request
 from worker.metrics import WorkerMetrics
 from worker.models.text import TextTower
@@ -39,11 +39,11 @@ class TextTokenizer:
             slots.extend(Slot(future, index) for index in range(len(chunk)))
         return slots
 
-    def tokenize_now(self, texts: list[str]) -> list[Prepared | Exception]:
+    def tokenize_now(self, texts: list[str]) -> list[Outcome]:
         """Tokenise on the calling thread; each text's ids, or the rejection of a text the tokenizer fails
         on (the chunk is tried text by text, so only that one is rejected)."""
         started = time.perf_counter()
-        results: list[Prepared | Exception]
+        results: list[Outcome]
         try:
             results = list(self._tower.tokenize(texts))
         except Exception:

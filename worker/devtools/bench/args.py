@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SECTIONS = ("model", "preprocess", "end-to-end", "parity", "fidelity", "soak", "host-cost")
-# End-to-end runs, in the order they run: the bare work, the worker (eager), the worker with --decode
-# device --resize device, the NeMo Curator-style baseline, the worker compiled, the worker exactly-once.
-E2E_RUNS = ("bare", "worker", "nvjpeg", "baseline", "compiled", "exactly-once")
+SECTIONS = (
+    "model",
+    "preprocess",
+    "end-to-end",
+    "parity",
+    "fidelity",
+    "soak",
+    "host-cost",
+    "reference-memory",
+)
+# End-to-end runs, in the order they run: the bare work, the worker (eager), the worker fetching the same
+# images by reference from a local HTTP server, the worker with --decode device --resize device, the NeMo
+# Curator-style baseline, the worker compiled, the worker exactly-once.
+E2E_RUNS = ("bare", "worker", "by-reference", "nvjpeg", "baseline", "compiled", "exactly-once")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +56,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--e2e-runs",
         default=None,
-        help="end-to-end runs, a subset of " + ",".join(E2E_RUNS) + " (default: bare,worker,baseline, "
+        help="end-to-end runs, a subset of "
+        + ",".join(E2E_RUNS)
+        + " (default: bare,worker,by-reference,baseline, "
         "plus compiled with --compile and exactly-once with --exactly-once)",
     )
     parser.add_argument(
@@ -88,6 +100,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="end-to-end section: also run the worker in --exactly-once mode (timed until committed)",
     )
     parser.add_argument("--partitions", type=int, default=4, help="end-to-end: partitions of the input topic")
+    parser.add_argument(
+        "--fetch-latency-ms",
+        type=float,
+        default=200.0,
+        help="by-reference run: latency the local HTTP server adds before each image",
+    )
+    parser.add_argument(
+        "--fetch-concurrency", type=int, default=0, help="by-reference run: the worker's (0 = its default)"
+    )
+    parser.add_argument(
+        "--reference-images",
+        type=int,
+        default=10_000,
+        help="reference-memory section: references in the backlog",
+    )
+    parser.add_argument(
+        "--reference-image-mb", type=float, default=5.0, help="reference-memory section: size of each image"
+    )
+
     parser.add_argument(
         "--image-widths",
         default="500",

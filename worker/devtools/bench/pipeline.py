@@ -112,12 +112,13 @@ def fresh_settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
     return settings
 
 
-def fill_backlog(settings: Settings, corpus: list[bytes]) -> None:
+def fill_backlog(settings: Settings, corpus: list[bytes], values: list[bytes] | None = None) -> None:
+    """One request per image of ``corpus`` (or the record ``values`` given instead)."""
     producer = make_producer(settings)
-    for index, data in enumerate(corpus):
-        producer.send(
-            settings.input_topic, key=str(index).encode(), value=encode_request(f"img-{index}", data)
-        )
+    if values is None:
+        values = [encode_request(f"img-{index}", data) for index, data in enumerate(corpus)]
+    for index, value in enumerate(values):
+        producer.send(settings.input_topic, key=str(index).encode(), value=value)
     producer.flush()
     producer.close()
 
@@ -130,6 +131,8 @@ def bench_worker(
     exactly_once: bool = False,
     compile_mode: str = "off",
     label: str = "",
+    settings_extra: dict[str, Any] | None = None,
+    backlog: list[bytes] | None = None,
 ) -> float | None:
     """The real worker on a backlog: first record consumed to last result acknowledged.
 
@@ -137,11 +140,12 @@ def bench_worker(
     the group's committed offsets cover the backlog. Only embedded records count as done: dead letters and
     device-decode fallbacks are columns, and a dead letter fails the row (the corpus has no bad input).
     Returns the images/s, or None when the row failed (a dead or hung worker, a dead letter); the row then
-    says why.
+    says why. ``backlog``: the request record values to use instead of the corpus's inline requests (one
+    per corpus image), with ``settings_extra`` for the worker.
     """
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(settings_extra or {})
     if exactly_once:
-        extra = {"exactly_once": True, "transactional_id": f"bench-{uuid.uuid4().hex[:8]}"}
+        extra |= {"exactly_once": True, "transactional_id": f"bench-{uuid.uuid4().hex[:8]}"}
     if compile_mode != "off":
         extra["compile"] = compile_mode
     mode = (", --exactly-once" if exactly_once else "") + (
@@ -150,7 +154,7 @@ def bench_worker(
     case = f"clip-worker, batch {work.batch_size}{mode}{label}"
     knobs = {"threads": work.decode_workers, "resize": work.resize, "decode": work.decode}
     settings = fresh_settings(bootstrap, work, **extra)
-    fill_backlog(settings, work.corpus)
+    fill_backlog(settings, work.corpus, backlog)
     metrics = WorkerMetrics()
     total = len(work.corpus)
     rss_before = resident_mb()

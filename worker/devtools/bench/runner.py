@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from worker.config import Settings
 from worker.devtools.bench.args import E2E_RUNS
+from worker.devtools.bench.by_reference import bench_by_reference, bench_reference_memory
 from worker.devtools.bench.fidelity import bench_dtype_fidelity, with_dtype
 from worker.devtools.bench.host_cost import HostCostWork, bench_host_cost
 from worker.devtools.bench.model import bench_copy, bench_model
@@ -55,7 +56,7 @@ def e2e_runs(args: argparse.Namespace) -> list[str]:
         if unknown:
             raise StartupError(f"--e2e-runs: unknown {sorted(unknown)}; pick from {','.join(E2E_RUNS)}")
     else:
-        wanted = {"bare", "worker", "baseline"}
+        wanted = {"bare", "worker", "by-reference", "baseline"}
         wanted |= {"compiled"} if args.compile != "off" else set()
         wanted |= {"exactly-once"} if args.exactly_once else set()
     return [run for run in E2E_RUNS if run in wanted]
@@ -191,6 +192,24 @@ def _model_sections(
         )
         stages = _EndToEnd(report, embedder, work, compiled, args, with_model_row="model" in sections)
         _with_broker(args.bootstrap_servers, lambda servers: stages.run(runs, servers))
+    if "reference-memory" in sections:
+        memory_work = Workload(
+            [], args.batch_size, decode_workers, args.resize or Settings.model_fields["resize"].default,
+            timeout_s=args.row_timeout,
+        )  # fmt: skip
+        _with_broker(
+            args.bootstrap_servers,
+            lambda servers: bench_reference_memory(
+                report,
+                embedder,
+                memory_work,
+                servers,
+                args.reference_images,
+                args.reference_image_mb,
+                args.max_in_flight,
+                args.fetch_concurrency,
+            ),
+        )
     if "soak" in sections:
         small = jpeg_corpus(64, 160, 120) * (args.soak_messages // 64 + 1)
         soak_work = Workload(
@@ -264,6 +283,11 @@ class _EndToEnd:
             return bench_bare(report, embedder, work)
         if name == "worker":
             return bench_worker(report, embedder, work, bootstrap)
+        if name == "by-reference":
+            latency_s = self.args.fetch_latency_ms / 1000
+            return bench_by_reference(
+                report, embedder, work, bootstrap, latency_s, self.args.fetch_concurrency
+            )
         if name == "nvjpeg":
             if not device_decoding_available():
                 return None
@@ -288,6 +312,7 @@ class _EndToEnd:
         pairs = {
             "end-to-end / bare work": ("worker", "bare"),
             "end-to-end / baseline": ("worker", "baseline"),
+            "by reference / by bytes": ("by-reference", "worker"),
             "exactly-once / at-least-once": ("exactly-once", "worker"),
             f"--compile {self.compiled.mode} / eager": ("compiled", "worker"),
             "--decode device / host decode": ("nvjpeg", "worker"),

@@ -1,0 +1,451 @@
+"""Images by reference: the fetchers against real servers on loopback (a local HTTP origin, moto's S3
+server), the SSRF guard, the file root, retries, limits, and what errors may show."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from tests.support.object_store import S3_ENV, ObjectStore, object_store
+from worker.devtools.origin import ImageOrigin
+from worker.errors import RejectedRecord, RejectReason
+from worker.fetching.fetcher import Fetcher, FetchPolicy
+from worker.fetching.guard import AddressGuard, classify, system_resolver
+from worker.fetching.outcomes import FetchError
+from worker.fetching.retry import RetryPolicy, with_retries
+from worker.fetching.uri import parse_reference, redact
+from worker.metrics import WorkerMetrics
+
+BODY = bytes(range(256)) * 40  # 10 KiB
+FAST = RetryPolicy(base_delay_s=0.01, max_delay_s=0.02)
+HTTP = frozenset({"http", "https"})
+
+
+@pytest.fixture
+def origin() -> Iterator[ImageOrigin]:
+    with ImageOrigin() as server:
+        server.put("cat", BODY)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[ObjectStore]:
+    with object_store() as running:
+        yield running
+
+
+def make(
+    *,
+    schemes: frozenset[str] = HTTP,
+    allow: tuple[str, ...] = ("127.0.0.1",),
+    metrics: WorkerMetrics | None = None,
+    resolver=system_resolver,
+    **policy,
+) -> Fetcher:
+    policy.setdefault("timeout_s", 2.0)
+    policy.setdefault("retries", 2)
+    return Fetcher(
+        FetchPolicy(schemes=schemes, allow_hosts=allow, backoff=FAST, **policy),
+        metrics or WorkerMetrics(),
+        resolver=resolver,
+    )
+
+
+def reason_of(fetcher: Fetcher, uri: str) -> RejectReason:
+    with pytest.raises(RejectedRecord) as caught:
+        fetcher.fetch(uri)
+    return caught.value.reason
+
+
+def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# --- URIs -------------------------------------------------------------------------------------------
+
+
+def test_http_references_keep_host_port_target_and_userinfo():
+    ref = parse_reference("https://u%40x:p%3Aw@Images.Example.com:8443/a/b.jpg?sig=1#frag", HTTP)
+    assert (ref.scheme, ref.host, ref.port, ref.target) == (
+        "https",
+        "images.example.com",
+        8443,
+        "/a/b.jpg?sig=1",
+    )
+    assert (ref.username, ref.password) == ("u@x", "p:w")
+    assert parse_reference("http://[::1]/x", HTTP).host == "::1"
+    assert parse_reference("http://h", HTTP).target == "/"
+
+
+def test_s3_and_file_references():
+    s3 = parse_reference("s3://my-bucket/photos/2024/a b%20c é.jpg", {"s3"})
+    assert (s3.host, s3.target) == ("my-bucket", "photos/2024/a b%20c é.jpg"), "S3 keys are verbatim"
+    assert parse_reference("file:///data/a%20b.jpg", {"file"}).target == "/data/a b.jpg"
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("", RejectReason.INVALID_ENVELOPE),
+        ("http://", RejectReason.INVALID_ENVELOPE),
+        ("http://h:99999/x", RejectReason.INVALID_ENVELOPE),
+        ("http://h/a b", RejectReason.INVALID_ENVELOPE),
+        ("http://h/é", RejectReason.INVALID_ENVELOPE),
+        ("s3://bucket/a\nb", RejectReason.INVALID_ENVELOPE),
+        ("http://h/\r\nHost: evil", RejectReason.INVALID_ENVELOPE),
+        ("s3://Bad_Bucket/key", RejectReason.INVALID_ENVELOPE),
+        ("s3://bucket", RejectReason.INVALID_ENVELOPE),
+        ("file://server/share/x.jpg", RejectReason.INVALID_ENVELOPE),
+        ("ftp://h/x.jpg", RejectReason.FETCH_FORBIDDEN),
+        ("gopher://h/x", RejectReason.FETCH_FORBIDDEN),
+        ("no-scheme-at-all", RejectReason.FETCH_FORBIDDEN),
+    ],
+)
+def test_bad_references_are_typed(uri, reason):
+    with pytest.raises(RejectedRecord) as caught:
+        parse_reference(uri, {"http", "https", "s3", "file"})
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize("uri", ["file:///etc/passwd", "s3://bucket/key", "https://h/x"])
+def test_schemes_not_enabled_are_forbidden(uri):
+    with pytest.raises(RejectedRecord) as caught:
+        parse_reference(uri, {"http"})
+    assert caught.value.reason == RejectReason.FETCH_FORBIDDEN
+
+
+def test_redaction_hides_userinfo_and_query_values():
+    shown = redact("https://AKIA:s3cr3t@host/k.jpg?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA%2F1&tok#f")
+    assert shown == "https://***@host/k.jpg?X-Amz-Signature=***&X-Amz-Credential=***&***"
+    assert redact("s3://bucket/key") == "s3://bucket/key"
+
+
+# --- SSRF guard --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "label"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("64:ff9b::7f00:1", "loopback"),
+        ("169.254.169.254", "metadata service"),
+        ("::ffff:169.254.169.254", "metadata service"),
+        ("fd00:ec2::254", "metadata service"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("fc00::1", "private"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "not globally routable"),
+        ("93.184.216.34", None),
+        ("2606:4700::1", None),
+    ],
+)
+def test_address_classes(address, label):
+    assert classify(ip_address(address)) == label
+
+
+def test_allow_private_opens_private_ranges_but_not_the_metadata_service():
+    guard = AddressGuard(allow_private=True, resolver=lambda host, port: [host])
+    assert guard.addresses("10.0.0.1", 80) == ["10.0.0.1"]
+    assert guard.addresses("127.0.0.1", 80) == ["127.0.0.1"]
+    with pytest.raises(FetchError) as caught:
+        guard.addresses("169.254.169.254", 80)
+    assert caught.value.reason == RejectReason.FETCH_FORBIDDEN
+    opened = AddressGuard(["169.254.169.254/32"], resolver=lambda host, port: [host])
+    assert opened.addresses("169.254.169.254", 80) == ["169.254.169.254"]
+
+
+def test_a_name_is_refused_if_any_of_its_addresses_is():
+    guard = AddressGuard(resolver=lambda host, port: ["93.184.216.34", "10.1.2.3"])
+    with pytest.raises(FetchError, match=r"resolves to 10\.1\.2\.3"):
+        guard.addresses("mixed.example.test", 443)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1:{port}/o/cat",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://10.0.0.1/x.jpg",
+        "http://[::1]:{port}/o/cat",
+        "http://[::ffff:127.0.0.1]:{port}/o/cat",
+        "http://localhost:{port}/o/cat",
+        "http://0.0.0.0:{port}/o/cat",
+    ],
+)
+def test_ssrf_targets_are_refused_without_a_connection(origin, uri):
+    fetcher = make(allow=())
+    assert reason_of(fetcher, uri.format(port=origin.port)) == RejectReason.FETCH_FORBIDDEN
+    assert origin.connections == 0
+
+
+def test_allow_options_open_loopback_deliberately(origin):
+    assert make(allow=(), allow_private=True).fetch(origin.url("/o/cat")) == BODY
+    assert make(allow=("127.0.0.0/8",)).fetch(origin.url("/o/cat")) == BODY
+    assert make(allow=("localhost",)).fetch(f"http://localhost:{origin.port}/o/cat") == BODY
+
+
+def test_a_public_looking_host_that_redirects_to_loopback_is_refused(origin):
+    # The resolver stands in for DNS: cdn.example.test is opened as if it were a public host (it is the
+    # local origin); its redirects to loopback and the metadata service must still be refused.
+    names = {"cdn.example.test": ["127.0.0.1"], "localhost": ["127.0.0.1"]}
+    fetcher = make(allow=("cdn.example.test",), resolver=lambda host, port: names.get(host, [host]))
+    public = f"http://cdn.example.test:{origin.port}"
+    assert fetcher.fetch(f"{public}/o/cat") == BODY, "the opened host itself is served"
+    for target in (
+        f"http://localhost:{origin.port}/o/cat",
+        f"http://127.0.0.1:{origin.port}/o/cat",
+        "http://169.254.169.254/latest/meta-data/",
+        f"http://[::1]:{origin.port}/o/cat",
+    ):
+        assert reason_of(fetcher, f"{public}/redirect?to={target}") == RejectReason.FETCH_FORBIDDEN
+    assert origin.requests["/o/cat"] == 1, "no redirect target was ever requested"
+
+
+def test_the_connection_goes_to_the_address_the_guard_checked(origin):
+    # images.example.test cannot resolve through the system (.test is reserved): the fetch only works if
+    # the socket connects to the guard's own answer, never to a second lookup (DNS rebinding).
+    seen: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        seen.append(host)
+        return ["127.0.0.1"]
+
+    fetcher = make(allow=("127.0.0.1/32",), resolver=resolver)
+    assert fetcher.fetch(f"http://images.example.test:{origin.port}/o/cat") == BODY
+    assert seen == ["images.example.test"]
+
+
+def test_redirects_to_schemes_not_enabled_are_refused(origin, tmp_path):
+    (tmp_path / "x").write_bytes(b"x")
+    fetcher = make(schemes=frozenset({"http", "file"}), file_root=tmp_path)
+    for target in (f"file://{tmp_path}/x", "s3://bucket/key", "ftp://h/x"):
+        assert reason_of(fetcher, origin.url(f"/redirect?to={target}")) == RejectReason.FETCH_FORBIDDEN
+
+
+# --- HTTP -------------------------------------------------------------------------------------------
+
+
+def test_fetches_reuse_one_connection_and_are_counted(origin):
+    metrics = WorkerMetrics()
+    fetcher = make(metrics=metrics)
+    for _ in range(20):
+        assert fetcher.fetch(origin.url("/o/cat")) == BODY
+    assert origin.connections == 1
+    assert sample(metrics, "clip_worker_fetches_total", scheme="http", outcome="ok") == 20
+    assert sample(metrics, "clip_worker_fetched_bytes_total", scheme="http") == 20 * len(BODY)
+    assert sample(metrics, "clip_worker_fetch_seconds_count", scheme="http") == 20
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/o/missing", RejectReason.FETCH_NOT_FOUND),
+        ("/status/410", RejectReason.FETCH_NOT_FOUND),
+        ("/status/403", RejectReason.FETCH_FORBIDDEN),
+        ("/status/401", RejectReason.FETCH_FORBIDDEN),
+        ("/status/400", RejectReason.FETCH_FAILED),
+        ("/hops/6/cat", RejectReason.FETCH_FAILED),
+    ],
+)
+def test_final_answers_are_not_retried(origin, path, reason):
+    metrics = WorkerMetrics()
+    assert reason_of(make(metrics=metrics), origin.url(path)) == reason
+    assert sum(origin.requests.values()) == (6 if path.startswith("/hops") else 1)
+    assert sample(metrics, "clip_worker_fetches_total", scheme="http", outcome=reason.value) == 1
+
+
+def test_redirects_are_followed(origin):
+    assert make().fetch(origin.url("/hops/5/cat")) == BODY
+
+
+@pytest.mark.parametrize("code", [500, 503, 429])
+def test_transient_failures_are_retried(origin, code):
+    metrics = WorkerMetrics()
+    assert make(metrics=metrics).fetch(origin.url(f"/flaky/k/{code}/2/cat")) == BODY
+    assert origin.requests[f"/flaky/k/{code}/2/cat"] == 3
+    assert sample(metrics, "clip_worker_fetch_retries_total", scheme="http") == 2
+
+
+def test_failures_that_outlast_the_retries_are_fetch_failed(origin):
+    assert reason_of(make(retries=2), origin.url("/flaky/k/500/99/cat")) == RejectReason.FETCH_FAILED
+    assert origin.requests["/flaky/k/500/99/cat"] == 3
+
+
+def test_slow_answers_time_out_on_every_try(origin):
+    assert reason_of(make(timeout_s=0.3, retries=1), origin.url("/slow/3/cat")) == RejectReason.FETCH_TIMEOUT
+    assert origin.requests["/slow/3/cat"] == 2
+
+
+def test_a_trickling_body_times_out_at_the_deadline(origin):
+    started = time.monotonic()
+    reason = reason_of(make(timeout_s=0.5, retries=0), origin.url("/trickle/0.1/cat"))
+    assert reason == RejectReason.FETCH_TIMEOUT
+    assert time.monotonic() - started < 1.5, (
+        "each piece arrives within the read timeout; the deadline ends it"
+    )
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_the_body(origin):
+    started = time.monotonic()
+    reason = reason_of(make(max_bytes=1 << 20), origin.url(f"/huge/{1 << 34}"))
+    assert reason == RejectReason.FETCH_TOO_LARGE
+    assert time.monotonic() - started < 10, "16 GiB were not read"
+
+
+def test_an_undeclared_body_is_cut_off_at_the_limit(origin):
+    started = time.monotonic()
+    assert reason_of(make(max_bytes=1 << 20), origin.url("/endless")) == RejectReason.FETCH_TOO_LARGE
+    assert time.monotonic() - started < 10, "the body was not read to its end"
+    assert origin.requests["/endless"] == 1, "too large is final"
+
+
+def test_the_limit_is_inclusive(origin):
+    origin.put("exact", b"x" * 4096)
+    assert make(max_bytes=4096).fetch(origin.url("/o/exact")) == b"x" * 4096
+    assert reason_of(make(max_bytes=4095), origin.url("/o/exact")) == RejectReason.FETCH_TOO_LARGE
+
+
+def test_a_truncated_body_is_retried_then_fetch_failed(origin):
+    assert reason_of(make(retries=1), origin.url("/truncated/cat")) == RejectReason.FETCH_FAILED
+    assert origin.requests["/truncated/cat"] == 2
+
+
+def test_a_closed_port_is_fetch_failed():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert reason_of(make(retries=1), f"http://127.0.0.1:{port}/x") == RejectReason.FETCH_FAILED
+
+
+def test_credentials_stay_out_of_errors_and_metrics(origin):
+    metrics = WorkerMetrics()
+    fetcher = make(metrics=metrics)
+    uri = f"http://user:hunter2@127.0.0.1:{origin.port}/o/missing?X-Amz-Signature=c0ffee&token=t0k3n"
+    with pytest.raises(RejectedRecord) as caught:
+        fetcher.fetch(uri)
+    text = f"{caught.value} {caught.value.message}"
+    assert "hunter2" not in text and "c0ffee" not in text and "t0k3n" not in text
+    assert "127.0.0.1" in text
+    exposition = generate_latest(metrics.registry).decode()
+    assert "hunter2" not in exposition and "c0ffee" not in exposition and "127.0.0.1" not in exposition
+
+
+# --- S3 ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_s3_objects_are_fetched_from_an_s3_compatible_endpoint(store, s3_env):
+    uri = store.put("images", "cats/one.jpg", BODY)
+    metrics = WorkerMetrics()
+    fetcher = make(schemes=frozenset({"s3"}), s3_endpoint_url=store.endpoint_url, metrics=metrics)
+    assert fetcher.fetch(uri) == BODY
+    assert sample(metrics, "clip_worker_fetches_total", scheme="s3", outcome="ok") == 1
+
+
+def test_s3_failures_are_typed(store, s3_env):
+    store.put("images", "big.jpg", BODY)
+    fetcher = make(schemes=frozenset({"s3"}), s3_endpoint_url=store.endpoint_url, max_bytes=1000)
+    assert reason_of(fetcher, "s3://images/no-such-key.jpg") == RejectReason.FETCH_NOT_FOUND
+    assert reason_of(fetcher, "s3://no-such-bucket/x.jpg") == RejectReason.FETCH_NOT_FOUND
+    assert reason_of(fetcher, "s3://images/big.jpg") == RejectReason.FETCH_TOO_LARGE
+
+
+def test_an_unreachable_s3_endpoint_is_retried_then_fetch_failed(s3_env):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics = WorkerMetrics()
+    fetcher = make(
+        schemes=frozenset({"s3"}), s3_endpoint_url=f"http://127.0.0.1:{port}", retries=1, metrics=metrics
+    )
+    assert reason_of(fetcher, "s3://images/x.jpg") == RejectReason.FETCH_FAILED
+    assert sample(metrics, "clip_worker_fetch_retries_total", scheme="s3") == 1
+
+
+# --- file -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    root = tmp_path / "shared"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "cat.jpg").write_bytes(BODY)
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    (root / "escape").symlink_to(tmp_path / "secret.txt")
+    (root / "inside").symlink_to(root / "sub" / "cat.jpg")
+    return root
+
+
+def test_files_under_the_root_are_read(shared):
+    fetcher = make(schemes=frozenset({"file"}), file_root=shared)
+    assert fetcher.fetch(f"file://{shared}/sub/cat.jpg") == BODY
+    assert fetcher.fetch(f"file://{shared}/inside") == BODY, "a link that stays inside is fine"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("{root}/../secret.txt", RejectReason.FETCH_FORBIDDEN),
+        ("{root}/sub/../../secret.txt", RejectReason.FETCH_FORBIDDEN),
+        ("{root}/escape", RejectReason.FETCH_FORBIDDEN),
+        ("/etc/passwd", RejectReason.FETCH_FORBIDDEN),
+        ("{root}/sub/missing.jpg", RejectReason.FETCH_NOT_FOUND),
+        ("{root}/sub", RejectReason.FETCH_NOT_FOUND),
+    ],
+)
+def test_files_outside_the_root_or_missing_are_refused(shared, path, reason):
+    fetcher = make(schemes=frozenset({"file"}), file_root=shared)
+    assert reason_of(fetcher, "file://" + path.format(root=shared)) == reason
+
+
+def test_files_over_the_limit_are_too_large(shared):
+    fetcher = make(schemes=frozenset({"file"}), file_root=shared, max_bytes=100)
+    assert reason_of(fetcher, f"file://{shared}/sub/cat.jpg") == RejectReason.FETCH_TOO_LARGE
+
+
+# --- retries ----------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_is_capped_and_honours_retry_after():
+    policy = RetryPolicy(retries=5, base_delay_s=0.1, max_delay_s=1.0)
+    for retry in range(8):
+        assert 0 <= policy.delay(retry) <= min(1.0, 0.1 * 2**retry)
+    assert policy.delay(0, hint_s=0.7) >= 0.7
+    assert policy.delay(0, hint_s=60) == 1.0
+
+
+def test_only_retriable_failures_are_retried():
+    calls: list[int] = []
+    sleeps: list[float] = []
+
+    def attempt() -> bytes:
+        calls.append(1)
+        raise FetchError(RejectReason.FETCH_NOT_FOUND, "gone")
+
+    with pytest.raises(FetchError):
+        with_retries(attempt, RetryPolicy(retries=3), sleep=sleeps.append)
+    assert len(calls) == 1 and sleeps == []

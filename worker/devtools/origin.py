@@ -1,0 +1,283 @@
+"""A local HTTP origin for images by reference: the by-reference benchmark and the fetching tests.
+
+Serves named objects from memory on 127.0.0.1 with keep-alive, optionally after an added latency, and a
+few misbehaving routes to fetch from:
+
+- ``/o/NAME``: the object (404 if there is none)
+- ``/slow/SECONDS/NAME``: the object after a pause before the headers
+- ``/trickle/SECONDS/NAME``: the object in 1 KiB pieces, a pause between them
+- ``/huge/BYTES``: a body of that length, declared in Content-Length
+- ``/endless``: zeros with no declared length until the client hangs up
+- ``/redirect?to=URL``: 302 to URL; ``/hops/N/NAME``: N redirects, then the object
+- ``/status/CODE``: an empty answer with that status
+- ``/flaky/KEY/CODE/TIMES/NAME``: the first TIMES requests for KEY get CODE, later ones the object
+- ``/truncated/NAME``: the object's full length declared, half of it sent, the connection closed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+_PIECE = 1024
+
+
+class ImageOrigin:
+    """The server; use as a context manager. ``latency_s`` is added before every object's headers."""
+
+    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1", root: Path | None = None) -> None:
+        self.latency_s = latency_s
+        self.root = root  # files under it are served too, at /o/RELATIVE/PATH
+        self.objects: dict[str, bytes] = {}
+        self.requests: Counter[str] = Counter()
+        self.connections = 0
+        self.serving = 0  # objects being served right now
+        self.peak_serving = 0  # the most served at once
+        self._lock = threading.Lock()
+        self._flaky: Counter[str] = Counter()
+        self._server = _Server((host, 0), _handler(self))
+        self.port = int(self._server.server_address[1])
+        self.host = host
+        self._thread = threading.Thread(target=self._server.serve_forever, name="origin", daemon=True)
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (with its leading slash) on this server."""
+        return f"http://{self.host}:{self.port}{path}"
+
+    def put(self, name: str, data: bytes) -> str:
+        """Serve ``data`` at ``/o/NAME``; returns its URL."""
+        self.objects[name] = data
+        return self.url(f"/o/{name}")
+
+    def __enter__(self) -> ImageOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def lookup(self, name: str) -> bytes | None:
+        """The object called ``name``, from memory or under the root (never outside it)."""
+        data = self.objects.get(name)
+        if data is not None or self.root is None:
+            return data
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            return None
+        return path.read_bytes()
+
+    def _count(self, path: str) -> None:
+        with self._lock:
+            self.requests[path] += 1
+
+    def _connected(self) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def _serve(self, delta: int) -> None:
+        with self._lock:
+            self.serving += delta
+            self.peak_serving = max(self.peak_serving, self.serving)
+
+    def _flaky_turn(self, key: str) -> int:
+        with self._lock:
+            self._flaky[key] += 1
+            return self._flaky[key]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # clients that hang up early (timeouts, size limits) are what the routes are for
+
+
+def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            origin._connected()
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            origin._count(parts.path)
+            route, _, rest = parts.path.lstrip("/").partition("/")
+            args = rest.split("/")
+            if route == "o":
+                self._object(rest, origin.latency_s)
+            elif route == "slow":
+                self._object(args[1], float(args[0]))
+            elif route == "trickle":
+                self._trickle(args[1], float(args[0]))
+            elif route == "huge":
+                self._zeros(int(args[0]), declared=True)
+            elif route == "endless":
+                self._zeros(1 << 40, declared=False)
+            elif route == "redirect":
+                self._redirect(parse_qs(parts.query)["to"][0])
+            elif route == "hops":
+                hops = int(args[0])
+                target = f"/hops/{hops - 1}/{args[1]}" if hops > 1 else f"/o/{args[1]}"
+                self._redirect(target)
+            elif route == "status":
+                self._empty(int(args[0]))
+            elif route == "flaky":
+                key, code, times, name = args
+                if origin._flaky_turn(key) <= int(times):
+                    self._empty(int(code), retry_after="0" if int(code) == 429 else None)
+                else:
+                    self._object(name, 0.0)
+            elif route == "truncated":
+                self._truncated(rest)
+            else:
+                self._empty(404)
+
+        def _object(self, name: str, delay_s: float) -> None:
+            origin._serve(+1)
+            try:
+                if delay_s:
+                    time.sleep(delay_s)
+                data = origin.lookup(name)
+                if data is None:
+                    self._empty(404)
+                    return
+                self._head(200, len(data))
+                self.wfile.write(data)
+            finally:
+                origin._serve(-1)
+
+        def _trickle(self, name: str, pause_s: float) -> None:
+            data = origin.lookup(name) or b""
+            self._head(200, len(data))
+            for start in range(0, len(data), _PIECE):
+                self.wfile.write(data[start : start + _PIECE])
+                self.wfile.flush()
+                time.sleep(pause_s)
+
+        def _zeros(self, size: int, declared: bool) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            if declared:
+                self.send_header("Content-Length", str(size))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            piece = bytes(64 * _PIECE)
+            sent = 0
+            try:
+                while sent < size:
+                    self.wfile.write(piece[: size - sent])
+                    sent += len(piece)
+            except OSError:
+                self.close_connection = True  # the client hung up, as it should
+
+        def _redirect(self, location: str) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _truncated(self, name: str) -> None:
+            data = origin.lookup(name) or b""
+            self._head(200, len(data))
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+        def _empty(self, status: int, retry_after: str | None = None) -> None:
+            self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _head(self, status: int, length: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
+
+
+class OriginProcess:
+    """A folder served at ``/o/NAME`` from a child process (:func:`_serve_files`), so that serving costs
+    the measured process no interpreter time (the bench's by-reference row); use as a context manager."""
+
+    def __init__(self, root: Path, latency_s: float) -> None:
+        self.root = root
+        self.latency_s = latency_s
+        self.port = 0
+        self._process: subprocess.Popen[str] | None = None
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (with its leading slash) on this server."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> OriginProcess:
+        command = [sys.executable, "-m", "worker.devtools.origin", str(self.root), str(self.latency_s)]
+        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self._process.kill()
+            raise RuntimeError(f"the origin process did not start: {line!r}")
+        self.port = int(line)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+
+
+async def _serve_files(root: Path, latency_s: float) -> None:
+    """A lean keep-alive HTTP/1.1 server for ``GET /o/NAME`` (files under ``root``), on asyncio: the
+    benchmark's origin must cost the shared cores little, as a remote server would cost them nothing."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode("latin-1")
+                await asyncio.sleep(latency_s)
+                name = path.removeprefix("/o/")
+                file = (root / name).resolve()
+                if path.startswith("/o/") and file.is_relative_to(root) and file.is_file():
+                    data = file.read_bytes()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+                else:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, IndexError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_files(Path(sys.argv[1]).resolve(), float(sys.argv[2])))

@@ -1,0 +1,188 @@
+"""The SSRF guard: which network addresses a reference may reach.
+
+Every address a host name resolves to is checked, and the connection is then made to one of those
+checked addresses (:class:`GuardedBackend`), never to a second lookup's answer: a name that resolves to a
+public address for the check and to 127.0.0.1 for the connection (DNS rebinding) gets nowhere. Redirects
+open new connections, so each hop is checked the same way.
+
+Refused unless opened: loopback, private (RFC 1918, unique local), link-local, the cloud metadata
+services, unspecified, multicast, reserved and every other non-global range, including IPv4 addresses
+wrapped in IPv6 (``::ffff:127.0.0.1``, NAT64 ``64:ff9b::/96``). ``--fetch-allow-private`` opens the
+non-global ranges except the metadata services; ``--fetch-allow-hosts`` opens named hosts (whatever they
+resolve to) and address ranges (CIDR), the metadata services included if named.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpcore
+
+from worker.fetching.outcomes import failed, forbidden
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+"""Host name and port to the IP addresses (as strings) a connection may go to."""
+
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
+        "169.254.170.2",  # AWS ECS task credentials
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The operating system's answer for ``host`` (A and AAAA), in its preferred order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[str] = []
+    for info in infos:
+        address = str(info[4][0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def unwrap(address: IPAddress) -> IPAddress:
+    """The IPv4 address inside an IPv4-mapped or NAT64 IPv6 address, else ``address`` itself."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def classify(address: IPAddress) -> str | None:
+    """Why ``address`` is refused by default (``loopback``, ``private``...), or None for a public one."""
+    address = unwrap(address)
+    if address in METADATA_ADDRESSES:
+        return "metadata service"
+    for label, test in (
+        ("loopback", address.is_loopback),
+        ("unspecified", address.is_unspecified),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("reserved", address.is_reserved),
+        ("private", address.is_private),
+    ):
+        if test:
+            return label
+    return None if address.is_global else "not globally routable"
+
+
+def parse_allow_entries(entries: Iterable[str]) -> tuple[frozenset[str], tuple[Any, ...]]:
+    """Split ``--fetch-allow-hosts`` entries into host names and address networks; raises ValueError
+    naming an entry that is neither."""
+    names: set[str] = set()
+    networks: list[Any] = []
+    for raw in entries:
+        entry = raw.strip().lower().strip("[]")
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        if not all(part and len(part) <= 63 for part in entry.split(".")) or not set(entry) <= set(
+            "abcdefghijklmnopqrstuvwxyz0123456789-._"
+        ):
+            raise ValueError(f"{raw!r} is neither a host name nor an IP address or CIDR range")
+        names.add(entry)
+    return frozenset(names), tuple(networks)
+
+
+class AddressGuard:
+    """Resolves host names and refuses the addresses the policy does not open."""
+
+    def __init__(
+        self,
+        allow_hosts: Iterable[str] = (),
+        allow_private: bool = False,
+        resolver: Resolver = system_resolver,
+    ) -> None:
+        self._names, self._networks = parse_allow_entries(allow_hosts)
+        self._allow_private = allow_private
+        self._resolver = resolver
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """The checked addresses to connect to for ``host``; raises
+        :class:`~worker.fetching.outcomes.FetchError` (``fetch_forbidden`` when one is refused)."""
+        host = host.lower().strip("[]")
+        try:
+            resolved = self._resolver(host, port)
+        except socket.gaierror as exc:
+            # A temporary failure of the resolver is worth another try; an unknown name is not.
+            retriable = exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None))
+            raise failed(f"cannot resolve {host}: {exc.strerror or exc}", retriable=retriable) from None
+        except (OSError, UnicodeError) as exc:
+            raise failed(f"cannot resolve {host}: {exc}") from None
+        if not resolved:
+            raise failed(f"cannot resolve {host}: no addresses")
+        if host in self._names:
+            return resolved
+        for text in resolved:
+            address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
+            problem = classify(address)
+            if problem is None or self._opened(address, problem):
+                continue
+            shown = host if host == text else f"{host} resolves to {text}, which"
+            raise forbidden(
+                f"{shown} is a {problem} address; --fetch-allow-hosts"
+                + ("" if problem == "metadata service" else " or --fetch-allow-private")
+                + " opens it"
+            )
+        return resolved
+
+    def _opened(self, address: IPAddress, problem: str) -> bool:
+        if any(unwrap(address) in net or address in net for net in self._networks):
+            return True
+        return self._allow_private and problem != "metadata service"
+
+
+class GuardedBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, connecting only to addresses the :class:`AddressGuard` checked.
+
+    httpcore still sends the host name for TLS (SNI and certificate check) and in the Host header; only
+    the address the socket connects to comes from the guard.
+    """
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self._guard = guard
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        """Connect to the first checked address of ``host`` that answers."""
+        error: Exception | None = None
+        for address in self._guard.addresses(host, port):
+            try:
+                return self._backend.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        """Never: references reach the network only through TCP."""
+        raise httpcore.ConnectError("unix sockets are not used for references")
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep as httpcore's own backend does."""
+        self._backend.sleep(seconds)
