@@ -22,6 +22,7 @@ TLS record per read anyway).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -146,11 +147,21 @@ def sock_recv(self: Any) -> tuple[bytes, Exception | None]:
     return b"".join(recvd), err
 
 
+@functools.cache
+def _say_once(message: str, *args: object) -> None:
+    log.info(message, *args)
+
+
 def install() -> bool:
     """Patch kafka-python's receive path (once; idempotent). False, with nothing changed, on any version
     but :data:`PATCHED_VERSION`."""
     if client_version != PATCHED_VERSION:
-        log.debug("kafka-python %s: its receive path is left as it is", client_version)
+        # Said (once per process) so that an upgrade that loses the saving does not lose it silently.
+        _say_once(
+            "kafka-python %s: its receive path runs unpatched (the copy-saving patch is for %s)",
+            client_version,
+            PATCHED_VERSION,
+        )
         return False
     KafkaTCPTransport._sock_recv = sock_recv
     KafkaProtocol.receive_bytes = receive_bytes
