@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from worker.config import Settings
-from worker.embedder import ModelSpec, load_embedder
+from worker.embedder import load_embedder
+from worker.service import model_spec
 
 HEAD_VALUES = 8
 
@@ -15,15 +16,7 @@ HEAD_VALUES = 8
 def query_text(settings: Settings, text: str, full: bool = False) -> dict[str, Any]:
     """Load the settings' model with its text tower and embed ``text`` as the worker would: the model, dim,
     norm and first values of the vector (and the whole vector with ``full``)."""
-    spec = ModelSpec(
-        model=settings.model,
-        model_dir=settings.model_dir,
-        local_files_only=settings.local_files_only,
-        random_weights=settings.random_weights,
-        device=settings.device,
-        dtype=settings.dtype,
-    )
-    embedder = load_embedder(spec, texts=True)
+    embedder = load_embedder(model_spec(settings), texts=True)
     vector = embedder.embed_texts([text])[0]
     shown: dict[str, Any] = {
         "model": embedder.label,

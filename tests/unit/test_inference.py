@@ -6,6 +6,7 @@ import time
 import numpy as np
 import torch
 
+from tests.support.recording_publisher import RecordingPublisher
 from worker.batcher import Batch, CloseCause
 from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
@@ -48,25 +49,6 @@ class RecordingPending:
         return np.full((self.count, 4), self.batch, np.float32)
 
 
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, float]] = []
-        self.dead: list[str] = []
-
-    def embedding(
-        self,
-        record: InputRecord,
-        request: Request,
-        vector: np.ndarray,
-        scores: object = None,
-        fetched: bytes | None = None,
-    ) -> None:
-        self.published.append((request.id, float(vector[0])))
-
-    def reject(self, record: InputRecord, rejection: object) -> None:
-        self.dead.append(record.key.decode() if record.key else "")
-
-
 def batch(number: int, size: int = 2) -> Batch[Ready]:
     items: list[Ready] = []
     for index in range(size):
@@ -106,8 +88,8 @@ def test_the_next_batch_is_launched_before_the_previous_one_is_awaited():
         ("result", 2),
         ("result", 3),
     ]
-    assert [name for name, _ in publisher.published] == ["b1-0", "b1-1", "b2-0", "b2-1", "b3-0", "b3-1"]
-    assert all(value == int(name[1]) for name, value in publisher.published), "each batch its own vectors"
+    assert publisher.ids == ["b1-0", "b1-1", "b2-0", "b2-1", "b3-0", "b3-1"]
+    assert all(p.vector[0] == int(p.id[1]) for p in publisher.published), "each batch its own vectors"
 
 
 def test_on_a_cpu_each_batch_is_published_before_the_next_is_launched():
@@ -144,6 +126,6 @@ def test_a_batch_failing_when_awaited_is_split_and_nothing_is_lost():
     stage, publisher = stage_with(embedder)
     queue_three(stage, embedder, size=4)
     stage.stop(time.monotonic() + 5)
-    names = sorted(name for name, _ in publisher.published)
+    names = sorted(publisher.ids)
     assert names == sorted(f"b{n}-{i}" for n in (1, 2, 3) for i in range(4))
     assert not publisher.dead

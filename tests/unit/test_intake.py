@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import Any
 
 import msgpack
 import numpy as np
 
+from worker.devtools.samples import jpeg_corpus
 from worker.errors import RejectReason
+from worker.images import ImageLimits, Preprocessing
 from worker.inputs.base import Outcome, Slot
+from worker.inputs.image_bytes import ImageDecoder
 from worker.intake import IntakeStage, Ready, ReadyImage, Rejected
 from worker.messages import InputKind, Request, Source
+from worker.metrics import WorkerMetrics
 from worker.work import InputRecord
 
 
@@ -81,3 +86,29 @@ def test_a_handlers_exception_item_is_that_records_rejection_only():
     first, second = intake.collect(wait=False)
     assert isinstance(first, Rejected) and first.rejection.reason is RejectReason.CORRUPT_IMAGE
     assert isinstance(second, ReadyImage)
+
+
+def test_image_decoding_takes_few_submissions_for_a_large_poll_and_keeps_every_thread_busy_for_a_small_one():
+    metrics = WorkerMetrics()
+    decoder = ImageDecoder(ImageLimits(), Preprocessing(resize="device"), 2, metrics)
+    submitted: list[int] = []
+    submit = decoder._pool.submit
+
+    def counting_submit(fn: Any, chunk: list[bytes]) -> Any:
+        submitted.append(len(chunk))
+        return submit(fn, chunk)
+
+    decoder._pool.submit = counting_submit  # type: ignore[method-assign,assignment]
+    images = jpeg_corpus(4, 16, 16)
+    try:
+        slots = decoder.submit_images(images * 50)  # a poll of 200 images
+        assert submitted == [32] * 6 + [8], "chunks of 32: 7 submissions instead of 25"
+        shapes = [slot.future.result()[slot.index].shape for slot in slots]  # type: ignore[union-attr]
+        assert shapes == [(16, 16, 3)] * 200
+        submitted.clear()
+        decoder.submit_images(images[:3])
+        assert submitted == [1, 1, 1], "a small poll still goes to every thread"
+    finally:
+        decoder.shutdown()
+    sample = metrics.registry.get_sample_value("clip_worker_stage_seconds_count", {"stage": "decode"})
+    assert sample is not None and sample >= 200, "one decode observation per image"

@@ -141,3 +141,36 @@ def test_an_abort_forgets_sends_the_broker_left_unanswered():
     delivery.transactions.doom(AbortReason.DELIVERY_FAILED)
     delivery.abort()
     assert delivery.watch.silent_for() == 0, "nothing will answer the abandoned sends: no silence to count"
+
+
+class StrayPartition(FakeConsumer):
+    """Each poll also returns the records of a partition the worker was never assigned (revoked while the
+    client still buffered them)."""
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Any]]:
+        out: dict[TopicPartition, list[Any]] = dict(super().poll(timeout_ms, max_records))
+        stray = TopicPartition("images", 7)
+        if self.log.get(stray):
+            out[stray] = self.log.pop(stray)
+        return out
+
+
+def test_metrics_updated_per_poll_and_batch_still_count_every_record_once():
+    consumer = StrayPartition(partitions=2)
+    pipeline, _consumer, producer = build(consumer=consumer)
+    for partition, count in ((0, 5), (1, 4)):
+        for index, data in enumerate(jpeg_corpus(count, 32, 24)):
+            consumer.add("images", encode_request(f"p{partition}-{index}", data), partition=partition)
+    consumer.add("images", b"\xc1 not msgpack", partition=1)
+    consumer.add("images", encode_request("stray", jpeg_corpus(1, 32, 24)[0]), partition=7)
+    with running(pipeline):
+        tp1 = TopicPartition("images", 1)
+        run_until(pipeline, lambda: consumer.committed.get(TP) == 5 and consumer.committed.get(tp1) == 5)
+    metrics = pipeline.metrics
+    sample = metrics.registry.get_sample_value
+    assert metrics.consumed._value.get() == 10, "every tracked record once; the stray one not at all"
+    assert metrics.published._value.get() == 9 == len(producer.to("image-embeddings"))
+    assert metrics.dlq.labels("invalid_msgpack")._value.get() == 1
+    assert sample("clip_worker_stage_seconds_count", {"stage": "decode"}) == 9, "one decode per image"
+    assert sample("clip_worker_stage_seconds_count", {"stage": "queue_wait"}) == 9, "one wait per image"
+    assert sample("clip_worker_batch_size_images_sum") == 9

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.recording_publisher import RecordingPublisher
 from tests.support.schemas import validate_msgpack
 from tests.support.stub_embedder import IMAGE_VALUE, TEXT_VALUE, StubEmbedder, StubPending
 from tests.unit.test_pipeline import TP, add_images, build, run_until, running
 from worker.batcher import Batch, CloseCause
 from worker.config import load_settings
-from worker.errors import StartupError
+from worker.errors import RejectReason, StartupError
 from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
 from worker.intake import Ready, ReadyText
@@ -119,29 +120,9 @@ class FailingTexts(StubEmbedder):
         return super().launch_texts(texts)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.published: list[str] = []
-        self.dead: list[tuple[str, str]] = []
-
-    def embedding(
-        self,
-        record: InputRecord,
-        request: Request,
-        vector: np.ndarray,
-        scores: object = None,
-        fetched: bytes | None = None,
-    ) -> None:
-        assert scores is None, "texts are not scored"
-        self.published.append(request.id)
-
-    def reject(self, record: InputRecord, rejection: object) -> None:
-        self.dead.append((record.key.decode() if record.key else "", str(rejection)))
-
-
 def test_a_text_that_fails_alone_is_dead_lettered_as_inference_failed_and_the_rest_published():
     embedder = FailingTexts(poison=len("poison"))
-    publisher = Recorder()
+    publisher = RecordingPublisher()
     stage = InferenceStage(embedder, publisher, WorkerMetrics(), Preprocessing(), ImageLimits())  # type: ignore[arg-type]
     assert embedder.text is not None
     texts = ["alpha", "beta", "poison", "delta"]
@@ -152,9 +133,10 @@ def test_a_text_that_fails_alone_is_dead_lettered_as_inference_failed_and_the_re
     stage.start()
     assert stage.offer(Batch(items, CloseCause.SIZE), wait_s=1)
     stage.stop(time.monotonic() + 5)
-    assert sorted(publisher.published) == ["alpha", "beta", "delta"]
+    assert sorted(publisher.ids) == ["alpha", "beta", "delta"]
+    assert all(published.scores is None for published in publisher.published), "texts are not scored"
     [(key, why)] = publisher.dead
-    assert key == "poison" and why.startswith("inference_failed")
+    assert key == "poison" and why.reason is RejectReason.INFERENCE_FAILED
     assert all(kind == "text" for kind, _ in embedder.batches)
 
 
