@@ -116,9 +116,9 @@ def test_a_worker_that_hangs_ends_the_row_at_its_deadline(tansu, tiny_embedder):
     release = threading.Event()
     real_launch = embedder.launch
 
-    def stuck_launch(pixels: Any) -> Any:
+    def stuck_launch(*args: Any, **kwargs: Any) -> Any:
         release.wait(30)
-        return real_launch(pixels)
+        return real_launch(*args, **kwargs)
 
     embedder.launch = stuck_launch
     report = Report()

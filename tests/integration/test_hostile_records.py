@@ -8,6 +8,7 @@ all (an output, a dead letter, or a counted skip) and move on.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -297,10 +298,15 @@ def test_two_workers_with_one_group_instance_id_fence_the_older(kafka_bootstrap,
     first = start_worker(settings, tiny_embedder)
     wait_until(lambda: first.metrics.assigned_partitions._value.get() == 2, 60, "first never joined")
     second = start_worker(settings, tiny_embedder)
-    # The fenced member learns it when it commits: give it work.
-    send_raw(settings, images(20))
+    # The fenced member learns it when it commits: give it work, a little more now and then until it has
+    # had some (on a loaded machine its fetches can come after the other member has taken the first lot).
     try:
-        first.thread.join(timeout=60)
+        deadline = time.monotonic() + 90
+        round_number = 0
+        while first.thread.is_alive() and time.monotonic() < deadline:
+            send_raw(settings, images(10, prefix=f"round{round_number}"))
+            round_number += 1
+            first.thread.join(timeout=5)
         assert not first.thread.is_alive(), "the fenced worker kept running"
         assert first.exit_codes == [ExitCode.FENCED]
     finally:

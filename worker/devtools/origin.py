@@ -47,7 +47,10 @@ class ImageOrigin:
         self._server = _Server((host, 0), _handler(self))
         self.port = int(self._server.server_address[1])
         self.host = host
-        self._thread = threading.Thread(target=self._server.serve_forever, name="origin", daemon=True)
+        # A short poll interval: shutdown() waits up to one (the default 0.5 s, in every test's teardown).
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="origin", daemon=True
+        )
 
     def url(self, path: str) -> str:
         """The URL of ``path`` (with its leading slash) on this server."""
