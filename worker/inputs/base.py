@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -53,3 +54,21 @@ class InputHandler(Protocol):
     def shutdown(self) -> None:
         """Stop the handler's threads without waiting for queued work."""
         ...
+
+
+Item = TypeVar("Item")
+
+
+def submit_in_chunks(
+    pool: Executor, work: Callable[[list[Item]], list[Outcome]], items: Sequence[Item], size: int
+) -> list[Slot]:
+    """Queue ``work`` on ``pool`` for ``items`` in chunks of ``size``; one slot per item, in order.
+
+    A task per chunk rather than per item: every submission costs GIL time the pool's threads need.
+    """
+    slots: list[Slot] = []
+    for start in range(0, len(items), size):
+        chunk = list(items[start : start + size])
+        future = pool.submit(work, chunk)
+        slots.extend(Slot(future, index) for index in range(len(chunk)))
+    return slots

@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.images import ImageLimits, Preprocessing, prepare
-from worker.inputs.base import Outcome, Slot
+from worker.inputs.base import Outcome, Slot, submit_in_chunks
 from worker.messages import Request
 from worker.metrics import WorkerMetrics
 
@@ -37,14 +37,9 @@ class ImageDecoder:
 
     def submit_images(self, images: list[bytes]) -> list[Slot]:
         """Queue encoded images for the decode threads; one slot per image, in order."""
-        # A task per chunk of images rather than per image: submitting costs GIL time the decoders need.
+        # Chunks small enough that a poll's images still reach every decode thread.
         size = max(1, min(_DECODE_CHUNK, -(-len(images) // (2 * self._workers))))
-        slots: list[Slot] = []
-        for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            future = self._pool.submit(self.decode_now, chunk)
-            slots.extend(Slot(future, index) for index in range(len(chunk)))
-        return slots
+        return submit_in_chunks(self._pool, self.decode_now, images, size)
 
     def decode_now(self, images: list[bytes]) -> list[Outcome]:
         """Decode on the calling thread; each image's result, or the exception that rejects it."""

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import Outcome, Prepared, Slot
+from worker.inputs.base import Outcome, Prepared, Slot, submit_in_chunks
 from worker.messages import Request
 from worker.metrics import WorkerMetrics
 from worker.models.text import TextTower
@@ -32,12 +32,7 @@ class TextTokenizer:
     def submit(self, requests: list[Request]) -> list[Slot]:
         """Queue the requests' texts for the tokenizer thread; one slot per request, in order."""
         texts = [request.text or "" for request in requests]
-        slots: list[Slot] = []
-        for start in range(0, len(texts), _TOKENIZE_CHUNK):
-            chunk = texts[start : start + _TOKENIZE_CHUNK]
-            future = self._pool.submit(self.tokenize_now, chunk)
-            slots.extend(Slot(future, index) for index in range(len(chunk)))
-        return slots
+        return submit_in_chunks(self._pool, self.tokenize_now, texts, _TOKENIZE_CHUNK)
 
     def tokenize_now(self, texts: list[str]) -> list[Outcome]:
         """Tokenise on the calling thread; each text's ids, or the rejection of a text the tokenizer fails

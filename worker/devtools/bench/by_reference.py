@@ -4,7 +4,6 @@ latency to every image, so the row shows whether concurrent fetching hides it.""
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 from worker.devtools.bench.pipeline import (
@@ -13,10 +12,9 @@ from worker.devtools.bench.pipeline import (
     dlq_total,
     fill_backlog,
     fresh_settings,
-    resident_mb,
 )
 from worker.devtools.bench.report import Report
-from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
+from worker.devtools.bench.soak import drain_sampling_rss
 from worker.devtools.origin import OriginProcess
 from worker.devtools.samples import jpeg_corpus
 from worker.embedder import Embedder
@@ -57,9 +55,6 @@ def _run(
     return bench_worker(report, embedder, work, bootstrap, label=label, settings_extra=extra, backlog=backlog)
 
 
-_SAMPLES = 10
-
-
 def bench_reference_memory(
     report: Report,
     embedder: Embedder,
@@ -90,26 +85,12 @@ def bench_reference_memory(
             settings = fresh_settings(bootstrap, work, **extra)
             fill_backlog(settings, [], backlog)
             metrics = WorkerMetrics()
-            marks = [images * (i + 1) // _SAMPLES for i in range(_SAMPLES)]
-            samples: list[float] = []
-
-            def sampled_all() -> bool:
-                done = metrics.published._value.get() + dlq_total(metrics)
-                while marks and done >= marks[0]:
-                    samples.append(round(resident_mb(), 1))
-                    marks.pop(0)
-                return not marks
-
-            run = WorkerRun(settings, embedder, metrics, work.timeout_s).start()
-            started = time.perf_counter()
-            try:
-                run.wait_until(sampled_all, "the backlog to drain")
-                elapsed = time.perf_counter() - started
-            except RowFailed as failure:
-                report.add("ref-memory", case, 0.0, failed=str(failure), rss_mb=samples)
-                run.stop(ABANDON_S)
-                return
-            run.stop()
+            drained = drain_sampling_rss(settings, embedder, metrics, images, work.timeout_s)
+    samples = drained.rss_mb
+    if drained.elapsed_s is None:
+        report.add("ref-memory", case, 0.0, failed=drained.failure, rss_mb=samples)
+        return
+    elapsed = drained.elapsed_s
     steady = samples[1:]  # the first tenth includes allocator, pools and model warm-up
     report.add(
         "ref-memory",
