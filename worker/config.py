@@ -149,8 +149,8 @@ class Settings(BaseSettings):
         128,
         ge=1,
         le=4096,
-        description="images fetched at once by reference (threads, each holding at most one image): about "
-        "images/s times the fetch latency",
+        description="images fetched at once by reference (connections; at most twice as many fetched images "
+        "held): about images/s times the fetch latency",
     )
     fetch_timeout_s: float = Field(
         10.0, gt=0, description="time allowed for one try of one fetch, body included"

@@ -3,6 +3,7 @@ server), the SSRF guard, the file root, retries, limits, and what errors may sho
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -40,6 +41,16 @@ def store() -> Iterator[ObjectStore]:
         yield running
 
 
+_made: list[Fetcher] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_fetchers() -> Iterator[None]:
+    yield
+    while _made:
+        _made.pop().close()
+
+
 def make(
     *,
     schemes: frozenset[str] = HTTP,
@@ -50,16 +61,18 @@ def make(
 ) -> Fetcher:
     policy.setdefault("timeout_s", 2.0)
     policy.setdefault("retries", 2)
-    return Fetcher(
+    fetcher = Fetcher(
         FetchPolicy(schemes=schemes, allow_hosts=allow, backoff=FAST, **policy),
         metrics or WorkerMetrics(),
         resolver=resolver,
     )
+    _made.append(fetcher)
+    return fetcher
 
 
 def reason_of(fetcher: Fetcher, uri: str) -> RejectReason:
     with pytest.raises(RejectedRecord) as caught:
-        fetcher.fetch(uri)
+        fetcher.fetch_blocking(uri)
     return caught.value.reason
 
 
@@ -196,9 +209,9 @@ def test_ssrf_targets_are_refused_without_a_connection(origin, uri):
 
 
 def test_allow_options_open_loopback_deliberately(origin):
-    assert make(allow=(), allow_private=True).fetch(origin.url("/o/cat")) == BODY
-    assert make(allow=("127.0.0.0/8",)).fetch(origin.url("/o/cat")) == BODY
-    assert make(allow=("localhost",)).fetch(f"http://localhost:{origin.port}/o/cat") == BODY
+    assert make(allow=(), allow_private=True).fetch_blocking(origin.url("/o/cat")) == BODY
+    assert make(allow=("127.0.0.0/8",)).fetch_blocking(origin.url("/o/cat")) == BODY
+    assert make(allow=("localhost",)).fetch_blocking(f"http://localhost:{origin.port}/o/cat") == BODY
 
 
 def test_a_public_looking_host_that_redirects_to_loopback_is_refused(origin):
@@ -207,7 +220,7 @@ def test_a_public_looking_host_that_redirects_to_loopback_is_refused(origin):
     names = {"cdn.example.test": ["127.0.0.1"], "localhost": ["127.0.0.1"]}
     fetcher = make(allow=("cdn.example.test",), resolver=lambda host, port: names.get(host, [host]))
     public = f"http://cdn.example.test:{origin.port}"
-    assert fetcher.fetch(f"{public}/o/cat") == BODY, "the opened host itself is served"
+    assert fetcher.fetch_blocking(f"{public}/o/cat") == BODY, "the opened host itself is served"
     for target in (
         f"http://localhost:{origin.port}/o/cat",
         f"http://127.0.0.1:{origin.port}/o/cat",
@@ -228,7 +241,7 @@ def test_the_connection_goes_to_the_address_the_guard_checked(origin):
         return ["127.0.0.1"]
 
     fetcher = make(allow=("127.0.0.1/32",), resolver=resolver)
-    assert fetcher.fetch(f"http://images.example.test:{origin.port}/o/cat") == BODY
+    assert fetcher.fetch_blocking(f"http://images.example.test:{origin.port}/o/cat") == BODY
     assert seen == ["images.example.test"]
 
 
@@ -246,7 +259,7 @@ def test_fetches_reuse_one_connection_and_are_counted(origin):
     metrics = WorkerMetrics()
     fetcher = make(metrics=metrics)
     for _ in range(20):
-        assert fetcher.fetch(origin.url("/o/cat")) == BODY
+        assert fetcher.fetch_blocking(origin.url("/o/cat")) == BODY
     assert origin.connections == 1
     assert sample(metrics, "clip_worker_fetches_total", scheme="http", outcome="ok") == 20
     assert sample(metrics, "clip_worker_fetched_bytes_total", scheme="http") == 20 * len(BODY)
@@ -272,13 +285,13 @@ def test_final_answers_are_not_retried(origin, path, reason):
 
 
 def test_redirects_are_followed(origin):
-    assert make().fetch(origin.url("/hops/5/cat")) == BODY
+    assert make().fetch_blocking(origin.url("/hops/5/cat")) == BODY
 
 
 @pytest.mark.parametrize("code", [500, 503, 429])
 def test_transient_failures_are_retried(origin, code):
     metrics = WorkerMetrics()
-    assert make(metrics=metrics).fetch(origin.url(f"/flaky/k/{code}/2/cat")) == BODY
+    assert make(metrics=metrics).fetch_blocking(origin.url(f"/flaky/k/{code}/2/cat")) == BODY
     assert origin.requests[f"/flaky/k/{code}/2/cat"] == 3
     assert sample(metrics, "clip_worker_fetch_retries_total", scheme="http") == 2
 
@@ -318,7 +331,7 @@ def test_an_undeclared_body_is_cut_off_at_the_limit(origin):
 
 def test_the_limit_is_inclusive(origin):
     origin.put("exact", b"x" * 4096)
-    assert make(max_bytes=4096).fetch(origin.url("/o/exact")) == b"x" * 4096
+    assert make(max_bytes=4096).fetch_blocking(origin.url("/o/exact")) == b"x" * 4096
     assert reason_of(make(max_bytes=4095), origin.url("/o/exact")) == RejectReason.FETCH_TOO_LARGE
 
 
@@ -339,7 +352,7 @@ def test_credentials_stay_out_of_errors_and_metrics(origin):
     fetcher = make(metrics=metrics)
     uri = f"http://user:hunter2@127.0.0.1:{origin.port}/o/missing?X-Amz-Signature=c0ffee&token=t0k3n"
     with pytest.raises(RejectedRecord) as caught:
-        fetcher.fetch(uri)
+        fetcher.fetch_blocking(uri)
     text = f"{caught.value} {caught.value.message}"
     assert "hunter2" not in text and "c0ffee" not in text and "t0k3n" not in text
     assert "127.0.0.1" in text
@@ -362,7 +375,7 @@ def test_s3_objects_are_fetched_from_an_s3_compatible_endpoint(store, s3_env):
     uri = store.put("images", "cats/one.jpg", BODY)
     metrics = WorkerMetrics()
     fetcher = make(schemes=frozenset({"s3"}), s3_endpoint_url=store.endpoint_url, metrics=metrics)
-    assert fetcher.fetch(uri) == BODY
+    assert fetcher.fetch_blocking(uri) == BODY
     assert sample(metrics, "clip_worker_fetches_total", scheme="s3", outcome="ok") == 1
 
 
@@ -402,8 +415,8 @@ def shared(tmp_path: Path) -> Path:
 
 def test_files_under_the_root_are_read(shared):
     fetcher = make(schemes=frozenset({"file"}), file_root=shared)
-    assert fetcher.fetch(f"file://{shared}/sub/cat.jpg") == BODY
-    assert fetcher.fetch(f"file://{shared}/inside") == BODY, "a link that stays inside is fine"
+    assert fetcher.fetch_blocking(f"file://{shared}/sub/cat.jpg") == BODY
+    assert fetcher.fetch_blocking(f"file://{shared}/inside") == BODY, "a link that stays inside is fine"
 
 
 @pytest.mark.parametrize(
@@ -442,10 +455,13 @@ def test_only_retriable_failures_are_retried():
     calls: list[int] = []
     sleeps: list[float] = []
 
-    def attempt() -> bytes:
+    async def attempt() -> bytes:
         calls.append(1)
         raise FetchError(RejectReason.FETCH_NOT_FOUND, "gone")
 
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
     with pytest.raises(FetchError):
-        with_retries(attempt, RetryPolicy(retries=3), sleep=sleeps.append)
+        asyncio.run(with_retries(attempt, RetryPolicy(retries=3), sleep=sleep))
     assert len(calls) == 1 and sleeps == []

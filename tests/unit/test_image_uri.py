@@ -10,6 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from tests.support.gated_decoder import GatedDecoder
 from worker.config import load_settings
 from worker.devtools.origin import ImageOrigin
 from worker.devtools.samples import jpeg_corpus
@@ -42,9 +43,9 @@ def record(offset: int, **fields: object) -> InputRecord:
     return InputRecord(Source("in", 0, offset), None, value, [], 0, 0.0)
 
 
-def intake(concurrency: int = 8, forward: bool = False) -> IntakeStage:
+def intake(concurrency: int = 8, forward: bool = False, decoder: ImageDecoder | None = None) -> IntakeStage:
     metrics = WorkerMetrics()
-    decoder = ImageDecoder(ImageLimits(), Preprocessing(), 2, metrics)
+    decoder = decoder or ImageDecoder(ImageLimits(), Preprocessing(), 2, metrics)
     policy = FetchPolicy(
         schemes=frozenset({"http"}),
         allow_hosts=("127.0.0.1",),
@@ -119,14 +120,30 @@ def test_fetches_run_concurrently_up_to_the_pool_size(origin):
     assert elapsed < 12 * 0.3, "fetches overlap"
 
 
+def test_fetched_bodies_are_bounded_while_the_decoders_are_behind(origin):
+    # A fetched body keeps its room until its image is decoded, so no more than twice
+    # --fetch-concurrency bodies are ever held however far fetching could run ahead.
+    decoder = GatedDecoder()
+    stage = intake(concurrency=2, decoder=decoder)
+    stage.submit([record(i, uri=origin.url(f"/o/{i % 4}.jpg")) for i in range(9)])
+    time.sleep(0.5)
+    fetched_while_held = sum(origin.requests.values())
+    decoder.gate.set()
+    results = list(stage.collect(wait=True))
+    stage.shutdown()
+    assert fetched_while_held == 4
+    assert all(isinstance(r, ReadyImage) for r in results) and len(results) == 9
+    assert sum(origin.requests.values()) == 9
+
+
 def test_the_settings_enable_references_unless_no_scheme_is(tmp_path):
     limits = ImageLimits(max_bytes=12345)
     metrics = WorkerMetrics()
     default = load_settings({}, environ={})
-    assert set(build_handlers(default, limits, Preprocessing(), 1, metrics)) == {
-        InputKind.IMAGE,
-        InputKind.URI,
-    }
+    handlers = build_handlers(default, limits, Preprocessing(), 1, metrics)
+    for handler in handlers.values():
+        handler.shutdown()
+    assert set(handlers) == {InputKind.IMAGE, InputKind.URI}
     policy = fetch_policy(default, limits)
     assert policy.max_bytes == 12345 and policy.schemes == {"http", "https", "s3"}
     off = load_settings({"fetch_schemes": ""}, environ={})

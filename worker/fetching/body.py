@@ -8,20 +8,38 @@ from collections.abc import Iterable
 from worker.fetching.outcomes import timed_out, too_large
 
 
-def read_limited(chunks: Iterable[bytes], max_bytes: int, deadline: float, shown: str) -> bytes:
-    """Join ``chunks`` into the body, refusing it as soon as it passes ``max_bytes`` (``fetch_too_large``)
+class LimitedBody:
+    """A body gathered chunk by chunk, refused as soon as it passes ``max_bytes`` (``fetch_too_large``)
     or the clock passes ``deadline`` (``time.monotonic()``; ``fetch_timeout``): a slow or endless body
-    never holds more than the limit, nor a fetch thread past its time."""
-    parts: list[bytes] = []
-    size = 0
+    never holds more than the limit, nor a fetch past its time."""
+
+    def __init__(self, max_bytes: int, deadline: float, shown: str) -> None:
+        self._max_bytes = max_bytes
+        self._deadline = deadline
+        self._shown = shown
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        """Take the next chunk; raises :class:`~worker.fetching.outcomes.FetchError` past a limit."""
+        self._size += len(chunk)
+        if self._size > self._max_bytes:
+            raise too_large(f"{self._shown} is larger than the image limit of {self._max_bytes} bytes")
+        self._parts.append(chunk)
+        if time.monotonic() > self._deadline:
+            raise timed_out(f"{self._shown} did not arrive in time ({self._size} bytes so far)")
+
+    def join(self) -> bytes:
+        """The whole body."""
+        return self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+
+
+def read_limited(chunks: Iterable[bytes], max_bytes: int, deadline: float, shown: str) -> bytes:
+    """Join ``chunks`` into the body within the limits of :class:`LimitedBody`."""
+    body = LimitedBody(max_bytes, deadline, shown)
     for chunk in chunks:
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large(f"{shown} is larger than the image limit of {max_bytes} bytes")
-        parts.append(chunk)
-        if time.monotonic() > deadline:
-            raise timed_out(f"{shown} did not arrive in time ({size} bytes so far)")
-    return b"".join(parts)
+        body.add(chunk)
+    return body.join()
 
 
 def check_declared_size(declared: int | None, max_bytes: int, shown: str) -> None:

@@ -1,10 +1,11 @@
 """The one entry point: a ``uri`` in, the image's bytes (or a typed rejection) out, with retries and
-metrics; the scheme picks the fetcher."""
+metrics; the scheme picks the fetcher. Every fetch runs on one :class:`~worker.fetching.loop.FetchLoop`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +14,7 @@ from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.files import FileFetcher
 from worker.fetching.guard import AddressGuard, Resolver, system_resolver
 from worker.fetching.http import HttpFetcher
+from worker.fetching.loop import FetchLoop
 from worker.fetching.outcomes import OK, FetchError
 from worker.fetching.retry import RetryPolicy, with_retries
 from worker.fetching.uri import SCHEMES, Reference, parse_reference, redact
@@ -41,38 +43,37 @@ class FetchPolicy:
         return RetryPolicy(self.retries, self.backoff.base_delay_s, self.backoff.max_delay_s)
 
 
-class _SchemeFetcher(Protocol):
+class _BlockingFetcher(Protocol):
+    """A scheme whose client blocks (boto3, file reads): each try runs on a thread of its own."""
+
     def fetch(self, reference: Reference) -> bytes: ...
 
     def close(self) -> None: ...
 
 
 class Fetcher:
-    """Fetches references by URI; thread-safe, meant to be called from a pool of
-    ``policy.concurrency`` threads (connections are pooled to that size)."""
+    """Fetches references by URI on its own fetch loop (:attr:`loop`); at most ``policy.concurrency``
+    connections per scheme. :meth:`fetch` runs on that loop, :meth:`fetch_blocking` from any other thread."""
 
     def __init__(
-        self,
-        policy: FetchPolicy,
-        metrics: WorkerMetrics,
-        resolver: Resolver = system_resolver,
-        sleep: Callable[[float], None] = time.sleep,
+        self, policy: FetchPolicy, metrics: WorkerMetrics, resolver: Resolver = system_resolver
     ) -> None:
         unknown = policy.schemes - set(SCHEMES)
         if unknown:
             raise ValueError(f"unknown schemes: {sorted(unknown)}")
         self._policy = policy
         self._metrics = metrics
-        self._sleep = sleep
-        self._fetchers: dict[str, _SchemeFetcher] = {}
+        self._web: HttpFetcher | None = None
+        self._blocking: dict[str, _BlockingFetcher] = {}
         if policy.schemes & {"http", "https"}:
             guard = AddressGuard(policy.allow_hosts, policy.allow_private, resolver)
-            web = HttpFetcher(guard, policy.max_bytes, policy.timeout_s, policy.schemes)
-            self._fetchers.update({scheme: web for scheme in policy.schemes & {"http", "https"}})
+            self._web = HttpFetcher(
+                guard, policy.max_bytes, policy.timeout_s, policy.schemes, policy.concurrency
+            )
         if "s3" in policy.schemes:
             from worker.fetching.s3 import S3Fetcher  # boto3 loads only where S3 is enabled
 
-            self._fetchers["s3"] = S3Fetcher(
+            self._blocking["s3"] = S3Fetcher(
                 policy.max_bytes,
                 policy.timeout_s,
                 policy.concurrency,
@@ -82,22 +83,24 @@ class Fetcher:
         if "file" in policy.schemes:
             if policy.file_root is None:
                 raise ValueError("the file scheme needs a root directory")
-            self._fetchers["file"] = FileFetcher(policy.file_root, policy.max_bytes)
+            self._blocking["file"] = FileFetcher(policy.file_root, policy.max_bytes)
+        # Threads for the blocking schemes only, made as they are needed.
+        self._threads = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="fetch")
+        self.loop = FetchLoop()
 
-    def fetch(self, uri: str) -> bytes:
-        """The bytes at ``uri``. Raises :class:`~worker.errors.RejectedRecord`: ``invalid_envelope`` for a
-        malformed URI, a :class:`~worker.fetching.outcomes.FetchError` (``fetch_*``) otherwise."""
+    async def fetch(self, uri: str) -> bytes:
+        """The bytes at ``uri`` (on :attr:`loop`). Raises :class:`~worker.errors.RejectedRecord`:
+        ``invalid_envelope`` for a malformed URI, a :class:`~worker.fetching.outcomes.FetchError`
+        (``fetch_*``) otherwise."""
         started = time.perf_counter()
         scheme = _scheme_label(uri)
         outcome = OK
         try:
             reference = parse_reference(uri, self._policy.schemes)
-            fetcher = self._fetchers[reference.scheme]
-            data = with_retries(
-                lambda: fetcher.fetch(reference),
+            data = await with_retries(
+                lambda: self._try(reference),
                 self._policy.retry,
                 on_retry=lambda _error: self._metrics.fetch_retries.labels(scheme).inc(),
-                sleep=self._sleep,
             )
         except RejectedRecord as rejection:
             outcome = rejection.reason.value
@@ -113,10 +116,27 @@ class Fetcher:
         self._metrics.fetched_bytes.labels(scheme).inc(len(data))
         return data
 
+    def fetch_blocking(self, uri: str) -> bytes:
+        """:meth:`fetch` from a thread other than the loop's, waiting for its answer."""
+        return self.loop.run(self.fetch(uri)).result()
+
     def close(self) -> None:
-        """Close every pool of connections."""
-        for fetcher in {id(f): f for f in self._fetchers.values()}.values():
+        """Close every pool of connections and stop the loop and the threads."""
+        self.loop.close(self._close_web())
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for fetcher in self._blocking.values():
             fetcher.close()
+
+    async def _try(self, reference: Reference) -> bytes:
+        if reference.scheme in self._blocking:
+            blocking = self._blocking[reference.scheme]
+            return await asyncio.get_running_loop().run_in_executor(self._threads, blocking.fetch, reference)
+        assert self._web is not None  # parse_reference admits only enabled schemes
+        return await self._web.fetch(reference)
+
+    async def _close_web(self) -> None:
+        if self._web is not None:
+            await self._web.close()
 
 
 def _scheme_label(uri: str) -> str:

@@ -1,7 +1,8 @@
 """The SSRF guard: which network addresses a reference may reach.
 
 Every address a host name resolves to is checked, and the connection is then made to one of those
-checked addresses (:class:`GuardedBackend`), never to a second lookup's answer: a name that resolves to a
+checked addresses (:class:`GuardedResolver`, the only resolver the HTTP client has), never to a second
+lookup's answer: a name that resolves to a
 public address for the check and to 127.0.0.1 for the connection (DNS rebinding) gets nowhere. Redirects
 open new connections, so each hop is checked the same way.
 
@@ -14,12 +15,13 @@ resolve to) and address ranges (CIDR), the metadata services included if named.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import httpcore
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from worker.fetching.outcomes import failed, forbidden
 
@@ -37,6 +39,8 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_CLEARED_KEPT = 4096  # check_written's verdicts kept, at most
+_FAMILIES = {socket.AF_INET: False, socket.AF_INET6: True}  # a family asked for: is it IPv6?
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -112,6 +116,7 @@ class AddressGuard:
         self._names, self._networks = parse_allow_entries(allow_hosts)
         self._allow_private = allow_private
         self._resolver = resolver
+        self._cleared: set[str] = set()  # hosts check_written passed: a verdict that never changes
 
     def addresses(self, host: str, port: int) -> list[str]:
         """The checked addresses to connect to for ``host``; raises
@@ -127,20 +132,38 @@ class AddressGuard:
             raise failed(f"cannot resolve {host}: {exc}") from None
         if not resolved:
             raise failed(f"cannot resolve {host}: no addresses")
-        if host in self._names:
-            return resolved
-        for text in resolved:
-            address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
-            problem = classify(address)
-            if problem is None or self._opened(address, problem):
-                continue
-            shown = host if host == text else f"{host} resolves to {text}, which"
-            raise forbidden(
-                f"{shown} is a {problem} address; --fetch-allow-hosts"
-                + ("" if problem == "metadata service" else " or --fetch-allow-private")
-                + " opens it"
-            )
+        if host not in self._names:
+            for text in resolved:
+                self._check(host, text)
         return resolved
+
+    def check_written(self, host: str) -> None:
+        """Refuse ``host`` if it is an IP address written out in the URI (which the HTTP client connects
+        to without a lookup) that the policy does not open; a name is left to :meth:`addresses`."""
+        if host in self._cleared:
+            return
+        text = host.lower().strip("[]")
+        try:
+            ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            pass  # a name
+        else:
+            self._check(text, text)
+        if len(self._cleared) >= _CLEARED_KEPT:
+            self._cleared.clear()
+        self._cleared.add(host)
+
+    def _check(self, host: str, text: str) -> None:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
+        problem = classify(address)
+        if problem is None or self._opened(address, problem):
+            return
+        shown = host if host == text else f"{host} resolves to {text}, which"
+        raise forbidden(
+            f"{shown} is a {problem} address; --fetch-allow-hosts"
+            + ("" if problem == "metadata service" else " or --fetch-allow-private")
+            + " opens it"
+        )
 
     def _opened(self, address: IPAddress, problem: str) -> bool:
         if any(unwrap(address) in net or address in net for net in self._networks):
@@ -148,41 +171,35 @@ class AddressGuard:
         return self._allow_private and problem != "metadata service"
 
 
-class GuardedBackend(httpcore.NetworkBackend):
-    """httpcore's socket backend, connecting only to addresses the :class:`AddressGuard` checked.
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, answering only with addresses the :class:`AddressGuard` checked.
 
-    httpcore still sends the host name for TLS (SNI and certificate check) and in the Host header; only
-    the address the socket connects to comes from the guard.
+    aiohttp still sends the host name for TLS (SNI and certificate check) and in the Host header; only the
+    address the socket connects to comes from the guard. aiohttp does not ask a resolver about IP
+    addresses written out in the URL: check those with :meth:`AddressGuard.check_written` before the request.
     """
 
     def __init__(self, guard: AddressGuard) -> None:
         self._guard = guard
-        self._backend = httpcore.SyncBackend()
 
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        """Connect to the first checked address of ``host`` that answers."""
-        error: Exception | None = None
-        for address in self._guard.addresses(host, port):
-            try:
-                return self._backend.connect_tcp(address, port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:
-                error = exc
-        assert error is not None
-        raise error
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The checked addresses of ``host`` (the system resolver blocks, so it runs off the loop)."""
+        loop = asyncio.get_running_loop()
+        addresses = await loop.run_in_executor(None, self._guard.addresses, host, port)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in addresses
+            if family not in _FAMILIES or _FAMILIES[family] == (":" in address)
+        ]
 
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        """Never: references reach the network only through TCP."""
-        raise httpcore.ConnectError("unix sockets are not used for references")
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep as httpcore's own backend does."""
-        self._backend.sleep(seconds)
+    async def close(self) -> None:
+        """Nothing to close."""

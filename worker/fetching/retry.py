@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,21 +31,21 @@ class RetryPolicy:
         return wait
 
 
-def with_retries(
-    attempt: Callable[[], T],
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     on_retry: Callable[[FetchError], None] = lambda _error: None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> T:
-    """``attempt()``, tried again after a retriable :class:`FetchError` up to ``policy.retries`` times;
-    the last error is raised as it is (its reason says what failed: fetch_timeout, fetch_failed...)."""
+    """``await attempt()``, tried again after a retriable :class:`FetchError` up to ``policy.retries``
+    times; the last error is raised as it is (its reason says what failed: fetch_timeout, fetch_failed...)."""
     retry = 0
     while True:
         try:
-            return attempt()
+            return await attempt()
         except FetchError as error:
             if not error.retriable or retry >= policy.retries:
                 raise
             on_retry(error)
-            sleep(policy.delay(retry, error.retry_after_s))
+            await sleep(policy.delay(retry, error.retry_after_s))
             retry += 1
