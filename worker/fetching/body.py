@@ -6,17 +6,18 @@ import time
 from collections.abc import Iterable
 
 from worker.fetching.outcomes import timed_out, too_large
+from worker.fetching.uri import Reference
 
 
 class LimitedBody:
     """A body gathered chunk by chunk, refused as soon as it passes ``max_bytes`` (``fetch_too_large``)
     or the clock passes ``deadline`` (``time.monotonic()``; ``fetch_timeout``): a slow or endless body
-    never holds more than the limit, nor a fetch past its time."""
+    never holds more than the limit, nor a fetch past its time. Errors name ``reference`` redacted."""
 
-    def __init__(self, max_bytes: int, deadline: float, shown: str) -> None:
+    def __init__(self, max_bytes: int, deadline: float, reference: Reference) -> None:
         self._max_bytes = max_bytes
         self._deadline = deadline
-        self._shown = shown
+        self._reference = reference
         self._parts: list[bytes] = []
         self._size = 0
 
@@ -24,25 +25,27 @@ class LimitedBody:
         """Take the next chunk; raises :class:`~worker.fetching.outcomes.FetchError` past a limit."""
         self._size += len(chunk)
         if self._size > self._max_bytes:
-            raise too_large(f"{self._shown} is larger than the image limit of {self._max_bytes} bytes")
+            raise too_large(
+                f"{self._reference.shown} is larger than the image limit of {self._max_bytes} bytes"
+            )
         self._parts.append(chunk)
         if time.monotonic() > self._deadline:
-            raise timed_out(f"{self._shown} did not arrive in time ({self._size} bytes so far)")
+            raise timed_out(f"{self._reference.shown} did not arrive in time ({self._size} bytes so far)")
 
     def join(self) -> bytes:
         """The whole body."""
         return self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
 
 
-def read_limited(chunks: Iterable[bytes], max_bytes: int, deadline: float, shown: str) -> bytes:
+def read_limited(chunks: Iterable[bytes], max_bytes: int, deadline: float, reference: Reference) -> bytes:
     """Join ``chunks`` into the body within the limits of :class:`LimitedBody`."""
-    body = LimitedBody(max_bytes, deadline, shown)
+    body = LimitedBody(max_bytes, deadline, reference)
     for chunk in chunks:
         body.add(chunk)
     return body.join()
 
 
-def check_declared_size(declared: int | None, max_bytes: int, shown: str) -> None:
+def check_declared_size(declared: int | None, max_bytes: int, reference: Reference) -> None:
     """Refuse a body whose declared length is already over the limit, before reading any of it."""
     if declared is not None and declared > max_bytes:
-        raise too_large(f"{shown} is {declared} bytes, over the image limit of {max_bytes} bytes")
+        raise too_large(f"{reference.shown} is {declared} bytes, over the image limit of {max_bytes} bytes")

@@ -51,7 +51,7 @@ class FileFetcher:
             os.close(fd)
             raise not_found(f"{shown} is not a regular file")
         with os.fdopen(fd, "rb") as file:
-            check_declared_size(info.st_size, self._max_bytes, shown)
+            check_declared_size(info.st_size, self._max_bytes, reference)
             data = file.read(self._max_bytes + 1)
         if len(data) > self._max_bytes:  # the file grew after the size check
             raise too_large(f"{shown} is larger than the image limit of {self._max_bytes} bytes")

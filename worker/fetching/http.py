@@ -110,10 +110,10 @@ class HttpFetcher:
                 if not 200 <= status < 300:
                     raise _status_error(status, original.shown, _header(response.headers, "Retry-After"))
                 declared = response.content_length
-                check_declared_size(declared, self._max_bytes, original.shown)
+                check_declared_size(declared, self._max_bytes, original)
                 if declared is not None:  # within the limit: read whole (a short body is an error)
                     return await response.read(), None
-                body = LimitedBody(self._max_bytes, deadline, original.shown)
+                body = LimitedBody(self._max_bytes, deadline, original)
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     body.add(chunk)
                 return body.join(), None

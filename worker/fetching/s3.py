@@ -70,8 +70,8 @@ class S3Fetcher:
             response = self._client.get_object(Bucket=reference.host, Key=reference.target)
             body = response["Body"]
             try:
-                check_declared_size(response.get("ContentLength"), self._max_bytes, shown)
-                return read_limited(body.iter_chunks(_CHUNK), self._max_bytes, deadline, shown)
+                check_declared_size(response.get("ContentLength"), self._max_bytes, reference)
+                return read_limited(body.iter_chunks(_CHUNK), self._max_bytes, deadline, reference)
             finally:
                 body.close()
         except FetchError:
