@@ -86,6 +86,12 @@ class Fetcher:
             self._blocking["file"] = FileFetcher(policy.file_root, policy.max_bytes)
         # Threads for the blocking schemes only, made as they are needed.
         self._threads = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="fetch")
+        self._retry = policy.retry
+        # Each fetch counts itself three times: the labelled children are looked up once, not per fetch.
+        labels = (*SCHEMES, "other")
+        self._seconds = {scheme: metrics.fetch_seconds.labels(scheme) for scheme in labels}
+        self._bytes = {scheme: metrics.fetched_bytes.labels(scheme) for scheme in labels}
+        self._ok = {scheme: metrics.fetches.labels(scheme, OK) for scheme in labels}
         self.loop = FetchLoop()
 
     async def fetch(self, uri: str) -> bytes:
@@ -99,7 +105,7 @@ class Fetcher:
             reference = parse_reference(uri, self._policy.schemes)
             data = await with_retries(
                 lambda: self._try(reference),
-                self._policy.retry,
+                self._retry,
                 on_retry=lambda _error: self._metrics.fetch_retries.labels(scheme).inc(),
             )
         except RejectedRecord as rejection:
@@ -111,9 +117,10 @@ class Fetcher:
                 RejectReason.FETCH_FAILED, f"{redact(uri)}: fetch crashed ({type(exc).__name__})"
             ) from None
         finally:
-            self._metrics.fetches.labels(scheme, outcome).inc()
-            self._metrics.fetch_seconds.labels(scheme).observe(time.perf_counter() - started)
-        self._metrics.fetched_bytes.labels(scheme).inc(len(data))
+            counted = self._ok[scheme] if outcome is OK else self._metrics.fetches.labels(scheme, outcome)
+            counted.inc()
+            self._seconds[scheme].observe(time.perf_counter() - started)
+        self._bytes[scheme].inc(len(data))
         return data
 
     def fetch_blocking(self, uri: str) -> bytes:

@@ -193,6 +193,7 @@ def bench_worker(
         outcome["embedded"] / elapsed,
         failed=failed,
         **knobs,
+        steady_img_s=window.rate(),
         model_busy=f"{busy:.0%}",
         **gpu,
         **outcome,
@@ -220,6 +221,13 @@ class _SteadyWindow:
     def bounds(self) -> tuple[float, float]:
         now = time.time()
         return (self.start or now, self.end or now)
+
+    def rate(self) -> float | None:
+        """Images/s between the two marks: the rate without the pipeline's fill and drain (a fetch's round
+        trip before the first image of a by-reference row, say); None if the window is too short to tell."""
+        if self.start is None or self.end is None or self.end - self.start < 0.5:
+            return None
+        return round((self._marks[1] - self._marks[0]) / (self.end - self.start), 1)
 
 
 def _count(counter: Any) -> float:

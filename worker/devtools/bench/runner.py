@@ -271,10 +271,15 @@ class _EndToEnd:
         self.args = args
         self.with_model_row = with_model_row
         self.rates: dict[str, float | None] = {}
+        self.steady_rates: dict[str, float] = {}
 
     def run(self, runs: list[str], bootstrap: str) -> None:
         for name in runs:
+            rows = len(self.report.rows)
             self.rates[name] = self._one(name, bootstrap)
+            steady = self.report.rows[-1].detail.get("steady_img_s") if len(self.report.rows) > rows else None
+            if self.rates[name] and steady:
+                self.steady_rates[name] = float(steady)
         self._ratios()
 
     def _one(self, name: str, bootstrap: str) -> float | None:
@@ -321,4 +326,11 @@ class _EndToEnd:
             above, below = self.rates.get(top), self.rates.get(bottom)
             if above and below:
                 self.report.ratios[name] = round(above / below, 3)
+        # Fetching adds a round trip before the first image and after the last: the steady rates say what
+        # concurrency hides once the pipeline is full.
+        above, below = self.steady_rates.get("by-reference"), self.steady_rates.get("worker")
+        if above and below:
+            self.report.ratios["by reference / by bytes, steady (10-90% of the backlog)"] = round(
+                above / below, 3
+            )
         self.report.checkpoint()
