@@ -1,4 +1,5 @@
-"""S3 and S3-compatible object stores through boto3: one thread-safe client shared by the fetch threads.
+"""S3 and S3-compatible object stores through boto3: one thread-safe client shared by the threads
+S3 fetches run on.
 
 Credentials, region and endpoint come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` and friends,
 ``AWS_PROFILE``, ``AWS_ENDPOINT_URL_S3``, instance and pod roles); ``--s3-endpoint-url`` and
