@@ -55,7 +55,9 @@ def test_quick_bench_prints_a_table_and_writes_json(kafka_bootstrap, tmp_path):
     sections = {row["section"] for row in report["rows"]}
     assert sections == {"model", "copy", "preprocess", "bare", "end-to-end"}
     assert all(row["images_per_s"] > 0 for row in report["rows"])
-    assert set(report["ratios"]) == {
+    # The steady-state twin of the by-reference ratio needs rows long enough to have a steady state.
+    steady = "by reference / by bytes, steady (10-90% of the backlog)"
+    assert set(report["ratios"]) - {steady} == {
         "end-to-end / bare work",
         "end-to-end / baseline",
         "by reference / by bytes",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.devtools.bench.gpu_busy import HEADER, mean_busy
+from worker.devtools.bench.pipeline import _SteadyWindow
 from worker.devtools.bench.report import Report
 from worker.devtools.bench.summary import summary
 
@@ -101,3 +102,16 @@ def test_the_summary_names_failed_rows_and_ignores_busy_figures_not_from_a_gpu()
     assert "busy (cpu-stand-in, not a GPU) 95%" in text
     assert "| target: GPU busy >= 90% | MISSED (best 0%) |" in text
     assert "CPU rehearsal" in text
+
+
+def test_the_steady_rate_counts_only_between_a_tenth_and_nine_tenths_of_the_backlog(monkeypatch):
+    clock = iter([10.0, 11.0, 12.0, 14.0, 14.5])
+    monkeypatch.setattr("worker.devtools.bench.pipeline.time.time", lambda: next(clock))
+    window = _SteadyWindow(1000)
+    for done in (50, 100, 500, 900, 1000):  # 100 done at 11 s, 900 at 14 s
+        window.see(done)
+    assert window.rate() == round(800 / 3.0, 1)
+    short = _SteadyWindow(1000)
+    monkeypatch.setattr("worker.devtools.bench.pipeline.time.time", lambda: 20.0)
+    short.see(1000)  # both marks at once: no steady state to tell
+    assert short.rate() is None
