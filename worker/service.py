@@ -165,24 +165,41 @@ def run_worker(
             heads,
         )
         _install_signal_handlers(stop)
-        _freeze_startup_objects()
         try:
-            return _outcome(pipeline, stop)
+            with _StartupObjectsFrozen():
+                return _outcome(pipeline, stop)
         finally:
-            gc.unfreeze()
             clients.close()
     finally:
         if server is not None:
             server.stop()
 
 
-def _freeze_startup_objects() -> None:
-    """Put what start-up made (torch, transformers, the model, the clients: a few million objects) out of
-    the garbage collector's reach until the worker stops. Each full collection walked all of them, about
-    150 ms with every thread stopped, and the by-reference path's allocations brought one every few
-    seconds: by reference / by bytes rose from 0.61-0.73 to 0.70-0.85 (BENCHMARKS.md)."""
-    gc.collect()
-    gc.freeze()
+class _StartupObjectsFrozen:
+    """Puts what start-up made (torch, transformers, the model, the clients: a few million objects) out of
+    the garbage collector's reach while any worker of this process runs.
+
+    Each full collection walked all of them, about 150 ms with every thread stopped, and the by-reference
+    path's allocations brought one every few seconds: by reference / by bytes rose from 0.61-0.73 to
+    0.70-0.85 (BENCHMARKS.md). Counted, because tests and the bench run several workers in one process:
+    the first to start freezes, the last to stop unfreezes.
+    """
+
+    _lock = threading.Lock()
+    _running = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if _StartupObjectsFrozen._running == 0:
+                gc.collect()
+                gc.freeze()
+            _StartupObjectsFrozen._running += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            _StartupObjectsFrozen._running -= 1
+            if _StartupObjectsFrozen._running == 0:
+                gc.unfreeze()
 
 
 def _outcome(pipeline: Pipeline, stop: threading.Event) -> ExitCode:

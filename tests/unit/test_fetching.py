@@ -200,6 +200,12 @@ def test_a_name_is_refused_if_any_of_its_addresses_is():
         "http://[::ffff:127.0.0.1]:{port}/o/cat",
         "http://localhost:{port}/o/cat",
         "http://0.0.0.0:{port}/o/cat",
+        # 127.0.0.1 as the socket layer also reads it: decimal, short, octal, hex, a trailing dot
+        "http://2130706433:{port}/o/cat",
+        "http://127.1:{port}/o/cat",
+        "http://0177.0.0.1:{port}/o/cat",
+        "http://0x7f.1:{port}/o/cat",
+        "http://127.0.0.1.:{port}/o/cat",
     ],
 )
 def test_ssrf_targets_are_refused_without_a_connection(origin, uri):
@@ -358,6 +364,12 @@ def test_credentials_stay_out_of_errors_and_metrics(origin):
     assert "127.0.0.1" in text
     exposition = generate_latest(metrics.registry).decode()
     assert "hunter2" not in exposition and "c0ffee" not in exposition and "127.0.0.1" not in exposition
+    # The HTTP client's own errors name the URL they failed on: never the query of a presigned URL.
+    uri = f"http://127.0.0.1:{origin.port}/malformed?X-Amz-Signature=c0ffee"
+    with pytest.raises(RejectedRecord) as caught:
+        fetcher.fetch_blocking(uri)
+    assert caught.value.reason == RejectReason.FETCH_FAILED
+    assert "c0ffee" not in f"{caught.value} {caught.value.message}"
 
 
 # --- S3 ---------------------------------------------------------------------------------------------

@@ -126,7 +126,10 @@ def test_fetched_bodies_are_bounded_while_the_decoders_are_behind(origin):
     decoder = GatedDecoder()
     stage = intake(concurrency=2, decoder=decoder)
     stage.submit([record(i, uri=origin.url(f"/o/{i % 4}.jpg")) for i in range(9)])
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while sum(origin.requests.values()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # room for a fifth fetch, were there room for its body
     fetched_while_held = sum(origin.requests.values())
     decoder.gate.set()
     results = list(stage.collect(wait=True))

@@ -12,6 +12,7 @@ few misbehaving routes to fetch from:
 - ``/status/CODE``: an empty answer with that status
 - ``/flaky/KEY/CODE/TIMES/NAME``: the first TIMES requests for KEY get CODE, later ones the object
 - ``/truncated/NAME``: the object's full length declared, half of it sent, the connection closed
+- ``/malformed``: an answer with a broken header line
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                     self._object(name, 0.0)
             elif route == "truncated":
                 self._truncated(rest)
+            elif route == "malformed":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nnot a header line\r\n\r\nabc")
+                self.close_connection = True
             else:
                 self._empty(404)
 

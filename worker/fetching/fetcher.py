@@ -65,10 +65,12 @@ class Fetcher:
         self._metrics = metrics
         self._web: HttpFetcher | None = None
         self._blocking: dict[str, _BlockingFetcher] = {}
+        # Threads for what blocks: S3 and file fetches, and host name lookups; made as they are needed.
+        self._threads = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="fetch")
         if policy.schemes & {"http", "https"}:
             guard = AddressGuard(policy.allow_hosts, policy.allow_private, resolver)
             self._web = HttpFetcher(
-                guard, policy.max_bytes, policy.timeout_s, policy.schemes, policy.concurrency
+                guard, policy.max_bytes, policy.timeout_s, policy.schemes, policy.concurrency, self._threads
             )
         if "s3" in policy.schemes:
             from worker.fetching.s3 import S3Fetcher  # boto3 loads only where S3 is enabled
@@ -84,8 +86,6 @@ class Fetcher:
             if policy.file_root is None:
                 raise ValueError("the file scheme needs a root directory")
             self._blocking["file"] = FileFetcher(policy.file_root, policy.max_bytes)
-        # Threads for the blocking schemes only, made as they are needed.
-        self._threads = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="fetch")
         self._retry = policy.retry
         # Each fetch counts itself three times: the labelled children are looked up once, not per fetch.
         labels = (*SCHEMES, "other")
@@ -100,7 +100,7 @@ class Fetcher:
         (``fetch_*``) otherwise."""
         started = time.perf_counter()
         scheme = _scheme_label(uri)
-        outcome = OK
+        outcome: str | None = OK
         try:
             reference = parse_reference(uri, self._policy.schemes)
             data = await with_retries(
@@ -111,20 +111,26 @@ class Fetcher:
         except RejectedRecord as rejection:
             outcome = rejection.reason.value
             raise
+        except asyncio.CancelledError:  # the worker is stopping: not a fetch outcome
+            outcome = None
+            raise
         except Exception as exc:  # a library bug must not lose the record: it fails like any fetch
             outcome = RejectReason.FETCH_FAILED.value
             raise FetchError(
                 RejectReason.FETCH_FAILED, f"{redact(uri)}: fetch crashed ({type(exc).__name__})"
             ) from None
         finally:
-            counted = self._ok[scheme] if outcome is OK else self._metrics.fetches.labels(scheme, outcome)
-            counted.inc()
-            self._seconds[scheme].observe(time.perf_counter() - started)
+            if outcome is not None:
+                counted = self._ok[scheme] if outcome is OK else self._metrics.fetches.labels(scheme, outcome)
+                counted.inc()
+                self._seconds[scheme].observe(time.perf_counter() - started)
         self._bytes[scheme].inc(len(data))
         return data
 
     def fetch_blocking(self, uri: str) -> bytes:
         """:meth:`fetch` from a thread other than the loop's, waiting for its answer."""
+        if self.loop.in_loop():
+            raise RuntimeError("fetch_blocking would wait for the loop it runs on: await fetch() there")
         return self.loop.run(self.fetch(uri)).result()
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from typing import Any
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -146,7 +147,12 @@ class AddressGuard:
         try:
             ipaddress.ip_address(text.split("%", 1)[0])
         except ValueError:
-            pass  # a name
+            # Not an address as written; but 2130706433, 127.1, 0x7f.1 or 0177.0.0.1 reach 127.0.0.1
+            # through the socket layer, and an HTTP client may take any run of digits and dots for an
+            # address and never ask the resolver.
+            numeric = _ipv4_as_the_socket_layer_reads(text)
+            if numeric is not None:
+                self._check(text, numeric)
         else:
             self._check(text, text)
         if len(self._cleared) >= _CLEARED_KEPT:
@@ -171,6 +177,15 @@ class AddressGuard:
         return self._allow_private and problem != "metadata service"
 
 
+def _ipv4_as_the_socket_layer_reads(host: str) -> str | None:
+    """The IPv4 address ``inet_aton`` makes of ``host`` (decimal, octal, hex, fewer than four parts, a
+    trailing dot), or None for a name."""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host.rstrip(".")))
+    except (OSError, UnicodeError, ValueError):
+        return None
+
+
 class GuardedResolver(AbstractResolver):
     """aiohttp's resolver, answering only with addresses the :class:`AddressGuard` checked.
 
@@ -179,15 +194,16 @@ class GuardedResolver(AbstractResolver):
     addresses written out in the URL: check those with :meth:`AddressGuard.check_written` before the request.
     """
 
-    def __init__(self, guard: AddressGuard) -> None:
+    def __init__(self, guard: AddressGuard, lookups: Executor) -> None:
         self._guard = guard
+        self._lookups = lookups
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        """The checked addresses of ``host`` (the system resolver blocks, so it runs off the loop)."""
+        """The checked addresses of ``host`` (the system resolver blocks, so it runs on ``lookups``)."""
         loop = asyncio.get_running_loop()
-        addresses = await loop.run_in_executor(None, self._guard.addresses, host, port)
+        addresses = await loop.run_in_executor(self._lookups, self._guard.addresses, host, port)
         return [
             ResolveResult(
                 hostname=host,

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import ssl
 import time
+from concurrent.futures import Executor
 from urllib.parse import urljoin
 
 import aiohttp
@@ -35,7 +36,8 @@ _CHUNK = 64 * 1024
 
 
 class HttpFetcher:
-    """Fetches ``http://`` and ``https://`` references; used from the fetch loop only."""
+    """Fetches ``http://`` and ``https://`` references; used from the fetch loop only (host names are
+    looked up on ``lookups``, threads of its own: the system resolver blocks)."""
 
     def __init__(
         self,
@@ -44,9 +46,11 @@ class HttpFetcher:
         timeout_s: float,
         enabled: frozenset[str],
         connections: int,
+        lookups: Executor,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._guard = guard
+        self._lookups = lookups
         self._max_bytes = max_bytes
         self._timeout_s = timeout_s
         self._redirect_schemes = enabled & {"http", "https"}
@@ -81,7 +85,7 @@ class HttpFetcher:
             connector = aiohttp.TCPConnector(
                 limit=self._connections,
                 limit_per_host=0,
-                resolver=GuardedResolver(self._guard),
+                resolver=GuardedResolver(self._guard, self._lookups),
                 ssl=self._ssl_context,
                 keepalive_timeout=30.0,
             )
@@ -120,15 +124,15 @@ class HttpFetcher:
         except FetchError:
             raise
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = _describe(exc)
             raise failed(f"{original.shown}: the response broke off ({reason})", retriable=True) from None
         except aiohttp.InvalidURL as exc:
             raise failed(f"{original.shown}: cannot request it ({type(exc).__name__})") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError, OSError) as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = _describe(exc)
             raise failed(f"{original.shown}: connection failed ({reason})", retriable=True) from None
         except (ValueError, UnicodeError) as exc:
-            raise failed(f"{original.shown}: cannot request it ({exc})") from None
+            raise failed(f"{original.shown}: cannot request it ({_describe(exc)})") from None
 
     def _redirect_target(self, current: Reference, original: Reference, location: str) -> Reference:
         target = urljoin(current.uri, location)
@@ -145,6 +149,15 @@ def _url(reference: Reference) -> URL:
     host = f"[{reference.host}]" if ":" in reference.host else reference.host
     port = "" if reference.port == DEFAULT_PORTS[reference.scheme] else f":{reference.port}"
     return URL(f"{reference.scheme}://{host}{port}{reference.target}", encoded=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, without the URL some of aiohttp's errors carry: its query may be a presigned
+    URL's signature, and its userinfo a password."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: {exc.status}, {exc.message}"
+    text = str(exc)
+    return type(exc).__name__ if not text or "://" in text or "?" in text else text
 
 
 def _credentials(current: Reference, original: Reference) -> dict[str, str] | None:

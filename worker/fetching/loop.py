@@ -39,14 +39,18 @@ class FetchLoop:
         return threading.current_thread() is self._thread
 
     def close(self, cleanup: Coroutine[Any, Any, object] | None = None, timeout_s: float = 5.0) -> None:
-        """Run ``cleanup`` (closing connections, say), cancel what is still running and stop the thread."""
+        """Cancel what runs on the loop, then run ``cleanup`` (closing connections, say) and stop the
+        thread. From another thread it waits for that, at most ``timeout_s``."""
         if not self._thread.is_alive():
             if cleanup is not None:
                 cleanup.close()
             return
-        if cleanup is not None:
-            with contextlib.suppress(Exception):  # a failing close must not keep the loop: it goes anyway
-                self.run(cleanup).result(timeout_s)
+        finishing = self.run(_finish(cleanup))
+        if self.in_loop():  # the loop finishes once this callback returns
+            finishing.add_done_callback(lambda _done: self.loop.stop())
+            return
+        with contextlib.suppress(Exception):  # a failing close must not keep the loop: it goes anyway
+            finishing.result(timeout_s)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout_s)
 
@@ -61,3 +65,15 @@ class FetchLoop:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
+
+
+async def _finish(cleanup: Coroutine[Any, Any, object] | None) -> None:
+    """Cancel every other task (fetches under way must not reconnect while their pool closes), then run
+    ``cleanup``."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if cleanup is not None:
+        await cleanup

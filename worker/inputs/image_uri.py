@@ -60,6 +60,7 @@ class ImageFetcher:
         self._fetching: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._fetched: list[_Body] = []
         self._decode_queued = False
+        self._closed = False
         # Places the decode threads gave back, taken up by the loop when it next runs. A decode thread
         # wakes the loop only when nothing else will: no fetch under way (each one's end runs the loop)
         # and fetches waiting for a place. Waking it for every image cost the GIL hand-offs that made a
@@ -75,14 +76,20 @@ class ImageFetcher:
         return [Slot(result, 0) for result in results]
 
     def shutdown(self) -> None:
-        """Stop fetching without waiting for queued fetches, and close the connections."""
-        self._fetcher.close()
-        for _uri, result in self._waiting:
+        """Stop fetching without waiting for queued fetches (their results are cancelled), and close the
+        connections."""
+        self._closed = True  # read on the loop: nothing new starts
+        self._fetcher.close()  # cancels the fetches under way, each cancelling its result
+        waiting, self._waiting = self._waiting, deque()
+        fetched, self._fetched = self._fetched, []
+        for result in [result for _uri, result in waiting] + [body.result for body in fetched]:
             result.cancel()
-        for body in self._fetched:
-            body.result.cancel()
 
     def _queue(self, uris: list[str], results: list[Future[list[Outcome]]]) -> None:
+        if self._closed:
+            for result in results:
+                result.cancel()
+            return
         self._waiting.extend(zip(uris, results, strict=True))
         self._launch()
 
@@ -91,7 +98,7 @@ class ImageFetcher:
         with self._returns_lock:
             self._free_bodies += self._returned
             self._returned = 0
-        while self._free_connections and self._free_bodies and self._waiting:
+        while self._free_connections and self._free_bodies and self._waiting and not self._closed:
             self._free_connections -= 1
             self._free_bodies -= 1
             task = self._loop.loop.create_task(self._fetch(*self._waiting.popleft()))
@@ -109,8 +116,9 @@ class ImageFetcher:
             result.cancel()
             raise
         except Exception as exc:  # a typed rejection (fetch_*, invalid_envelope), kept as this item's result
-            result.set_result([exc])
             self._free_bodies += 1
+            with contextlib.suppress(InvalidStateError):  # cancelled by shutdown
+                result.set_result([exc])
         else:
             self._fetched.append(_Body(result, data))  # its room comes back once it is decoded
             if not self._decode_queued:  # after this turn of the loop: the bodies it brought go together
@@ -125,7 +133,13 @@ class ImageFetcher:
         bodies, self._fetched = self._fetched, []
         if not bodies:
             return
-        slots = self._decoder.submit_images([body.data for body in bodies])
+        try:
+            slots = self._decoder.submit_images([body.data for body in bodies])
+        except RuntimeError as exc:  # the decode pool shut down first: never leave a result unresolved
+            for body in bodies:
+                with contextlib.suppress(InvalidStateError):
+                    body.result.set_result([exc])
+            return
         tasks: dict[int, tuple[Future[list[Outcome]], list[tuple[_Body, int]]]] = {}
         for body, slot in zip(bodies, slots, strict=True):
             tasks.setdefault(id(slot.future), (slot.future, []))[1].append((body, slot.index))
