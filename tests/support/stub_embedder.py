@@ -30,15 +30,15 @@ class StubPending:
     def result(self) -> np.ndarray:
         return np.full((self._count, DIM), self._value, np.float32)
 
+    def scores(self) -> np.ndarray | None:
+        return None
+
 
 def stub_tokenizer(texts: list[str], **options: Any) -> dict[str, np.ndarray]:
     """Each text's length, padded with zeros to the ``max_length`` asked for: the call a tokenizer gets."""
     ids = np.zeros((len(texts), options["max_length"]), np.int64)
     ids[:, 0] = [len(text) for text in texts]
     return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
-
-    def scores(self) -> np.ndarray | None:
-        return None
 
 
 class StubEmbedder:
