@@ -61,12 +61,10 @@ def reference_requests(base: str, paths: list[str], settings: Settings) -> Itera
 
 
 def list_s3_keys(bucket: str, prefix: str, settings: Settings) -> Iterator[str]:
-    """The keys under ``prefix`` in ``bucket`` (credentials and endpoint as the worker finds them)."""
-    import boto3
+    """The keys under ``prefix`` in ``bucket`` (credentials, endpoint and addressing as the worker's)."""
+    from worker.fetching.s3 import s3_client  # boto3 loads only where S3 is used
 
-    client = boto3.session.Session().client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
-    )
+    client = s3_client(settings.s3_endpoint_url, settings.s3_region)
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             if not item["Key"].endswith("/"):

@@ -33,6 +33,18 @@ _THROTTLED = frozenset(
 _CHUNK = 64 * 1024
 
 
+def s3_client(endpoint_url: str | None, region: str | None, **config: Any) -> Any:
+    """A boto3 S3 client as the worker makes it (``config``: more botocore ``Config`` options); what
+    lists objects for the worker must address the store the same way."""
+    import boto3
+    from botocore.config import Config
+
+    # Path-style requests keep the bucket name out of the host name: S3-compatible stores (MinIO, Ceph,
+    # R2...) rarely serve virtual hosts.
+    options = Config(s3={"addressing_style": "path" if endpoint_url else "auto"}, **config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=options)
+
+
 class S3Fetcher:
     """Fetches ``s3://bucket/key`` references."""
 
@@ -44,22 +56,16 @@ class S3Fetcher:
         endpoint_url: str | None = None,
         region: str | None = None,
     ) -> None:
-        import boto3
-        from botocore.config import Config
-
         self._max_bytes = max_bytes
         self._timeout_s = timeout_s
-        config = Config(
+        self._client = s3_client(
+            endpoint_url,
+            region,
             connect_timeout=timeout_s,
             read_timeout=timeout_s,
             retries={"total_max_attempts": 1},
             max_pool_connections=max_connections,
-            # Path-style requests keep the bucket name out of the host name: S3-compatible stores
-            # (MinIO, Ceph, R2...) rarely serve virtual hosts.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
         )
-        session = boto3.session.Session()
-        self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def fetch(self, reference: Reference) -> bytes:
         """One try: the object's bytes. Raises :class:`FetchError`."""
