@@ -86,3 +86,10 @@ class GroupInstanceFencedError(FencedError):
 class TransactionFencedError(FencedError):
     """Exactly-once mode cannot go on: another producer took this transactional id, or the broker refused
     transactions. The open transaction is aborted by the broker; nothing it holds is ever visible."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 200 characters), or its type's name: what a one-line
+    startup error quotes of a library's exception."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -15,11 +15,10 @@ import msgpack
 import numpy as np
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.fetching.uri import redact
+from worker.fetching.uri import MAX_URI_LENGTH, redact
 
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 1024
-MAX_URI_LENGTH = 8192
 MAX_TEXT_LENGTH = 16384  # characters; the tokenizer truncates to the model's context anyway
 HEADER_PREFIX = "clip-worker-"
 REASON_HEADER = HEADER_PREFIX + "reason"

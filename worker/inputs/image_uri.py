@@ -18,11 +18,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
-
 from worker.fetching.fetcher import Fetcher
-from worker.images import EncodedJpeg
-from worker.inputs.base import Fetched, Outcome, Slot
+from worker.inputs.base import Fetched, Outcome, Pixels, Slot
 from worker.inputs.image_bytes import ImageDecoder
 from worker.messages import Request
 
@@ -51,19 +48,18 @@ class ImageFetcher:
         self._loop = fetcher.loop
         self._decoder = decoder
         self._forward = forward_image
-        # On the loop's thread only: free connections, free room for bodies (a fetch takes one of each
-        # when it starts; the connection comes back when it ends, the room once its image is decoded),
-        # fetches waiting for both, fetches under way.
-        self._free_connections = concurrency
+        # On the loop's thread only: fetches under way (one connection each), free room for bodies (a
+        # fetch takes one when it starts and it comes back once its image is decoded), fetches waiting.
+        self._connections = concurrency
+        self._fetching: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._free_bodies = _BODIES_PER_CONNECTION * concurrency
         self._waiting: deque[tuple[str, Future[list[Outcome]]]] = deque()
-        self._fetching: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._fetched: list[_Body] = []
         self._decode_queued = False
         self._closed = False
-        # Places the decode threads gave back, taken up by the loop when it next runs. A decode thread
+        # Room the decode threads gave back, taken up by the loop when it next runs. A decode thread
         # wakes the loop only when nothing else will: no fetch under way (each one's end runs the loop)
-        # and fetches waiting for a place. Waking it for every image cost the GIL hand-offs that made a
+        # and fetches waiting for room. Waking it for every image cost the GIL hand-offs that made a
         # thread per fetch slow.
         self._returns_lock = threading.Lock()
         self._returned = 0
@@ -94,12 +90,17 @@ class ImageFetcher:
         self._launch()
 
     def _launch(self) -> None:
-        """Take up returned places and start waiting fetches on the free ones (on the loop)."""
+        """Take up returned room and start waiting fetches while connections and room are free (on the
+        loop)."""
         with self._returns_lock:
             self._free_bodies += self._returned
             self._returned = 0
-        while self._free_connections and self._free_bodies and self._waiting and not self._closed:
-            self._free_connections -= 1
+        while (
+            len(self._fetching) < self._connections
+            and self._free_bodies
+            and self._waiting
+            and not self._closed
+        ):
             self._free_bodies -= 1
             task = self._loop.loop.create_task(self._fetch(*self._waiting.popleft()))
             self._fetching.add(task)
@@ -124,8 +125,7 @@ class ImageFetcher:
             if not self._decode_queued:  # after this turn of the loop: the bodies it brought go together
                 self._decode_queued = True
                 self._loop.loop.call_soon(self._decode_fetched)
-        self._free_connections += 1
-        self._fetching.discard(asyncio.current_task())
+        self._fetching.discard(asyncio.current_task())  # its connection is free: the next may start
         self._launch()
 
     def _decode_fetched(self) -> None:
@@ -140,10 +140,10 @@ class ImageFetcher:
                 with contextlib.suppress(InvalidStateError):
                     body.result.set_result([exc])
             return
-        tasks: dict[int, tuple[Future[list[Outcome]], list[tuple[_Body, int]]]] = {}
+        tasks: dict[Future[list[Outcome]], list[tuple[_Body, int]]] = {}
         for body, slot in zip(bodies, slots, strict=True):
-            tasks.setdefault(id(slot.future), (slot.future, []))[1].append((body, slot.index))
-        for decoded, items in tasks.values():
+            tasks.setdefault(slot.future, []).append((body, slot.index))
+        for decoded, items in tasks.items():
             decoded.add_done_callback(partial(self._decoded, items))
 
     def _decoded(self, items: list[tuple[_Body, int]], decoded: Future[list[Outcome]]) -> None:
@@ -156,7 +156,7 @@ class ImageFetcher:
         for body, index in items:
             outcome = outcomes[index] if outcomes is not None else failure
             assert outcome is not None
-            if self._forward and isinstance(outcome, np.ndarray | EncodedJpeg):
+            if self._forward and isinstance(outcome, Pixels):
                 outcome = Fetched(outcome, body.data)
             with contextlib.suppress(InvalidStateError):  # cancelled by shutdown
                 body.result.set_result([outcome])

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from worker.errors import ModelLoadError
+from worker.errors import ModelLoadError, first_line
 from worker.images import Preprocessing
 from worker.models.checkpoint import MODEL_HINT, RANDOM_PREFIX, ModelSpec, read_json
 from worker.models.text import TextTower
@@ -157,7 +157,7 @@ class ModelFamily(ABC):
             raise
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load the {tower} tower of {spec.model!r} ({_first_line(exc)}); {MODEL_HINT}"
+                f"cannot load the {tower} tower of {spec.model!r} ({first_line(exc)}); {MODEL_HINT}"
             ) from None
         return model, label, revision
 
@@ -195,7 +195,7 @@ def _load_tokenizer(spec: ModelSpec) -> Any:
             local_files_only=spec.local_files_only or spec.random_weights,
         )
     except Exception as exc:
-        tokenizer, problem = None, _first_line(exc)
+        tokenizer, problem = None, first_line(exc)
     # Without tokenizer files transformers builds an empty tokenizer of the model's type rather than fail.
     if tokenizer is None or len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ModelLoadError(
@@ -203,8 +203,3 @@ def _load_tokenizer(spec: ModelSpec) -> Any:
             f"checkpoint directory or the cache (SigLIP's needs the sentencepiece package); {MODEL_HINT}"
         )
     return tokenizer
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

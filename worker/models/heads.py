@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from worker.config import DEFAULT_MODEL
-from worker.errors import ModelLoadError
+from worker.errors import ModelLoadError, first_line
 from worker.models.checkpoint import RANDOM_PREFIX, ModelSpec, check_readable, looks_like_path
 
 # The file a head's hub repository holds (PyTorchModelHubMixin's layout, as NeMo Curator downloads it).
@@ -223,9 +223,8 @@ def _weights_file(name: str, spec: ModelSpec, flag: str) -> Path:
             )
         )
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"cannot load the {name} head from {spec.model!r} ({first_line[:200]}); check {flag} (hub id, "
+            f"cannot load the {name} head from {spec.model!r} ({first_line(exc)}); check {flag} (hub id, "
             f"weight file or directory), --model-dir, or pass --random-weights for an offline smoke run"
         ) from None
 
@@ -246,8 +245,7 @@ def _read_state_dict(name: str, path: Path, flag: str) -> dict[str, torch.Tensor
     except ModelLoadError:
         raise
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot read {path} ({first_line[:200]}); check {flag}") from None
+        raise ModelLoadError(f"cannot read {path} ({first_line(exc)}); check {flag}") from None
     raise ModelLoadError(
         f"{path}: unknown weight format {suffix or '(no suffix)'}; {flag} takes a "
         f"{', '.join(WEIGHT_SUFFIXES)} file, a directory holding one, or a hub id"
