@@ -11,10 +11,11 @@ from worker.fetching.uri import Reference
 
 class LimitedBody:
     """A body gathered chunk by chunk, refused as soon as it passes ``max_bytes`` (``fetch_too_large``)
-    or the clock passes ``deadline`` (``time.monotonic()``; ``fetch_timeout``): a slow or endless body
-    never holds more than the limit, nor a fetch past its time. Errors name ``reference`` redacted."""
+    or the clock passes ``deadline`` (``time.monotonic()``; ``fetch_timeout``; None where the caller
+    bounds the time itself): a slow or endless body never holds more than the limit, nor a fetch past its
+    time. Errors name ``reference`` redacted."""
 
-    def __init__(self, max_bytes: int, deadline: float, reference: Reference) -> None:
+    def __init__(self, max_bytes: int, deadline: float | None, reference: Reference) -> None:
         self._max_bytes = max_bytes
         self._deadline = deadline
         self._reference = reference
@@ -29,7 +30,7 @@ class LimitedBody:
                 f"{self._reference.shown} is larger than the image limit of {self._max_bytes} bytes"
             )
         self._parts.append(chunk)
-        if time.monotonic() > self._deadline:
+        if self._deadline is not None and time.monotonic() > self._deadline:
             raise timed_out(f"{self._reference.shown} did not arrive in time ({self._size} bytes so far)")
 
     def join(self) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
-import time
 from concurrent.futures import Executor
 from urllib.parse import urljoin
 
@@ -61,12 +60,11 @@ class HttpFetcher:
     async def fetch(self, reference: Reference) -> bytes:
         """One try: the body of ``reference`` after at most :data:`MAX_REDIRECTS` redirects, within one
         ``timeout_s`` deadline. Raises :class:`FetchError`."""
-        deadline = time.monotonic() + self._timeout_s
         current = reference
         try:
             async with asyncio.timeout(self._timeout_s):
                 for _hop in range(MAX_REDIRECTS + 1):
-                    body, location = await self._get(current, reference, deadline)
+                    body, location = await self._get(current, reference)
                     if location is None:
                         return body
                     current = self._redirect_target(current, reference, location)
@@ -98,9 +96,7 @@ class HttpFetcher:
             )
         return self._session
 
-    async def _get(
-        self, current: Reference, original: Reference, deadline: float
-    ) -> tuple[bytes, str | None]:
+    async def _get(self, current: Reference, original: Reference) -> tuple[bytes, str | None]:
         self._guard.check_written(current.host)  # aiohttp asks no resolver about a written-out address
         try:
             async with self._client().get(
@@ -117,7 +113,7 @@ class HttpFetcher:
                 check_declared_size(declared, self._max_bytes, original)
                 if declared is not None:  # within the limit: read whole (a short body is an error)
                     return await response.read(), None
-                body = LimitedBody(self._max_bytes, deadline, original)
+                body = LimitedBody(self._max_bytes, None, original)  # fetch() bounds the time
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     body.add(chunk)
                 return body.join(), None
