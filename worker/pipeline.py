@@ -429,4 +429,4 @@ def _sendable_headers(headers: Any) -> Headers:
     """The record's headers as the producer takes them: a null header value becomes empty bytes."""
     if not headers:
         return []
-    return [(name, b"" if data is None else data) for name, data in headers or ()]
+    return [(name, b"" if data is None else data) for name, data in headers]

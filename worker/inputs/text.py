@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import Outcome, Prepared, Slot, submit_in_chunks
+from worker.inputs.base import Outcome, Slot, submit_in_chunks
 from worker.messages import Request
 from worker.metrics import WorkerMetrics
 from worker.models.text import TextTower
@@ -26,7 +26,7 @@ class TextTokenizer:
 
     def __init__(self, tower: TextTower, metrics: WorkerMetrics) -> None:
         self._tower = tower
-        self._metrics = metrics
+        self._tokenize_seconds = metrics.stage_seconds.labels("tokenize")  # labels() costs a lookup per call
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     def submit(self, requests: list[Request]) -> list[Slot]:
@@ -43,10 +43,10 @@ class TextTokenizer:
             results = list(self._tower.tokenize(texts))
         except Exception:
             results = [self._tokenize_one(text) for text in texts]
-        self._metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - started)
+        self._tokenize_seconds.observe(time.perf_counter() - started)
         return results
 
-    def _tokenize_one(self, text: str) -> Prepared | Exception:
+    def _tokenize_one(self, text: str) -> Outcome:
         try:
             return self._tower.tokenize([text])[0]
         except Exception as exc:

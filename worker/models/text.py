@@ -44,11 +44,9 @@ class TextTower:
             return_tensors="np",
         )
         ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-        masks = encoded.get("attention_mask")
-        return [
-            TokenizedText(ids[row], None if masks is None else np.asarray(masks[row], dtype=np.int64))
-            for row in range(len(texts))
-        ]
+        mask = encoded.get("attention_mask")
+        masks = None if mask is None else np.asarray(mask, dtype=np.int64)
+        return [TokenizedText(ids[row], None if masks is None else masks[row]) for row in range(len(texts))]
 
     def features(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The ``(N, dim)`` text features (not normalised) of a batch of ids on the tower's device."""
