@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -24,12 +24,13 @@ class ObjectStore:
 
     endpoint_url: str
     client: Any
+    buckets: set[str] = field(default_factory=set)  # made by put(): no listing per object
 
     def put(self, bucket: str, key: str, data: bytes) -> str:
         """Store ``data`` (creating the bucket if needed); returns its ``s3://`` URI."""
-        existing = {b["Name"] for b in self.client.list_buckets().get("Buckets", [])}
-        if bucket not in existing:
+        if bucket not in self.buckets:
             self.client.create_bucket(Bucket=bucket)
+            self.buckets.add(bucket)
         self.client.put_object(Bucket=bucket, Key=key, Body=data)
         return f"s3://{bucket}/{key}"
 

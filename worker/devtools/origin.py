@@ -36,9 +36,8 @@ _PIECE = 1024
 class ImageOrigin:
     """The server; use as a context manager. ``latency_s`` is added before every object's headers."""
 
-    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1", root: Path | None = None) -> None:
+    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1") -> None:
         self.latency_s = latency_s
-        self.root = root  # files under it are served too, at /o/RELATIVE/PATH
         self.objects: dict[str, bytes] = {}
         self.requests: Counter[str] = Counter()
         self.connections = 0
@@ -74,14 +73,8 @@ class ImageOrigin:
         self._server.server_close()
 
     def lookup(self, name: str) -> bytes | None:
-        """The object called ``name``, from memory or under the root (never outside it)."""
-        data = self.objects.get(name)
-        if data is not None or self.root is None:
-            return data
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
-            return None
-        return path.read_bytes()
+        """The object called ``name``, if it was put."""
+        return self.objects.get(name)
 
     def _count(self, path: str) -> None:
         with self._lock:
