@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from tests.support.object_store import S3_ENV, ObjectStore, object_store
+from tests.support.tls import make_tls
 from worker.devtools.origin import ImageOrigin
 from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
@@ -351,6 +353,71 @@ def test_a_closed_port_is_fetch_failed():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     assert reason_of(make(retries=1), f"http://127.0.0.1:{port}/x") == RejectReason.FETCH_FAILED
+
+
+@pytest.mark.parametrize("route", ["continue", "unframed", "chunked"])
+def test_every_framing_http_allows_is_read_whole(origin, route):
+    # An interim 100 first; a body ended by the connection's close; a body in chunks.
+    fetcher = make()
+    assert fetcher.fetch_blocking(origin.url(f"/{route}/cat")) == BODY
+    assert fetcher.fetch_blocking(origin.url(f"/{route}/cat")) == BODY
+    assert origin.connections == (2 if route == "unframed" else 1), "kept alive unless ended by a close"
+
+
+@pytest.mark.parametrize("route", ["unframed", "chunked"])
+def test_undeclared_bodies_are_cut_off_at_the_limit_however_framed(origin, route):
+    fetcher = make(max_bytes=len(BODY) - 1)
+    assert reason_of(fetcher, origin.url(f"/{route}/cat")) == RejectReason.FETCH_TOO_LARGE
+
+
+def test_answers_without_a_body_to_read_keep_their_connection(origin):
+    fetcher = make()
+    assert reason_of(fetcher, origin.url("/o/missing")) == RejectReason.FETCH_NOT_FOUND
+    assert fetcher.fetch_blocking(origin.url("/hops/2/cat")) == BODY
+    assert origin.connections == 1
+
+
+def test_a_kept_alive_connection_the_server_dropped_is_replaced_without_a_retry(origin):
+    # The server drops the next request on the connection /once was answered on: the fetch goes again
+    # at once on a new connection, not as a retry after a backoff.
+    metrics = WorkerMetrics()
+    fetcher = make(metrics=metrics)
+    assert fetcher.fetch_blocking(origin.url("/once/cat")) == BODY
+    assert fetcher.fetch_blocking(origin.url("/o/cat")) == BODY
+    assert origin.connections == 2
+    assert sample(metrics, "clip_worker_fetch_retries_total", scheme="http") == 0
+
+
+@pytest.fixture(scope="module")
+def tls_origin(tmp_path_factory) -> Iterator[tuple[ImageOrigin, Path]]:
+    files = make_tls(tmp_path_factory.mktemp("tls"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.ca_cert.parent / "broker.pem", files.ca_cert.parent / "broker.key")
+    with ImageOrigin(tls=context) as server:
+        server.put("cat", BODY)
+        yield server, files.ca_cert
+
+
+def test_https_is_fetched_when_the_certificate_matches_the_host(tls_origin, monkeypatch):
+    origin, ca = tls_origin
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # how an operator trusts a private CA
+    fetcher = make(allow=("127.0.0.1", "localhost"))
+    assert fetcher.fetch_blocking(f"https://127.0.0.1:{origin.port}/o/cat") == BODY
+    assert fetcher.fetch_blocking(f"https://localhost:{origin.port}/o/cat") == BODY
+
+
+def test_https_refuses_a_certificate_for_another_name_or_an_untrusted_one(tls_origin, monkeypatch):
+    origin, ca = tls_origin
+    asked = origin.requests["/o/cat"]
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    # The guard's address is 127.0.0.1, which the certificate names, but the host asked for is not.
+    other = make(allow=("127.0.0.1/32",), resolver=lambda host, port: ["127.0.0.1"])
+    assert reason_of(other, f"https://images.example.test:{origin.port}/o/cat") == RejectReason.FETCH_FAILED
+    monkeypatch.delenv("SSL_CERT_FILE")
+    untrusted = make(allow=("127.0.0.1",))
+    with pytest.raises(RejectedRecord, match="certificate"):
+        untrusted.fetch_blocking(f"https://127.0.0.1:{origin.port}/o/cat")
+    assert origin.requests["/o/cat"] == asked, "nothing was asked of a server that could not prove its name"
 
 
 def test_credentials_stay_out_of_errors_and_metrics(origin):

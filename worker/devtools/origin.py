@@ -13,12 +13,18 @@ few misbehaving routes to fetch from:
 - ``/flaky/KEY/CODE/TIMES/NAME``: the first TIMES requests for KEY get CODE, later ones the object
 - ``/truncated/NAME``: the object's full length declared, half of it sent, the connection closed
 - ``/malformed``: an answer with a broken header line
+- ``/once/NAME``: the object, on a connection kept alive that then drops the next request unanswered (as a
+  server does that closes an idle connection at the moment a client reuses it)
+- ``/continue/NAME``: an interim ``100 Continue``, then the object
+- ``/unframed/NAME``: the object with neither a length nor chunks, ended by closing the connection
+- ``/chunked/NAME``: the object in chunked transfer encoding, a few pieces
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -34,9 +40,12 @@ _PIECE = 1024
 
 
 class ImageOrigin:
-    """The server; use as a context manager. ``latency_s`` is added before every object's headers."""
+    """The server; use as a context manager. ``latency_s`` is added before every object's headers; with
+    ``tls`` (a server context holding its certificate) it speaks HTTPS."""
 
-    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, latency_s: float = 0.0, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+    ) -> None:
         self.latency_s = latency_s
         self.objects: dict[str, bytes] = {}
         self.requests: Counter[str] = Counter()
@@ -46,6 +55,9 @@ class ImageOrigin:
         self._lock = threading.Lock()
         self._flaky: Counter[str] = Counter()
         self._server = _Server((host, 0), _handler(self))
+        if tls is not None:  # each accepted connection shakes hands on its own handler thread
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self._server.server_address[1])
         self.host = host
         # A short poll interval: shutdown() waits up to one (the default 0.5 s, in every test's teardown).
@@ -55,7 +67,7 @@ class ImageOrigin:
 
     def url(self, path: str) -> str:
         """The URL of ``path`` (with its leading slash) on this server."""
-        return f"http://{self.host}:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     def put(self, name: str, data: bytes) -> str:
         """Serve ``data`` at ``/o/NAME``; returns its URL."""
@@ -109,12 +121,16 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
         # Headers and body go out as separate writes: with Nagle's algorithm each answer on a kept-alive
         # connection waited out the client's delayed ACK (about 40 ms).
         disable_nagle_algorithm = True
+        hang_up_next = False  # set by /once: this connection's next request goes unanswered
 
         def setup(self) -> None:
             super().setup()
             origin._connected()
 
         def do_GET(self) -> None:
+            if self.hang_up_next:
+                self.close_connection = True  # the request is read, never answered
+                return
             parts = urlsplit(self.path)
             origin._count(parts.path)
             route, _, rest = parts.path.lstrip("/").partition("/")
@@ -145,6 +161,16 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                     self._object(name, 0.0)
             elif route == "truncated":
                 self._truncated(rest)
+            elif route == "once":
+                self._object(rest, 0.0)
+                self.hang_up_next = True
+            elif route == "continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._object(rest, 0.0)
+            elif route == "unframed":
+                self._unframed(rest)
+            elif route == "chunked":
+                self._chunked(rest)
             elif route == "malformed":
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nnot a header line\r\n\r\nabc")
                 self.close_connection = True
@@ -203,6 +229,23 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self.close_connection = True
+
+        def _unframed(self, name: str) -> None:
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(origin.lookup(name) or b"")
+            self.close_connection = True
+
+        def _chunked(self, name: str) -> None:
+            data = origin.lookup(name) or b""
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for start in range(0, len(data), 4 * _PIECE):
+                piece = data[start : start + 4 * _PIECE]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
 
         def _empty(self, status: int, retry_after: str | None = None) -> None:
             self.send_response(status)

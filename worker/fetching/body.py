@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from worker.fetching.outcomes import timed_out, too_large
+from worker.fetching.outcomes import FetchError, timed_out, too_large
 from worker.fetching.uri import Reference
 
 
@@ -26,9 +26,7 @@ class LimitedBody:
         """Take the next chunk; raises :class:`~worker.fetching.outcomes.FetchError` past a limit."""
         self._size += len(chunk)
         if self._size > self._max_bytes:
-            raise too_large(
-                f"{self._reference.shown} is larger than the image limit of {self._max_bytes} bytes"
-            )
+            raise over_the_limit(self._reference, self._max_bytes)
         self._parts.append(chunk)
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise timed_out(f"{self._reference.shown} did not arrive in time ({self._size} bytes so far)")
@@ -49,4 +47,12 @@ def read_limited(chunks: Iterable[bytes], max_bytes: int, deadline: float, refer
 def check_declared_size(declared: int | None, max_bytes: int, reference: Reference) -> None:
     """Refuse a body whose declared length is already over the limit, before reading any of it."""
     if declared is not None and declared > max_bytes:
-        raise too_large(f"{reference.shown} is {declared} bytes, over the image limit of {max_bytes} bytes")
+        raise over_the_limit(reference, max_bytes, declared)
+
+
+def over_the_limit(reference: Reference, max_bytes: int, declared: int | None = None) -> FetchError:
+    """The ``fetch_too_large`` rejection of ``reference``: by its ``declared`` size, when that alone was
+    over the limit, else by the bytes that came."""
+    if declared is not None:
+        return too_large(f"{reference.shown} is {declared} bytes, over the image limit of {max_bytes} bytes")
+    return too_large(f"{reference.shown} is larger than the image limit of {max_bytes} bytes")

@@ -1,9 +1,9 @@
 """The SSRF guard: which network addresses a reference may reach.
 
 Every address a host name resolves to is checked, and the connection is then made to one of those
-checked addresses (:class:`GuardedResolver`, the only resolver the HTTP client has), never to a second
-lookup's answer: a name that resolves to a
-public address for the check and to 127.0.0.1 for the connection (DNS rebinding) gets nowhere. Redirects
+checked addresses (:mod:`worker.fetching.http_pool` connects to nothing else), never to a second
+lookup's answer: a name that resolves to a public address for the check and to 127.0.0.1 for the
+connection (DNS rebinding) gets nowhere. Redirects
 open new connections, so each hop is checked the same way.
 
 Refused unless opened: loopback, private (RFC 1918, unique local), link-local, the cloud metadata
@@ -15,14 +15,10 @@ resolve to) and address ranges (CIDR), the metadata services included if named.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
 from typing import Any
-
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from worker.fetching.outcomes import failed, forbidden
 
@@ -184,38 +180,3 @@ def _ipv4_as_the_socket_layer_reads(host: str) -> str | None:
         return socket.inet_ntoa(socket.inet_aton(host.rstrip(".")))
     except (OSError, UnicodeError, ValueError):
         return None
-
-
-class GuardedResolver(AbstractResolver):
-    """aiohttp's resolver, answering only with addresses the :class:`AddressGuard` checked.
-
-    aiohttp still sends the host name for TLS (SNI and certificate check) and in the Host header; only the
-    address the socket connects to comes from the guard. aiohttp does not ask a resolver about IP
-    addresses written out in the URL: check those with :meth:`AddressGuard.check_written` before the request.
-    """
-
-    def __init__(self, guard: AddressGuard, lookups: Executor) -> None:
-        self._guard = guard
-        self._lookups = lookups
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        """The checked addresses of ``host`` (the system resolver blocks, so it runs on ``lookups``)."""
-        loop = asyncio.get_running_loop()
-        addresses = await loop.run_in_executor(self._lookups, self._guard.addresses, host, port)
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-            for address in addresses
-            if family not in _FAMILIES or _FAMILIES[family] == (":" in address)
-        ]
-
-    async def close(self) -> None:
-        """Nothing to close."""

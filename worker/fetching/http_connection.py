@@ -1,0 +1,215 @@
+"""One HTTP/1.1 connection on the fetch loop: a GET written, its answer read by llhttp within a byte limit.
+
+The answer is parsed by httptools (llhttp, Node.js's parser, in C): framing (Content-Length, chunked
+encoding, both at once refused as smuggling), header syntax and keep-alive are its decisions. This module
+only keeps what the fetcher needs of the answer: its status, two headers and, for a 2xx, its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httptools
+
+_KEPT_HEADERS = frozenset({b"location", b"retry-after"})
+
+
+@dataclass(frozen=True)
+class Response:
+    """An answer: its status, its ``Location`` and ``Retry-After`` headers, and (2xx only) its body."""
+
+    status: int
+    location: str | None = None
+    retry_after: str | None = None
+    body: bytes = b""
+
+
+class ConnectionBroke(Exception):
+    """The connection ended before the whole answer; ``before_answer`` when not one byte of it came (a
+    kept-alive connection the server had closed meanwhile: worth one more try on a fresh connection)."""
+
+    def __init__(self, reason: str, before_answer: bool) -> None:
+        super().__init__(reason)
+        self.before_answer = before_answer
+
+
+class MalformedAnswer(Exception):
+    """The server's answer is not valid HTTP/1.1."""
+
+
+class BodyTooLarge(Exception):
+    """A 2xx body over the byte limit; ``declared`` is its Content-Length when that alone was too large
+    (nothing of the body was read then)."""
+
+    def __init__(self, declared: int | None) -> None:
+        super().__init__(declared)
+        self.declared = declared
+
+
+class HttpConnection(asyncio.Protocol):
+    """A connection that answers one :meth:`request` at a time (no pipelining).
+
+    The parser's callbacks only record what they see; :meth:`data_received` decides, after each chunk,
+    whether the answer is complete, failed or needs more. An answer other than 2xx ends at its headers
+    (its body is never read: the connection is reused only if the body had already arrived whole).
+    """
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._lost = False
+        self._reusable = False
+        self.requests = 0  # sent on this connection so far: one before this means it was kept alive
+        self._reset(0)
+
+    def _reset(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._status = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._headers_done = False
+        self._complete = False
+        self._keep_alive = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._failure: Exception | None = None
+        self._answered = False  # a byte of the answer arrived
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the last request's answer arrived whole on a connection that stays open."""
+        return self._reusable and not self._lost
+
+    def request(self, head: bytes, max_bytes: int) -> asyncio.Future[Response]:
+        """Send a request ``head`` (a GET has nothing more) and return the future of its answer; a 2xx
+        body over ``max_bytes`` fails it with :class:`BodyTooLarge`."""
+        assert self._transport is not None and (self._waiter is None or self._waiter.done())
+        self._reset(max_bytes)
+        self._reusable = False
+        self.requests += 1
+        self._waiter = asyncio.get_running_loop().create_future()
+        if self._lost:
+            self._waiter.set_exception(ConnectionBroke("the connection was closed", before_answer=True))
+        else:
+            self._transport.write(head)
+        return self._waiter
+
+    def close(self) -> None:
+        """Close the connection (an answer still awaited fails)."""
+        self._reusable = False
+        if self._transport is not None:
+            self._transport.close()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # nothing was asked: a server talking out of turn
+            self.close()
+            return
+        self._answered = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self._complete:
+                self._fail(MalformedAnswer(_parser_error(exc)))
+                return
+            self._keep_alive = False  # bytes after a whole answer: deliver it, reuse nothing
+        if self._failure is not None:
+            self._fail(self._failure)
+        elif self._complete:
+            self._reusable = self._keep_alive
+            waiter.set_result(self._response())
+        elif self._headers_done and not _is_success(self._status):
+            self.close()  # its body is not wanted and not read: the connection cannot be reused
+            waiter.set_result(self._response())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._until_close():  # a body delimited by the end of the connection ends here
+            waiter.set_result(self._response())
+            return
+        reason = "the connection was closed" if exc is None else type(exc).__name__
+        waiter.set_exception(ConnectionBroke(reason, before_answer=not self._answered))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in _KEPT_HEADERS or name in (b"content-length", b"transfer-encoding"):
+            self._headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # 1xx: an interim answer, the real one follows
+            self._headers = {}
+            return
+        self._status = status
+        self._headers_done = True
+        declared = self._headers.get(b"content-length")
+        if _is_success(status) and declared is not None and int(declared) > self._max_bytes:
+            self._failure = BodyTooLarge(int(declared))  # llhttp admits digits only
+
+    def on_body(self, body: bytes) -> None:
+        if self._failure is not None or not _is_success(self._status):
+            return
+        self._size += len(body)
+        if self._size > self._max_bytes:
+            self._failure = BodyTooLarge(None)
+            self._chunks = []
+        else:
+            self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._headers_done:  # not the end of a 1xx
+            self._complete = True
+            self._keep_alive = self._parser.should_keep_alive()
+
+    # helpers
+
+    def _fail(self, failure: Exception) -> None:
+        self.close()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(failure)
+
+    def _until_close(self) -> bool:
+        """A 2xx answer with neither a length nor chunks, whose body ends with the connection."""
+        return (
+            self._headers_done
+            and self._failure is None
+            and _is_success(self._status)
+            and b"content-length" not in self._headers
+            and b"transfer-encoding" not in self._headers
+        )
+
+    def _response(self) -> Response:
+        body = b""
+        if _is_success(self._status):
+            body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks = []
+        location = self._headers.get(b"location")
+        retry_after = self._headers.get(b"retry-after")
+        return Response(
+            self._status,
+            location.decode("latin-1").strip() if location else None,
+            retry_after.decode("latin-1").strip() if retry_after else None,
+            body,
+        )
+
+
+def _is_success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def _parser_error(exc: httptools.HttpParserError) -> str:
+    # llhttp's messages name the fault ("Invalid header token"), never the request: safe to show.
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
