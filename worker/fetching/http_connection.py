@@ -84,16 +84,17 @@ class HttpConnection(asyncio.Protocol):
     def request(self, head: bytes, max_bytes: int) -> asyncio.Future[Response]:
         """Send a request ``head`` (a GET has nothing more) and return the future of its answer; a 2xx
         body over ``max_bytes`` fails it with :class:`BodyTooLarge`."""
-        assert self._transport is not None and (self._waiter is None or self._waiter.done())
+        assert self._transport is not None and self._waiter is None
         self._reset(max_bytes)
         self._reusable = False
         self.requests += 1
-        self._waiter = asyncio.get_running_loop().create_future()
+        waiter = asyncio.get_running_loop().create_future()
         if self._lost:
-            self._waiter.set_exception(ConnectionBroke("the connection was closed", before_answer=True))
+            waiter.set_exception(ConnectionBroke("the connection was closed", before_answer=True))
         else:
+            self._waiter = waiter
             self._transport.write(head)
-        return self._waiter
+        return waiter
 
     def close(self) -> None:
         """Close the connection (an answer still awaited fails)."""
@@ -108,8 +109,7 @@ class HttpConnection(asyncio.Protocol):
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done():  # nothing was asked: a server talking out of turn
+        if self._waiter is None:  # nothing was asked: a server talking out of turn
             self.close()
             return
         self._answered = True
@@ -124,21 +124,20 @@ class HttpConnection(asyncio.Protocol):
             self._fail(self._failure)
         elif self._complete:
             self._reusable = self._keep_alive
-            waiter.set_result(self._response())
+            self._answer(self._response())
         elif self._headers_done and not _is_success(self._status):
             self.close()  # its body is not wanted and not read: the connection cannot be reused
-            waiter.set_result(self._response())
+            self._answer(self._response())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        waiter = self._waiter
-        if waiter is None or waiter.done():
+        if self._waiter is None:
             return
         if self._until_close():  # a body delimited by the end of the connection ends here
-            waiter.set_result(self._response())
+            self._answer(self._response())
             return
         reason = "the connection was closed" if exc is None else type(exc).__name__
-        waiter.set_exception(ConnectionBroke(reason, before_answer=not self._answered))
+        self._answer(ConnectionBroke(reason, before_answer=not self._answered))
 
     # httptools callbacks
 
@@ -177,8 +176,18 @@ class HttpConnection(asyncio.Protocol):
 
     def _fail(self, failure: Exception) -> None:
         self.close()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(failure)
+        self._answer(failure)
+
+    def _answer(self, outcome: Response | Exception) -> None:
+        """Resolve the request's future and let go of it: an idle connection must not keep the last
+        body alive (128 idle connections held 640 MB of 5 MB images that way)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():  # cancelled: the fetch timed out or the worker stops
+            return
+        if isinstance(outcome, Exception):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
 
     def _until_close(self) -> bool:
         """A 2xx answer with neither a length nor chunks, whose body ends with the connection."""
