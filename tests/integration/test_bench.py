@@ -185,3 +185,21 @@ def test_quick_host_cost_prints_the_stage_table_and_writes_json(tansu, tmp_path)
     assert facts["implied_ceiling_on_cpu_images_per_s"] >= facts["implied_ceiling_images_per_s"]
     assert set(facts["kafka_python_floor"]) == {"consumer", "producer", "gil_us_own_code"}
     assert facts["images"] == 400 and facts["payload_bytes"] == 80_000
+
+
+@pytest.mark.timeout(120)
+def test_fetch_cost_measures_a_fetch_without_a_broker_or_a_model(tmp_path):
+    output = tmp_path / "fetch-cost.json"
+    command = [sys.executable, "-m", "worker.cli", "bench", "--sections", "fetch-cost", "--fetches", "400"]
+    command += ["--images", "8", "--output", str(output)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=110, env=clean_env(), check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| fetch-cost | 400 fetches, 128 at once, no added latency |" in result.stdout
+    [row] = json.loads(output.read_text())["rows"]
+    assert row["failed"] is None and row["images_per_s"] > 0
+    assert row["detail"]["worker_cpu_ms_per_fetch"] > 0 and row["detail"]["origin_cpu_ms_per_fetch"] > 0
+    pictures = jpeg_corpus(8, 500, 375)  # the bench's corpus for --images 8; 400 fetches cycle it 50 times
+    mean_kib = round(sum(len(picture) for picture in pictures) / len(pictures) / 1024, 1)
+    assert row["detail"]["mean_kib"] == mean_kib, "every body came whole"

@@ -280,6 +280,12 @@ class OriginProcess:
         """The URL of ``path`` (with its leading slash) on this server."""
         return f"http://127.0.0.1:{self.port}{path}"
 
+    @property
+    def pid(self) -> int:
+        """The serving process's id (its CPU time is the origin's cost)."""
+        assert self._process is not None, "use OriginProcess as a context manager"
+        return self._process.pid
+
     def __enter__(self) -> OriginProcess:
         command = [sys.executable, "-m", "worker.devtools.origin", str(self.root), str(self.latency_s)]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)

@@ -14,6 +14,7 @@ SECTIONS = (
     "soak",
     "host-cost",
     "reference-memory",
+    "fetch-cost",
 )
 # End-to-end runs, in the order they run: the bare work, the worker (eager), the worker fetching the same
 # images by reference from a local HTTP server, the worker with --decode device --resize device, the NeMo
@@ -126,6 +127,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(height 3/4 of it), e.g. 480-800",
     )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the corpus JPEGs")
+    parser.add_argument("--fetches", type=int, default=6000, help="fetch-cost section: fetches measured")
     parser.add_argument(
         "--host-cost-images", type=int, default=4000, help="host-cost section: records in the backlog"
     )

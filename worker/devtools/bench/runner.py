@@ -17,6 +17,7 @@ from typing import TypeVar
 from worker.config import Settings
 from worker.devtools.bench.args import E2E_RUNS
 from worker.devtools.bench.by_reference import bench_by_reference, bench_reference_memory
+from worker.devtools.bench.fetch_cost import bench_fetch_cost
 from worker.devtools.bench.fidelity import bench_dtype_fidelity, with_dtype
 from worker.devtools.bench.host_cost import HostCostWork, bench_host_cost
 from worker.devtools.bench.model import bench_copy, bench_model
@@ -35,6 +36,7 @@ from worker.devtools.samples import jpeg_corpus, scene
 from worker.devtools.tiny_model import build_tiny_clip
 from worker.embedder import Embedder, ModelSpec, configure_cpu_threads, default_decode_workers, load_embedder
 from worker.errors import StartupError
+from worker.fetching.fetcher import FetchPolicy
 
 T = TypeVar("T")
 
@@ -101,6 +103,10 @@ class _Compiled:
         bench_model(report, view, [self.batch_size], seconds, **detail)
 
 
+# Sections that load no model: host-cost runs a stand-in, fetch-cost only fetches.
+_MODEL_FREE = frozenset({"host-cost", "fetch-cost"})
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the selected sections, print the table, write JSON after every row; 1 if any row failed."""
     # A step timeout's SIGTERM unwinds like Ctrl-C: the local broker is stopped, not orphaned.
@@ -117,8 +123,11 @@ def run_bench(args: argparse.Namespace) -> int:
     # The same torch thread count the worker will use, for every section, so the runs compare fairly.
     report.machine["torch_threads"] = configure_cpu_threads(0, decode_workers)
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as scratch:
-        if sections - {"host-cost"}:  # host-cost needs no model: it runs a stand-in
+        if sections - _MODEL_FREE:
             _model_sections(args, report, sections, runs, decode_workers, Path(scratch))
+        if "fetch-cost" in sections:
+            concurrency = args.fetch_concurrency or FetchPolicy().concurrency
+            bench_fetch_cost(report, _corpus(args), args.fetches, concurrency)
         if "host-cost" in sections:
             work = HostCostWork(
                 images=args.host_cost_images,
