@@ -21,6 +21,7 @@ from worker.devtools.origin import ImageOrigin
 from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
 from worker.fetching.guard import AddressGuard, classify, system_resolver
+from worker.fetching.http import answer_body
 from worker.fetching.http_connection import Response
 from worker.fetching.outcomes import FetchError
 from worker.fetching.retry import RetryPolicy, with_retries
@@ -388,6 +389,48 @@ def test_a_kept_alive_connection_the_server_dropped_is_replaced_without_a_retry(
     assert fetcher.fetch_blocking(origin.url("/o/cat")) == BODY
     assert origin.connections == 2
     assert sample(metrics, "clip_worker_fetch_retries_total", scheme="http") == 0
+
+
+def test_a_second_answer_after_the_first_is_not_read_as_part_of_it(origin):
+    fetcher = make()
+    assert fetcher.fetch_blocking(origin.url("/double/cat")) == BODY, "the unasked 404 changed nothing"
+    assert fetcher.fetch_blocking(origin.url("/o/cat")) == BODY
+    assert origin.connections == 2, "a server that answered twice is not trusted with another request"
+
+
+@pytest.mark.parametrize(
+    ("path", "why"), [("/upgrade", "switched protocols"), (f"/fat-header/{1 << 20}", "headers over")]
+)
+def test_answers_a_get_cannot_have_fail_at_once(origin, path, why):
+    started = time.monotonic()
+    with pytest.raises(RejectedRecord, match=why) as caught:
+        make().fetch_blocking(origin.url(path))
+    assert caught.value.reason == RejectReason.FETCH_FAILED
+    assert sum(origin.requests.values()) == 1, "not worth another try"
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_body_cut_by_a_reset_is_not_taken_for_whole(origin):
+    # Neither a length nor chunks: the body ends with the connection, but a reset is no ending.
+    assert reason_of(make(retries=0), origin.url("/reset/cat")) == RejectReason.FETCH_FAILED
+
+
+def test_a_retry_after_that_is_not_plain_digits_is_no_hint():
+    reference = parse_reference("http://images.example/x.jpg", HTTP)
+    with pytest.raises(FetchError) as caught:
+        answer_body(Response(503, retry_after="\u00b2"), reference)  # a superscript two: isdigit() but no int
+    assert caught.value.retriable and caught.value.retry_after_s is None
+
+
+def test_idle_connections_make_room_for_new_origins_oldest_first():
+    with ImageOrigin() as first, ImageOrigin() as second, ImageOrigin() as third:
+        for server in (first, second, third):
+            server.put("cat", BODY)
+        fetcher = make(concurrency=2)  # two idle connections kept at most
+        for server in (first, second, third, third, first):
+            assert fetcher.fetch_blocking(server.url("/o/cat")) == BODY
+        assert third.connections == 1, "the newest origin's connection was kept, in place of the oldest"
+        assert first.connections == 2 and second.connections == 1
 
 
 def test_an_idle_connection_keeps_no_body_alive(origin):

@@ -18,13 +18,19 @@ few misbehaving routes to fetch from:
 - ``/continue/NAME``: an interim ``100 Continue``, then the object
 - ``/unframed/NAME``: the object with neither a length nor chunks, ended by closing the connection
 - ``/chunked/NAME``: the object in chunked transfer encoding, a few pieces
+- ``/double/NAME``: the object's answer and a second, unasked one, in one write
+- ``/fat-header/BYTES``: an answer whose one header is that long
+- ``/upgrade``: a switch to another protocol, unasked
+- ``/reset/NAME``: half the object with neither a length nor chunks, then the connection reset
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -37,6 +43,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 _PIECE = 1024
+_UPGRADE = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
 
 class ImageOrigin:
@@ -171,6 +178,20 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                 self._unframed(rest)
             elif route == "chunked":
                 self._chunked(rest)
+            elif route == "double":
+                data = origin.lookup(rest) or b""
+                second = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s%s" % (len(data), data, second)
+                )
+            elif route == "upgrade":
+                self.wfile.write(_UPGRADE)
+                self.close_connection = True
+            elif route == "fat-header":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Fat: " + b"x" * int(args[0]) + b"\r\n\r\n")
+                self.close_connection = True
+            elif route == "reset":
+                self._reset(rest)
             elif route == "malformed":
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nnot a header line\r\n\r\nabc")
                 self.close_connection = True
@@ -228,6 +249,16 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             self._head(200, len(data))
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
+            self.close_connection = True
+
+        def _reset(self, name: str) -> None:
+            data = origin.lookup(name) or b""
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + data[: len(data) // 2])
+            self.wfile.flush()
+            # Linger on, for no time, and close before the server's own shutdown sends the end of the
+            # stream: the client sees a reset.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
             self.close_connection = True
 
         def _unframed(self, name: str) -> None:

@@ -37,7 +37,6 @@ METADATA_ADDRESSES = frozenset(
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _CLEARED_KEPT = 4096  # check_written's verdicts kept, at most
-_FAMILIES = {socket.AF_INET: False, socket.AF_INET6: True}  # a family asked for: is it IPv6?
 
 
 def system_resolver(host: str, port: int) -> list[str]:

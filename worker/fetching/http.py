@@ -62,7 +62,7 @@ class HttpFetcher:
                 for _hop in range(MAX_REDIRECTS + 1):
                     response = await self._get(current, reference)
                     if response.status not in _REDIRECTS or not response.location:
-                        return _body(response, reference)
+                        return answer_body(response, reference)
                     current = self._redirect_target(current, reference, response.location)
         except TimeoutError:
             raise timed_out(f"{reference.shown}: no answer within {self._timeout_s:g}s") from None
@@ -122,7 +122,8 @@ def _request_head(current: Reference, original: Reference) -> bytes:
     return head + b"\r\n"
 
 
-def _body(response: Response, reference: Reference) -> bytes:
+def answer_body(response: Response, reference: Reference) -> bytes:
+    """The body of a 2xx answer; any other status as its typed :class:`FetchError`."""
     status = response.status
     if 200 <= status < 300:
         return response.body
@@ -132,6 +133,6 @@ def _body(response: Response, reference: Reference) -> bytes:
         raise forbidden(f"{reference.shown}: the server refused access (HTTP {status})")
     if status in _RETRIABLE_STATUS or status >= 500:
         retry_after = response.retry_after
-        hint = float(retry_after) if retry_after and retry_after.isdigit() else None
+        hint = float(retry_after) if retry_after and retry_after.isascii() and retry_after.isdigit() else None
         raise failed(f"{reference.shown}: HTTP {status}", retriable=True, retry_after_s=hint)
     raise failed(f"{reference.shown}: HTTP {status}")

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import httptools
 
 _KEPT_HEADERS = frozenset({b"location", b"retry-after"})
+# The most bytes an answer's status line and headers may take (aiohttp allowed 8 KiB per field). llhttp sets
+# no limit, and httptools grows a header split over many reads by concatenation: a server sending megabytes
+# of one header would hold the fetch loop, and every other fetch with it.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class HttpConnection(asyncio.Protocol):
         self._size = 0
         self._failure: Exception | None = None
         self._answered = False  # a byte of the answer arrived
+        self._head_bytes = 0  # received before the headers were complete
+        self._trailing = False  # another answer began after this one: the server cannot be trusted
 
     @property
     def reusable(self) -> bool:
@@ -84,7 +90,8 @@ class HttpConnection(asyncio.Protocol):
     def request(self, head: bytes, max_bytes: int) -> asyncio.Future[Response]:
         """Send a request ``head`` (a GET has nothing more) and return the future of its answer; a 2xx
         body over ``max_bytes`` fails it with :class:`BodyTooLarge`."""
-        assert self._transport is not None and self._waiter is None
+        if self._transport is None or self._waiter is not None:
+            raise RuntimeError("a request on a connection not open or still answering another")
         self._reset(max_bytes)
         self._reusable = False
         self.requests += 1
@@ -113,14 +120,20 @@ class HttpConnection(asyncio.Protocol):
             self.close()
             return
         self._answered = True
+        if not self._headers_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # 101: we asked for none
             if not self._complete:
                 self._fail(MalformedAnswer(_parser_error(exc)))
                 return
             self._keep_alive = False  # bytes after a whole answer: deliver it, reuse nothing
-        if self._failure is not None:
+        if self._trailing:
+            self._keep_alive = False
+        if not self._headers_done and self._head_bytes > MAX_HEAD_BYTES:
+            self._fail(MalformedAnswer(f"headers over {MAX_HEAD_BYTES} bytes"))
+        elif self._failure is not None:
             self._fail(self._failure)
         elif self._complete:
             self._reusable = self._keep_alive
@@ -133,23 +146,35 @@ class HttpConnection(asyncio.Protocol):
         self._lost = True
         if self._waiter is None:
             return
-        if self._until_close():  # a body delimited by the end of the connection ends here
+        if exc is None and self._until_close():  # a body ended by the connection's end (not a reset)
             self._answer(self._response())
             return
         reason = "the connection was closed" if exc is None else type(exc).__name__
         self._answer(ConnectionBroke(reason, before_answer=not self._answered))
 
-    # httptools callbacks
+    # httptools callbacks: once the answer is complete, whatever follows is ignored (and the connection
+    # not reused), never read as part of it
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._trailing = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._complete:
+            return
         name = name.lower()
         if name in _KEPT_HEADERS or name in (b"content-length", b"transfer-encoding"):
             self._headers[name] = value
 
     def on_headers_complete(self) -> None:
+        if self._complete:
+            return
         status = self._parser.get_status_code()
-        if status < 200:  # 1xx: an interim answer, the real one follows
+        if 100 <= status < 200:  # an interim answer, the real one follows
             self._headers = {}
+            return
+        if status < 100:
+            self._failure = MalformedAnswer(f"status {status}")
             return
         self._status = status
         self._headers_done = True
@@ -158,7 +183,7 @@ class HttpConnection(asyncio.Protocol):
             self._failure = BodyTooLarge(int(declared))  # llhttp admits digits only
 
     def on_body(self, body: bytes) -> None:
-        if self._failure is not None or not _is_success(self._status):
+        if self._complete or self._failure is not None or not _is_success(self._status):
             return
         self._size += len(body)
         if self._size > self._max_bytes:
@@ -168,7 +193,7 @@ class HttpConnection(asyncio.Protocol):
             self._chunks.append(body)
 
     def on_message_complete(self) -> None:
-        if self._headers_done:  # not the end of a 1xx
+        if self._headers_done and not self._complete:  # not the end of a 1xx, nor of a second answer
             self._complete = True
             self._keep_alive = self._parser.should_keep_alive()
 
@@ -196,7 +221,7 @@ class HttpConnection(asyncio.Protocol):
             and self._failure is None
             and _is_success(self._status)
             and b"content-length" not in self._headers
-            and b"transfer-encoding" not in self._headers
+            and b"chunked" not in self._headers.get(b"transfer-encoding", b"").lower()
         )
 
     def _response(self) -> Response:
@@ -218,7 +243,9 @@ def _is_success(status: int) -> bool:
     return 200 <= status < 300
 
 
-def _parser_error(exc: httptools.HttpParserError) -> str:
+def _parser_error(exc: httptools.HttpParserError | httptools.HttpParserUpgrade) -> str:
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        return "the server switched protocols unasked"
     # llhttp's messages name the fault ("Invalid header token"), never the request: safe to show.
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

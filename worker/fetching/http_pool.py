@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -74,20 +75,47 @@ class ConnectionPool:
     def _take_idle(self, origin: Origin) -> HttpConnection | None:
         connections = self._idle.get(origin)
         now = time.monotonic()
-        while connections:
+        found = None
+        while connections and found is None:
             since, connection = connections.pop()
             self._idle_count -= 1
             if connection.reusable and now - since < self._keepalive_s:
-                return connection
-            connection.close()
-        return None
+                found = connection
+            else:
+                connection.close()
+        if connections is not None and not connections:
+            del self._idle[origin]
+        return found
 
     def _give_back(self, origin: Origin, connection: HttpConnection) -> None:
-        if not connection.reusable or self._idle_count >= self._limit:
+        if not connection.reusable:
             connection.close()
             return
+        if self._idle_count >= self._limit:
+            self._make_room()
         self._idle.setdefault(origin, []).append((time.monotonic(), connection))
         self._idle_count += 1
+
+    def _make_room(self) -> None:
+        """Close the idle connections that can no longer serve (closed by their server, or kept too
+        long), else the oldest one: the newest are the likeliest to be asked for again."""
+        now = time.monotonic()
+        for origin, connections in list(self._idle.items()):
+            kept = [(since, c) for since, c in connections if c.reusable and now - since < self._keepalive_s]
+            for _since, connection in set(connections) - set(kept):
+                connection.close()
+            self._idle_count -= len(connections) - len(kept)
+            if kept:
+                self._idle[origin] = kept
+            else:
+                del self._idle[origin]
+        if self._idle_count >= self._limit:
+            origin = min(self._idle, key=lambda each: self._idle[each][0][0])  # each list oldest first
+            _since, oldest = self._idle[origin].pop(0)
+            oldest.close()
+            self._idle_count -= 1
+            if not self._idle[origin]:
+                del self._idle[origin]
 
     async def _open(self, origin: Origin) -> HttpConnection:
         scheme, host, port = origin
@@ -102,7 +130,12 @@ class ConnectionPool:
         for address in addresses:  # in the resolver's order of preference; the first that answers
             try:
                 _transport, connection = await loop.create_connection(
-                    HttpConnection, address, port, ssl=tls, server_hostname=host if tls else None
+                    HttpConnection,
+                    address,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                    flags=socket.AI_NUMERICHOST,  # the checked address as it is: never a lookup
                 )
             except OSError as exc:
                 failure = exc
