@@ -9,39 +9,20 @@ from worker.fetching.outcomes import FetchError, timed_out, too_large
 from worker.fetching.uri import Reference
 
 
-class LimitedBody:
-    """A body gathered chunk by chunk, refused as soon as it passes ``max_bytes`` (``fetch_too_large``)
-    or the clock passes ``deadline`` (``time.monotonic()``; ``fetch_timeout``; None where the caller
-    bounds the time itself): a slow or endless body never holds more than the limit, nor a fetch past its
-    time. Errors name ``reference`` redacted."""
-
-    def __init__(self, max_bytes: int, deadline: float | None, reference: Reference) -> None:
-        self._max_bytes = max_bytes
-        self._deadline = deadline
-        self._reference = reference
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def add(self, chunk: bytes) -> None:
-        """Take the next chunk; raises :class:`~worker.fetching.outcomes.FetchError` past a limit."""
-        self._size += len(chunk)
-        if self._size > self._max_bytes:
-            raise over_the_limit(self._reference, self._max_bytes)
-        self._parts.append(chunk)
-        if self._deadline is not None and time.monotonic() > self._deadline:
-            raise timed_out(f"{self._reference.shown} did not arrive in time ({self._size} bytes so far)")
-
-    def join(self) -> bytes:
-        """The whole body."""
-        return self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-
-
 def read_limited(chunks: Iterable[bytes], max_bytes: int, deadline: float, reference: Reference) -> bytes:
-    """Join ``chunks`` into the body within the limits of :class:`LimitedBody`."""
-    body = LimitedBody(max_bytes, deadline, reference)
+    """Join ``chunks`` into the body, refusing it as soon as it passes ``max_bytes`` (``fetch_too_large``)
+    or the clock passes ``deadline`` (``time.monotonic()``; ``fetch_timeout``): a slow or endless body
+    never holds more than the limit, nor a fetch past its time. Errors name ``reference`` redacted."""
+    parts: list[bytes] = []
+    size = 0
     for chunk in chunks:
-        body.add(chunk)
-    return body.join()
+        size += len(chunk)
+        if size > max_bytes:
+            raise over_the_limit(reference, max_bytes)
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise timed_out(f"{reference.shown} did not arrive in time ({size} bytes so far)")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def check_declared_size(declared: int | None, max_bytes: int, reference: Reference) -> None:

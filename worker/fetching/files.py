@@ -11,8 +11,8 @@ import os
 import stat
 from pathlib import Path
 
-from worker.fetching.body import check_declared_size
-from worker.fetching.outcomes import failed, forbidden, not_found, too_large
+from worker.fetching.body import check_declared_size, over_the_limit
+from worker.fetching.outcomes import failed, forbidden, not_found
 from worker.fetching.uri import Reference
 
 
@@ -54,7 +54,7 @@ class FileFetcher:
             check_declared_size(info.st_size, self._max_bytes, reference)
             data = file.read(self._max_bytes + 1)
         if len(data) > self._max_bytes:  # the file grew after the size check
-            raise too_large(f"{shown} is larger than the image limit of {self._max_bytes} bytes")
+            raise over_the_limit(reference, self._max_bytes)
         return data
 
     def close(self) -> None:

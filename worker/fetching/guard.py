@@ -36,7 +36,6 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_CLEARED_KEPT = 4096  # check_written's verdicts kept, at most
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -112,7 +111,6 @@ class AddressGuard:
         self._names, self._networks = parse_allow_entries(allow_hosts)
         self._allow_private = allow_private
         self._resolver = resolver
-        self._cleared: set[str] = set()  # hosts check_written passed: a verdict that never changes
 
     def addresses(self, host: str, port: int) -> list[str]:
         """The checked addresses to connect to for ``host``; raises
@@ -136,23 +134,16 @@ class AddressGuard:
     def check_written(self, host: str) -> None:
         """Refuse ``host`` if it is an IP address written out in the URI (which the HTTP client connects
         to without a lookup) that the policy does not open; a name is left to :meth:`addresses`."""
-        if host in self._cleared:
-            return
         text = host.lower().strip("[]")
-        try:
-            ipaddress.ip_address(text.split("%", 1)[0])
-        except ValueError:
-            # Not an address as written; but 2130706433, 127.1, 0x7f.1 or 0177.0.0.1 reach 127.0.0.1
-            # through the socket layer, and an HTTP client may take any run of digits and dots for an
-            # address and never ask the resolver.
-            numeric = _ipv4_as_the_socket_layer_reads(text)
-            if numeric is not None:
-                self._check(text, numeric)
-        else:
+        if is_ip_address(text):
             self._check(text, text)
-        if len(self._cleared) >= _CLEARED_KEPT:
-            self._cleared.clear()
-        self._cleared.add(host)
+            return
+        # Not an address as written; but 2130706433, 127.1, 0x7f.1 or 0177.0.0.1 reach 127.0.0.1 through
+        # the socket layer, and an HTTP client may take any run of digits and dots for an address and
+        # never ask the resolver.
+        numeric = _ipv4_as_the_socket_layer_reads(text)
+        if numeric is not None:
+            self._check(text, numeric)
 
     def _check(self, host: str, text: str) -> None:
         address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
@@ -170,6 +161,15 @@ class AddressGuard:
         if any(unwrap(address) in net or address in net for net in self._networks):
             return True
         return self._allow_private and problem != "metadata service"
+
+
+def is_ip_address(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address as written (an IPv6 zone allowed, no brackets)."""
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _ipv4_as_the_socket_layer_reads(host: str) -> str | None:

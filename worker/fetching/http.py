@@ -5,8 +5,8 @@ arrives, redirects followed here (limited, each hop's scheme and address checked
 The client is our own thin layer over asyncio's transports and httptools' parser
 (:mod:`worker.fetching.http_connection`): a GET, its status, two headers and a body is all a fetch needs,
 and on a worker bound by its interpreter the general-purpose clients' request machinery was the cost.
-Measured on 2 cores, a fetch took 0.17-0.26 ms of CPU through aiohttp alone and 0.35-0.43 ms through the
-fetcher built on it, against 0.05-0.11 ms through this layer (BENCHMARKS.md, "Images by reference").
+Measured on 2 cores (``clip-worker bench --sections fetch-cost``), a fetch through the fetcher took
+0.31-0.47 ms of CPU on aiohttp and 0.13-0.14 ms on this layer (BENCHMARKS.md, "Images by reference").
 """
 
 from __future__ import annotations

@@ -64,7 +64,6 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Response] | None = None
         self._lost = False
-        self._reusable = False
         self.requests = 0  # sent on this connection so far: one before this means it was kept alive
         self._reset(0)
 
@@ -78,14 +77,15 @@ class HttpConnection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._size = 0
         self._failure: Exception | None = None
-        self._answered = False  # a byte of the answer arrived
-        self._head_bytes = 0  # received before the headers were complete
+        self._head_bytes = 0  # received before the headers were complete (none: nothing of the answer)
         self._trailing = False  # another answer began after this one: the server cannot be trusted
 
     @property
     def reusable(self) -> bool:
-        """Whether the last request's answer arrived whole on a connection that stays open."""
-        return self._reusable and not self._lost
+        """Whether the last request's answer arrived whole, allowing another, on a connection still open."""
+        transport = self._transport
+        open_ = transport is not None and not transport.is_closing() and not self._lost
+        return open_ and self._complete and self._keep_alive
 
     def request(self, head: bytes, max_bytes: int) -> asyncio.Future[Response]:
         """Send a request ``head`` (a GET has nothing more) and return the future of its answer; a 2xx
@@ -93,7 +93,6 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is None or self._waiter is not None:
             raise RuntimeError("a request on a connection not open or still answering another")
         self._reset(max_bytes)
-        self._reusable = False
         self.requests += 1
         waiter = asyncio.get_running_loop().create_future()
         if self._lost:
@@ -105,7 +104,6 @@ class HttpConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the connection (an answer still awaited fails)."""
-        self._reusable = False
         if self._transport is not None:
             self._transport.close()
 
@@ -119,7 +117,6 @@ class HttpConnection(asyncio.Protocol):
         if self._waiter is None:  # nothing was asked: a server talking out of turn
             self.close()
             return
-        self._answered = True
         if not self._headers_done:
             self._head_bytes += len(data)
         try:
@@ -136,7 +133,6 @@ class HttpConnection(asyncio.Protocol):
         elif self._failure is not None:
             self._fail(self._failure)
         elif self._complete:
-            self._reusable = self._keep_alive
             self._answer(self._response())
         elif self._headers_done and not _is_success(self._status):
             self.close()  # its body is not wanted and not read: the connection cannot be reused
@@ -150,7 +146,7 @@ class HttpConnection(asyncio.Protocol):
             self._answer(self._response())
             return
         reason = "the connection was closed" if exc is None else type(exc).__name__
-        self._answer(ConnectionBroke(reason, before_answer=not self._answered))
+        self._answer(ConnectionBroke(reason, before_answer=self._head_bytes == 0))
 
     # httptools callbacks: once the answer is complete, whatever follows is ignored (and the connection
     # not reused), never read as part of it

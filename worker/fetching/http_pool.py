@@ -9,7 +9,6 @@ is also what SNI sends. An IP address written in the URI is checked as written, 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import ssl
 import time
@@ -17,7 +16,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 
-from worker.fetching.guard import AddressGuard
+from worker.fetching.guard import AddressGuard, is_ip_address
 from worker.fetching.http_connection import HttpConnection
 
 Origin = tuple[str, str, int]
@@ -72,6 +71,10 @@ class ConnectionPool:
         for connection in list(self._in_use):
             connection.close()
 
+    def _usable(self, since: float, connection: HttpConnection, now: float) -> bool:
+        """Whether an idle connection may still serve: open, and not kept past ``keepalive_s``."""
+        return connection.reusable and now - since < self._keepalive_s
+
     def _take_idle(self, origin: Origin) -> HttpConnection | None:
         connections = self._idle.get(origin)
         now = time.monotonic()
@@ -79,7 +82,7 @@ class ConnectionPool:
         while connections and found is None:
             since, connection = connections.pop()
             self._idle_count -= 1
-            if connection.reusable and now - since < self._keepalive_s:
+            if self._usable(since, connection, now):
                 found = connection
             else:
                 connection.close()
@@ -101,9 +104,12 @@ class ConnectionPool:
         long), else the oldest one: the newest are the likeliest to be asked for again."""
         now = time.monotonic()
         for origin, connections in list(self._idle.items()):
-            kept = [(since, c) for since, c in connections if c.reusable and now - since < self._keepalive_s]
-            for _since, connection in set(connections) - set(kept):
-                connection.close()
+            kept = []
+            for since, connection in connections:
+                if self._usable(since, connection, now):
+                    kept.append((since, connection))
+                else:
+                    connection.close()
             self._idle_count -= len(connections) - len(kept)
             if kept:
                 self._idle[origin] = kept
@@ -121,7 +127,7 @@ class ConnectionPool:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         self._guard.check_written(host)  # also 2130706433 or 0x7f.1, which some layers take for addresses
-        if _is_address(host):
+        if is_ip_address(host):
             addresses = [host]
         else:
             addresses = await loop.run_in_executor(self._lookups, self._guard.addresses, host, port)
@@ -145,11 +151,3 @@ class ConnectionPool:
             return connection
         assert failure is not None  # the guard never answers with no address
         raise failure
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
