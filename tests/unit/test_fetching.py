@@ -9,7 +9,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from tests.support.tls import make_tls
 from worker.devtools.origin import ImageOrigin
 from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
-from worker.fetching.guard import AddressGuard, classify, system_resolver
+from worker.fetching.guard import AddressGuard, classify, embedded_ipv4, system_resolver
 from worker.fetching.http import answer_body
 from worker.fetching.http_connection import Response
 from worker.fetching.outcomes import FetchError
@@ -132,6 +132,21 @@ def test_bad_references_are_typed(uri, reason):
     assert caught.value.reason == reason
 
 
+@pytest.mark.parametrize(
+    "uri", ["http://example.com:0/a.jpg", "https://example.com:00/a.jpg", "http://[::1]:0/"]
+)
+def test_port_0_is_refused_not_taken_for_the_default(uri):
+    with pytest.raises(RejectedRecord, match=r"has an invalid port \(0\)") as caught:
+        parse_reference(uri, HTTP)
+    assert caught.value.reason == RejectReason.INVALID_ENVELOPE
+
+
+def test_an_empty_port_is_the_default_one():
+    # RFC 3986 section 3.2.3: a port that is empty after the colon is the scheme's default.
+    assert parse_reference("http://example.com:/a.jpg", HTTP).port == 80
+    assert parse_reference("https://[2606:4700::1]:/a.jpg", HTTP).port == 443
+
+
 @pytest.mark.parametrize("uri", ["file:///etc/passwd", "s3://bucket/key", "https://h/x"])
 def test_schemes_not_enabled_are_forbidden(uri):
     with pytest.raises(RejectedRecord) as caught:
@@ -148,6 +163,13 @@ def test_redaction_hides_userinfo_and_query_values():
 # --- SSRF guard --------------------------------------------------------------------------------------
 
 
+def teredo(server: str, client: str) -> str:
+    """A Teredo address (2001::/32): the server's IPv4 address in bits 32-64, the client's in the last 32
+    bits with every bit flipped (flags and port left zero)."""
+    prefix = 0x2001_0000 << 96
+    return str(IPv6Address(prefix | int(ip_address(server)) << 64 | int(ip_address(client)) ^ 0xFFFF_FFFF))
+
+
 @pytest.mark.parametrize(
     ("address", "label"),
     [
@@ -158,6 +180,27 @@ def test_redaction_hides_userinfo_and_query_values():
         ("64:ff9b::7f00:1", "loopback"),
         ("169.254.169.254", "metadata service"),
         ("::ffff:169.254.169.254", "metadata service"),
+        # Every IPv6 form that embeds an IPv4 address is refused for what it embeds.
+        ("2002:7f00:1::", "loopback"),  # 6to4 (bits 16-48): 127.0.0.1
+        ("2002:7f00:1:1234:5678::1", "loopback"),  # whatever follows it
+        ("2002:a00:1::", "private"),  # 10.0.0.1
+        ("2002:a9fe:a9fe::", "metadata service"),
+        ("::127.0.0.1", "loopback"),  # IPv4-compatible (::/96)
+        ("::7f00:1", "loopback"),  # the same, written in hex
+        ("::10.0.0.1", "private"),
+        ("::169.254.169.254", "metadata service"),
+        ("64:ff9b::a9fe:a9fe", "metadata service"),  # NAT64, the well-known prefix
+        ("64:ff9b::a00:1", "private"),
+        ("64:ff9b:1:7f00:0:100::", "loopback"),  # local-use NAT64, RFC 6052's /48 layout: 127.0.0.1
+        ("64:ff9b:1::7f00:1", "loopback"),  # a /96 inside it: the last 32 bits
+        ("64:ff9b:1:a9fe:a9:fe00::", "metadata service"),
+        ("64:ff9b:1::a9fe:a9fe", "metadata service"),
+        ("64:ff9b:1:a9fe:a9:fe00:0:1", "metadata service"),  # the /48 layout with a suffix: still refused
+        (teredo("127.0.0.1", "8.8.8.8"), "loopback"),  # the server
+        (teredo("8.8.8.8", "127.0.0.1"), "loopback"),  # the client
+        (teredo("8.8.8.8", "10.0.0.1"), "private"),
+        (teredo("127.0.0.1", "169.254.169.254"), "metadata service"),  # before any other reason
+        (teredo("169.254.169.254", "8.8.8.8"), "metadata service"),
         ("fd00:ec2::254", "metadata service"),
         ("169.254.1.1", "link-local"),
         ("fe80::1", "link-local"),
@@ -176,6 +219,104 @@ def test_redaction_hides_userinfo_and_query_values():
 )
 def test_address_classes(address, label):
     assert classify(ip_address(address)) == label
+
+
+def test_teredo_addresses_are_built_as_the_standard_has_them():
+    address = ip_address(teredo("127.0.0.1", "10.0.0.1"))
+    assert str(address) == "2001:0:7f00:1::f5ff:fffe", "the client 10.0.0.1 is stored as 0xf5fffffe"
+    assert address.teredo == (ip_address("127.0.0.1"), ip_address("10.0.0.1"))
+    assert int(ip_address(teredo("8.8.8.8", "127.0.0.1"))) & 0xFFFF_FFFF == 0x80FF_FFFE
+
+
+@pytest.mark.parametrize(
+    ("address", "embedded"),
+    [
+        ("::ffff:127.0.0.1", ["127.0.0.1"]),
+        ("::7f00:1", ["127.0.0.1"]),
+        ("64:ff9b::7f00:1", ["127.0.0.1"]),
+        ("2002:c000:204:1::5", ["192.0.2.4"]),
+        (teredo("192.0.2.1", "198.51.100.7"), ["192.0.2.1", "198.51.100.7"]),
+        ("64:ff9b:1:c000:2:400::", ["192.0.2.4"]),  # /48: bits 48-64 and 72-88 (64-72 is the u-octet)
+        ("64:ff9b:1:0:c0:2:400::", ["192.0.2.4"]),  # /64: bits 72-104
+        ("64:ff9b:1:1::c000:204", ["192.0.2.4"]),  # /96: the last 32 bits
+        ("64:ff9b:1:a9fe:a9:fe00:0:1", ["0.0.0.1", "169.254.169.254"]),  # the /96 reading, and metadata
+        ("::", []),
+        ("::1", []),
+        ("2606:4700::1", []),
+        ("127.0.0.1", []),
+    ],
+)
+def test_the_ipv4_addresses_an_ipv6_address_embeds(address, embedded):
+    assert [str(ipv4) for ipv4 in embedded_ipv4(ip_address(address))] == embedded
+
+
+@pytest.mark.parametrize(
+    ("address", "label"),
+    [
+        # IPv4-mapped and the well-known NAT64 prefix stand for the IPv4 address itself (IANA: NAT64's
+        # 64:ff9b::/96 is globally reachable), so a public one is as public as 8.8.8.8.
+        ("::ffff:8.8.8.8", None),
+        ("64:ff9b::808:808", None),
+        # 6to4 and Teredo are tunnels: what answers is whatever relay routing picks, not 8.8.8.8, and IANA
+        # lists neither 2002::/16 nor 2001::/32 as globally reachable. Python 3.11 calls 2002:808:808::
+        # global and later versions do not; the guard refuses it on any version.
+        ("2002:808:808::", "not globally routable"),
+        (teredo("8.8.8.8", "9.9.9.9"), "not globally routable"),
+        # The local-use NAT64 prefix reaches the operator's translator, wherever its prefix length puts
+        # the IPv4 address.
+        ("64:ff9b:1::808:808", "not globally routable"),
+        ("64:ff9b:1:808:8:800::", "not globally routable"),
+        # IPv4-compatible addresses are deprecated (RFC 4291) and lie in the reserved ::/8.
+        ("::8.8.8.8", "reserved"),
+    ],
+)
+def test_a_public_ipv4_address_embedded_in_a_tunnel_is_still_refused(address, label):
+    assert classify(ip_address(address)) == label
+
+
+def test_an_ipv6_literal_that_embeds_loopback_is_refused_as_written():
+    reference = parse_reference("http://[2002:7f00:1::]/a.jpg", HTTP)
+    with pytest.raises(FetchError, match=r"loopback address \(it embeds 127\.0\.0\.1\)") as caught:
+        AddressGuard().check_written(reference.host)
+    assert caught.value.reason == RejectReason.FETCH_FORBIDDEN
+    for uri in ("http://[::127.0.0.1]/a.jpg", f"http://[{teredo('8.8.8.8', '127.0.0.1')}]/a.jpg"):
+        with pytest.raises(FetchError):
+            AddressGuard().check_written(parse_reference(uri, HTTP).host)
+
+
+def test_allow_options_match_the_ipv4_addresses_an_address_embeds():
+    def guard(*allow: str, private: bool = False) -> AddressGuard:
+        return AddressGuard(allow, allow_private=private, resolver=lambda host, port: [host])
+
+    def opened(checked: AddressGuard, address: str) -> bool:
+        try:
+            checked.check_written(address)
+        except FetchError:
+            return False
+        return True
+
+    assert opened(guard("127.0.0.0/8"), "2002:7f00:1::")
+    assert opened(guard("2002::/16"), "2002:7f00:1::"), "or the IPv6 range itself"
+    assert opened(guard("8.8.8.8"), "2002:808:808::")
+    assert opened(guard("127.0.0.0/8"), teredo("127.0.0.1", "8.8.8.8"))
+    assert not opened(guard("127.0.0.0/8"), teredo("127.0.0.1", "10.0.0.1")), "both must be opened"
+    assert opened(guard("127.0.0.0/8", "10.0.0.0/8"), teredo("127.0.0.1", "10.0.0.1"))
+    assert not opened(guard("10.0.0.0/8"), "2002:7f00:1::")
+    # --fetch-allow-private opens what is not global, but a metadata service in no form.
+    assert opened(guard(private=True), "2002:7f00:1::")
+    assert opened(guard(private=True), teredo("8.8.8.8", "10.0.0.1"))
+    assert opened(guard(private=True), "64:ff9b:1::808:808")
+    for metadata in (
+        "2002:a9fe:a9fe::",
+        "::169.254.169.254",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1:a9fe:a9:fe00:0:1",
+        teredo("127.0.0.1", "169.254.169.254"),
+    ):
+        assert not opened(guard(private=True), metadata), metadata
+        assert not opened(guard("0.0.0.1/32", private=True), metadata), metadata
+    assert opened(guard("169.254.169.254/32"), "2002:a9fe:a9fe::"), "opened when named"
+    assert not opened(guard("127.0.0.0/8"), teredo("127.0.0.1", "169.254.169.254"))
 
 
 def test_allow_private_opens_private_ranges_but_not_the_metadata_service():
@@ -203,6 +344,10 @@ def test_a_name_is_refused_if_any_of_its_addresses_is():
         "http://10.0.0.1/x.jpg",
         "http://[::1]:{port}/o/cat",
         "http://[::ffff:127.0.0.1]:{port}/o/cat",
+        "http://[2002:7f00:1::]:{port}/o/cat",  # 6to4
+        "http://[::127.0.0.1]:{port}/o/cat",  # IPv4-compatible
+        "http://[64:ff9b::7f00:1]:{port}/o/cat",  # NAT64
+        f"http://[{teredo('8.8.8.8', '127.0.0.1')}]:{{port}}/o/cat",  # Teredo
         "http://localhost:{port}/o/cat",
         "http://0.0.0.0:{port}/o/cat",
         # 127.0.0.1 as the socket layer also reads it: decimal, short, octal, hex, a trailing dot

@@ -91,9 +91,13 @@ def _parse_http(uri: str, scheme: str, parts: SplitResult) -> Reference:
     if not host:
         raise _invalid(f"{redact(uri)} has no host")
     try:
-        port = parts.port or DEFAULT_PORTS[scheme]
+        written = parts.port
     except ValueError:
         raise _invalid(f"{redact(uri)} has an invalid port") from None
+    if written == 0:
+        raise _invalid(f"{redact(uri)} has an invalid port (0)")
+    # An empty port (``http://host:/x``) is the scheme's default, as RFC 3986 section 3.2.3 has it.
+    port = DEFAULT_PORTS[scheme] if written is None else written
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
