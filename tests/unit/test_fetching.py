@@ -22,9 +22,9 @@ from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
 from worker.fetching.guard import AddressGuard, classify, embedded_ipv4, system_resolver
 from worker.fetching.http import answer_body
-from worker.fetching.http_connection import Response
 from worker.fetching.outcomes import FetchError
 from worker.fetching.retry import RetryPolicy, with_retries
+from worker.fetching.transfers import Answer
 from worker.fetching.uri import parse_reference, redact
 from worker.metrics import WorkerMetrics
 
@@ -543,6 +543,35 @@ def test_a_second_answer_after_the_first_is_not_read_as_part_of_it(origin):
     assert origin.connections == 2, "a server that answered twice is not trusted with another request"
 
 
+@pytest.mark.parametrize("route", ["late/0.02/cat/dog", "unsolicited/0.02/cat"])
+def test_bytes_on_an_idle_connection_are_never_read_as_the_next_answer(origin, route):
+    # The origin answers, then (while the connection sits idle) sends another image's whole answer, or
+    # bytes that are no answer: the next request must get its own answer, on a new connection.
+    origin.put("dog", b"woof" * 1000)
+    fetcher = make()
+    for turn in range(1, 4):
+        assert fetcher.fetch_blocking(origin.url(f"/{route}")) == BODY
+        origin.wait_unasked(turn)
+        assert fetcher.fetch_blocking(origin.url("/o/cat")) == BODY, "an unasked answer was taken"
+    assert origin.connections == 4, "each connection that spoke unasked was closed, and only those"
+
+
+@pytest.mark.parametrize("path", ["/many-headers/10000", "/many-headers/10000/split"])
+def test_a_head_over_the_cap_is_refused_however_it_arrives(origin, path):
+    # 10,000 short headers (about 110 KB): in one write, and in 1 KiB pieces.
+    with pytest.raises(RejectedRecord, match="headers over 65536 bytes") as caught:
+        make().fetch_blocking(origin.url(path))
+    assert caught.value.reason == RejectReason.FETCH_FAILED
+    assert make().fetch_blocking(origin.url("/many-headers/100")) == b"", "an ordinary head still passes"
+
+
+def test_no_proxy_from_the_environment_is_used(origin, monkeypatch):
+    # A proxy would make the connection itself, where the guard cannot check it.
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers there
+    assert make().fetch_blocking(origin.url("/o/cat")) == BODY
+
+
 @pytest.mark.parametrize(
     ("path", "why"), [("/upgrade", "switched protocols"), (f"/fat-header/{1 << 20}", "headers over")]
 )
@@ -563,7 +592,7 @@ def test_a_body_cut_by_a_reset_is_not_taken_for_whole(origin):
 def test_a_retry_after_that_is_not_plain_digits_is_no_hint():
     reference = parse_reference("http://images.example/x.jpg", HTTP)
     with pytest.raises(FetchError) as caught:
-        answer_body(Response(503, retry_after="\u00b2"), reference)  # a superscript two: isdigit() but no int
+        answer_body(Answer(503, retry_after="\u00b2"), reference)  # a superscript two: isdigit() but no int
     assert caught.value.retriable and caught.value.retry_after_s is None
 
 
@@ -582,7 +611,7 @@ def test_an_idle_connection_keeps_no_body_alive(origin):
     # 128 idle connections each holding its last 5 MB answer was 640 MB at the end of a backlog.
     fetcher = make()
     data = fetcher.fetch_blocking(origin.url("/o/cat"))
-    answers = [holder for holder in gc.get_referrers(data) if isinstance(holder, Response)]
+    answers = [holder for holder in gc.get_referrers(data) if isinstance(holder, Answer)]
     assert answers == [], "the kept-alive connection still holds the answer it delivered"
 
 

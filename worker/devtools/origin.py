@@ -19,6 +19,11 @@ few misbehaving routes to fetch from:
 - ``/unframed/NAME``: the object with neither a length nor chunks, ended by closing the connection
 - ``/chunked/NAME``: the object in chunked transfer encoding, a few pieces
 - ``/double/NAME``: the object's answer and a second, unasked one, in one write
+- ``/late/SECONDS/NAME/OTHER``: NAME's answer; SECONDS later, while the connection is idle, an unasked
+  second answer carrying OTHER (what a client must never take for the answer to its next request)
+- ``/unsolicited/SECONDS/NAME``: NAME's answer; SECONDS later, bytes that are no answer at all
+- ``/many-headers/COUNT`` and ``/many-headers/COUNT/split``: an answer with COUNT short headers, its head
+  in one write, or in pieces of 1 KiB
 - ``/fat-header/BYTES``: an answer whose one header is that long
 - ``/upgrade``: a switch to another protocol, unasked
 - ``/reset/NAME``: half the object with neither a length nor chunks, then the connection reset
@@ -27,6 +32,7 @@ few misbehaving routes to fetch from:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -59,7 +65,9 @@ class ImageOrigin:
         self.connections = 0
         self.serving = 0  # objects being served right now
         self.peak_serving = 0  # the most served at once
+        self.unasked_sent = 0  # answers and bytes sent on idle connections (/late, /unsolicited)
         self._lock = threading.Lock()
+        self._unasked = threading.Condition(self._lock)
         self._flaky: Counter[str] = Counter()
         self._server = _Server((host, 0), _handler(self))
         if tls is not None:  # each accepted connection shakes hands on its own handler thread
@@ -94,6 +102,17 @@ class ImageOrigin:
     def lookup(self, name: str) -> bytes | None:
         """The object called ``name``, if it was put."""
         return self.objects.get(name)
+
+    def wait_unasked(self, count: int, timeout_s: float = 5.0) -> None:
+        """Wait until ``count`` unasked sends have gone out on idle connections."""
+        with self._unasked:
+            if not self._unasked.wait_for(lambda: self.unasked_sent >= count, timeout_s):
+                raise TimeoutError(f"{self.unasked_sent} of {count} unasked sends went out")
+
+    def _sent_unasked(self) -> None:
+        with self._unasked:
+            self.unasked_sent += 1
+            self._unasked.notify_all()
 
     def _count(self, path: str) -> None:
         with self._lock:
@@ -184,6 +203,14 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s%s" % (len(data), data, second)
                 )
+            elif route == "late":
+                self._object(args[1], 0.0)
+                self._send_later(float(args[0]), _answer(origin.lookup(args[2]) or b""))
+            elif route == "unsolicited":
+                self._object(args[1], 0.0)
+                self._send_later(float(args[0]), b"\x00garbage, not HTTP\r\n\r\n")
+            elif route == "many-headers":
+                self._many_headers(int(args[0]), split=args[1:] == ["split"])
             elif route == "upgrade":
                 self.wfile.write(_UPGRADE)
                 self.close_connection = True
@@ -237,6 +264,27 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
                     sent += len(piece)
             except OSError:
                 self.close_connection = True  # the client hung up, as it should
+
+        def _send_later(self, delay_s: float, data: bytes) -> None:
+            connection = self.connection
+
+            def send() -> None:
+                with contextlib.suppress(OSError):  # the client may have closed it: that is fine
+                    connection.sendall(data)
+                origin._sent_unasked()
+
+            threading.Timer(delay_s, send).start()
+
+        def _many_headers(self, count: int, split: bool) -> None:
+            head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(count))
+            head += b"Content-Length: 0\r\n\r\n"
+            step = _PIECE if split else len(head)
+            pieces = [head[start : start + step] for start in range(0, len(head), step)]
+            with contextlib.suppress(OSError):  # the client hangs up once it has seen enough
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+            self.close_connection = True
 
         def _redirect(self, location: str) -> None:
             self.send_response(302)
@@ -295,6 +343,11 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             return
 
     return Handler
+
+
+def _answer(data: bytes) -> bytes:
+    """A whole 200 answer carrying ``data``."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
 
 
 class OriginProcess:

@@ -1,36 +1,47 @@
-"""HTTP(S) fetching on the fetch loop: pooled keep-alive connections opened through the SSRF guard
-(:mod:`worker.fetching.http_pool`), one deadline per try, the body read within the byte limit as it
+"""HTTP(S) fetching on the fetch loop: the SSRF guard's checked addresses handed to libcurl
+(:mod:`worker.fetching.transfers`), one deadline per try, the body cut off at the byte limit as it
 arrives, redirects followed here (limited, each hop's scheme and address checked again).
 
-The client is our own thin layer over asyncio's transports and httptools' parser
-(:mod:`worker.fetching.http_connection`): a GET, its status, two headers and a body is all a fetch needs,
-and on a worker bound by its interpreter the general-purpose clients' request machinery was the cost.
-Measured on 2 cores (``clip-worker bench --sections fetch-cost``), a fetch through the fetcher took
-0.31-0.47 ms of CPU on aiohttp and 0.13-0.14 ms on this layer (BENCHMARKS.md, "Images by reference").
+The protocol itself (framing, TLS, keep-alive) is libcurl's: docs/decisions/0001-http-client.md says why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import ssl
 from concurrent.futures import Executor
 from urllib.parse import urljoin
 
+import pycurl
+
 from worker.fetching.body import over_the_limit
-from worker.fetching.guard import AddressGuard
-from worker.fetching.http_connection import BodyTooLarge, ConnectionBroke, MalformedAnswer, Response
-from worker.fetching.http_pool import ConnectionPool
+from worker.fetching.guard import AddressGuard, is_ip_address
 from worker.fetching.outcomes import FetchError, failed, forbidden, not_found, timed_out
+from worker.fetching.transfers import (
+    E_TOO_LARGE,
+    E_WEIRD_SERVER_REPLY,
+    MAX_HEAD_BYTES,
+    Answer,
+    Request,
+    TransferFailed,
+    Transfers,
+)
 from worker.fetching.uri import DEFAULT_PORTS, Reference, parse_reference
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIABLE_STATUS = frozenset({408, 425, 429})
 _HEADERS = (
-    b"User-Agent: clip-worker\r\n"
-    b"Accept: image/*, */*;q=0.5\r\n"
-    b"Accept-Encoding: identity\r\n"  # images are compressed already
+    "User-Agent: clip-worker",
+    "Accept: image/*, */*;q=0.5",
+    "Accept-Encoding: identity",  # images are compressed already
+)
+# Failures of the connection or of the answer's delivery: worth another try.
+_BROKE_OFF = frozenset(
+    {pycurl.E_RECV_ERROR, pycurl.E_SEND_ERROR, pycurl.E_GOT_NOTHING, pycurl.E_PARTIAL_FILE}
+)
+_NOT_HTTP = frozenset(
+    {E_WEIRD_SERVER_REPLY, pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_HTTP2, pycurl.E_BAD_CONTENT_ENCODING}
 )
 
 
@@ -46,12 +57,14 @@ class HttpFetcher:
         enabled: frozenset[str],
         connections: int,
         lookups: Executor,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._guard = guard
         self._max_bytes = max_bytes
         self._timeout_s = timeout_s
         self._redirect_schemes = enabled & {"http", "https"}
-        self._pool = ConnectionPool(guard, lookups, ssl_context or ssl.create_default_context(), connections)
+        self._connections = connections
+        self._lookups = lookups
+        self._transfers: Transfers | None = None  # made on the loop, at the first fetch
 
     async def fetch(self, reference: Reference) -> bytes:
         """One try: the body of ``reference`` after at most :data:`MAX_REDIRECTS` redirects, within one
@@ -60,43 +73,73 @@ class HttpFetcher:
         try:
             async with asyncio.timeout(self._timeout_s):
                 for _hop in range(MAX_REDIRECTS + 1):
-                    response = await self._get(current, reference)
-                    if response.status not in _REDIRECTS or not response.location:
-                        return answer_body(response, reference)
-                    current = self._redirect_target(current, reference, response.location)
+                    answer = await self._get(current, reference)
+                    if answer.status not in _REDIRECTS or not answer.location:
+                        return answer_body(answer, reference)
+                    current = self._redirect_target(current, reference, answer.location)
         except TimeoutError:
             raise timed_out(f"{reference.shown}: no answer within {self._timeout_s:g}s") from None
         raise failed(f"{reference.shown}: more than {MAX_REDIRECTS} redirects")
 
     async def close(self) -> None:
-        """Close the pooled connections."""
-        await self._pool.close()
+        """Stop the transfers under way and close the kept-alive connections."""
+        if self._transfers is not None:
+            self._transfers.close()
+            self._transfers = None
 
-    async def _get(self, current: Reference, original: Reference) -> Response:
-        head = _request_head(current, original)
-        origin = (current.scheme, current.host, current.port)
-        fresh = kept_alive = False
-        while True:
-            try:
-                async with self._pool.connection(origin, fresh) as connection:
-                    kept_alive = connection.requests > 0
-                    return await connection.request(head, self._max_bytes)
-            except ConnectionBroke as exc:
-                if kept_alive and exc.before_answer and not fresh:
-                    fresh = True  # the server closed it while it was idle: once more, on a new one
-                    continue
-                raise failed(f"{original.shown}: the response broke off ({exc})", retriable=True) from None
-            except BodyTooLarge as exc:
-                raise over_the_limit(original, self._max_bytes, exc.declared) from None
-            except MalformedAnswer as exc:
-                raise failed(f"{original.shown}: the answer is not valid HTTP ({exc})") from None
-            except ssl.SSLCertVerificationError as exc:
-                raise failed(f"{original.shown}: certificate check failed ({exc.verify_message})") from None
-            except FetchError:
-                raise
-            except OSError as exc:
-                reason = f"{type(exc).__name__}: {exc.strerror or exc}"
-                raise failed(f"{original.shown}: connection failed ({reason})", retriable=True) from None
+    async def _get(self, current: Reference, original: Reference) -> Answer:
+        request = await self._request(current, original)
+        if self._transfers is None:
+            self._transfers = Transfers(self._connections)
+        try:
+            return await self._transfers.get(request)
+        except TransferFailed as exc:
+            raise self._failure(exc, original) from None
+
+    async def _request(self, current: Reference, original: Reference) -> Request:
+        """The GET for ``current``, pinned to the addresses the guard checked for its host."""
+        host, port = current.host, current.port
+        self._guard.check_written(host)  # also 2130706433 or 0x7f.1, which some layers take for addresses
+        if is_ip_address(host):
+            addresses, pinned = [host], None
+        else:
+            loop = asyncio.get_running_loop()
+            addresses = await loop.run_in_executor(self._lookups, self._guard.addresses, host, port)
+            pinned = f"{host}:{port}:" + ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+        headers = list(_HEADERS)
+        # Basic credentials from the URI's userinfo go to its own origin only, never across a redirect.
+        if original.username is not None and current.origin == original.origin:
+            pair = f"{original.username}:{original.password or ''}".encode()
+            headers.append("Authorization: Basic " + base64.b64encode(pair).decode("ascii"))
+        return Request(
+            url=_url_without_userinfo(current),
+            headers=headers,
+            allowed=frozenset(address.split("%", 1)[0] for address in addresses),
+            pinned=pinned,
+            max_bytes=self._max_bytes,
+            timeout_s=self._timeout_s,
+        )
+
+    def _failure(self, exc: TransferFailed, original: Reference) -> FetchError:
+        """The typed rejection for a transfer that brought no answer."""
+        shown, code = original.shown, exc.code
+        if exc.too_large or code == pycurl.E_FILESIZE_EXCEEDED:
+            return over_the_limit(original, self._max_bytes, exc.declared)
+        if exc.head_too_large or code == E_TOO_LARGE:
+            return failed(f"{shown}: the answer has headers over {MAX_HEAD_BYTES} bytes")
+        if exc.status == 101:
+            return failed(f"{shown}: the server switched protocols unasked")
+        if code == pycurl.E_OPERATION_TIMEDOUT:
+            return timed_out(f"{shown}: no answer within {self._timeout_s:g}s")
+        if code == pycurl.E_PEER_FAILED_VERIFICATION:
+            return failed(f"{shown}: certificate check failed ({exc})")
+        if code in _NOT_HTTP:
+            return failed(f"{shown}: the answer is not valid HTTP ({exc})")
+        if code in _BROKE_OFF:
+            return failed(f"{shown}: the response broke off ({exc})", retriable=True)
+        if code in (pycurl.E_COULDNT_CONNECT, pycurl.E_SSL_CONNECT_ERROR):
+            return failed(f"{shown}: connection failed ({exc})", retriable=True)
+        return failed(f"{shown}: {exc}")
 
     def _redirect_target(self, current: Reference, original: Reference, location: str) -> Reference:
         target = urljoin(current.uri, location)
@@ -108,31 +151,25 @@ class HttpFetcher:
             raise failed(f"{original.shown} redirects to an invalid location") from None
 
 
-def _request_head(current: Reference, original: Reference) -> bytes:
-    """The request line and headers of a GET for ``current`` (parse_reference admitted printable ASCII
-    only: nothing here can break a line)."""
-    host = f"[{current.host}]" if ":" in current.host else current.host
-    if current.port != DEFAULT_PORTS[current.scheme]:
-        host += f":{current.port}"
-    head = f"GET {current.target} HTTP/1.1\r\nHost: {host}\r\n".encode("ascii") + _HEADERS
-    # Basic credentials from the URI's userinfo go to its own origin only, never across a redirect.
-    if original.username is not None and current.origin == original.origin:
-        pair = f"{original.username}:{original.password or ''}".encode()
-        head += b"Authorization: Basic " + base64.b64encode(pair) + b"\r\n"
-    return head + b"\r\n"
+def _url_without_userinfo(reference: Reference) -> str:
+    """The URL libcurl is given: credentials travel in a header this module decides on, never in it."""
+    host = f"[{reference.host}]" if ":" in reference.host else reference.host
+    if reference.port != DEFAULT_PORTS[reference.scheme]:
+        host += f":{reference.port}"
+    return f"{reference.scheme}://{host}{reference.target}"
 
 
-def answer_body(response: Response, reference: Reference) -> bytes:
+def answer_body(answer: Answer, reference: Reference) -> bytes:
     """The body of a 2xx answer; any other status as its typed :class:`FetchError`."""
-    status = response.status
+    status = answer.status
     if 200 <= status < 300:
-        return response.body
+        return answer.body
     if status in (404, 410):
         raise not_found(f"{reference.shown}: HTTP {status}")
     if status in (401, 403):
         raise forbidden(f"{reference.shown}: the server refused access (HTTP {status})")
     if status in _RETRIABLE_STATUS or status >= 500:
-        retry_after = response.retry_after
+        retry_after = answer.retry_after
         hint = float(retry_after) if retry_after and retry_after.isascii() and retry_after.isdigit() else None
         raise failed(f"{reference.shown}: HTTP {status}", retriable=True, retry_after_s=hint)
     raise failed(f"{reference.shown}: HTTP {status}")
