@@ -19,17 +19,19 @@ Both were trained on L2-normalised OpenAI CLIP ViT-L/14 image embeddings, which 
 from __future__ import annotations
 
 import io
+import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from worker.config import DEFAULT_MODEL
+from worker.config import AESTHETIC_HEAD, DEFAULT_MODEL, NSFW_WEIGHTS_URL
 from worker.errors import ModelLoadError, first_line
 from worker.models.checkpoint import RANDOM_PREFIX, ModelSpec, check_readable, looks_like_path
 
@@ -37,6 +39,18 @@ from worker.models.checkpoint import RANDOM_PREFIX, ModelSpec, check_readable, l
 HUB_FILENAME = "model.safetensors"
 # Weight files a head location may be, or a directory may hold, in order of preference.
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".zip")
+# The most bytes a head's weights may take: a weight file on disk, a zip member once inflated, the records a
+# torch file declares. The published heads are small MLPs on 768-d embeddings (the aesthetic predictor is
+# 3.7 MB of float32, the NSFW detector's port 0.9 MB), so this leaves room for float64 copies or extra keys
+# many times over, while reading a file at the bound stays far inside a container's memory at start-up.
+MAX_HEAD_BYTES = 64 * 2**20
+# The most entries a head's zip (or a torch file, itself a zip) may hold: zipfile builds an object for each
+# entry when it opens the file, before any is read. The NSFW zip holds a handful, a torch file one per tensor.
+MAX_ZIP_ENTRIES = 1000
+_READ_CHUNK = 2**20
+# Every entry zipfile lists starts with this signature in the file, so counting it bounds the entries.
+_CENTRAL_ENTRY = b"PK\x01\x02"
+_LOCAL_ENTRY = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,8 @@ class ScoreHead(nn.Module):
 
     name: ClassVar[str]
     trained_on: ClassVar[TrainedOn]
+    # Where to get weights that are tensors only, for the refusal of a file with pickled code.
+    safe_weights: ClassVar[str]
 
 
 class AestheticHead(ScoreHead):
@@ -67,6 +83,7 @@ class AestheticHead(ScoreHead):
 
     name = "aesthetic"
     trained_on = VIT_L14
+    safe_weights = f"the hub's {HUB_FILENAME} ({AESTHETIC_HEAD}, the default) or LAION's .pth state dict"
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,6 +125,10 @@ class NsfwHead(ScoreHead):
 
     name = "nsfw"
     trained_on = VIT_L14
+    safe_weights = (
+        f"the PyTorch port clip_autokeras_binary_nsfw.pth (a state dict of tensors) or the zip holding it, "
+        f"{NSFW_WEIGHTS_URL}"
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -231,39 +252,104 @@ def _weights_file(name: str, spec: ModelSpec, flag: str) -> Path:
 
 def _read_state_dict(name: str, path: Path, flag: str) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, a torch ``.pth``/``.pt``/``.bin`` file (tensors only, never
-    pickled code), or a zip holding one of those (as the NSFW detector's PyTorch port is published)."""
+    pickled code), or a zip holding one of those (as the NSFW detector's PyTorch port is published), each
+    refused past :data:`MAX_HEAD_BYTES` before it is read whole."""
     suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(
+            f"{path}: unknown weight format {suffix or '(no suffix)'}; {flag} takes a "
+            f"{', '.join(WEIGHT_SUFFIXES)} file, a directory holding one, or a hub id"
+        )
     try:
+        _check_size(str(path), path.stat().st_size, flag)
         if suffix == ".zip":
             return _read_zip(name, path, flag)
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return dict(load_file(str(path)))
-        if suffix in (".pth", ".pt", ".bin"):
-            return _torch_state(torch.load(path, map_location="cpu", weights_only=True), path, flag)
+        return _read_torch(name, path, str(path), flag)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot read {path} ({first_line(exc)}); check {flag}") from None
-    raise ModelLoadError(
-        f"{path}: unknown weight format {suffix or '(no suffix)'}; {flag} takes a "
-        f"{', '.join(WEIGHT_SUFFIXES)} file, a directory holding one, or a hub id"
+
+
+def _bound() -> str:
+    return (
+        f"the {MAX_HEAD_BYTES / 2**20:g} MiB bound on a head's weights (the published heads are under 4 MB)"
     )
 
 
-def _read_zip(name: str, path: Path, flag: str) -> dict[str, torch.Tensor]:
-    with zipfile.ZipFile(path) as archive:
-        members = archive.namelist()
-        weights = sorted(m for m in members if m.lower().endswith((".pth", ".pt", ".bin", ".safetensors")))
-        if weights:
-            data = archive.read(weights[0])
-            if weights[0].lower().endswith(".safetensors"):
-                from safetensors.torch import load
+def _check_size(where: str, size: int, flag: str) -> None:
+    if size > MAX_HEAD_BYTES:
+        raise ModelLoadError(f"{where} is {size:,} bytes, over {_bound()}; check {flag}")
 
-                return dict(load(data))
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            return _torch_state(state, path, flag)
+
+def _check_entries(handle: IO[bytes], where: str, flag: str) -> None:
+    """Refuse a zip with more than :data:`MAX_ZIP_ENTRIES` entries before zipfile (or torch) lists them: the
+    count of central directory signatures in the file, which is at least the count of entries whatever its
+    end records declare. The file is at most :data:`MAX_HEAD_BYTES`, read in chunks."""
+    count, carry = 0, b""
+    handle.seek(0)
+    while chunk := handle.read(_READ_CHUNK):
+        window = carry + chunk
+        count += window.count(_CENTRAL_ENTRY)
+        carry = window[1 - len(_CENTRAL_ENTRY) :]  # too short to hold a whole signature: none counted twice
+    handle.seek(0)
+    if count > MAX_ZIP_ENTRIES:
+        raise ModelLoadError(
+            f"{where} holds {count:,} zip entries, over the {MAX_ZIP_ENTRIES:,} a head's file could need; "
+            f"check {flag}"
+        )
+
+
+class Readable(Protocol):
+    """What :func:`read_at_most` reads: a binary stream (a zip member, a file)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def read_at_most(stream: Readable, limit: int) -> bytes | None:
+    """All of ``stream`` if it holds at most ``limit`` bytes, else None once it has given more: read in
+    chunks, so a stream that never ends (a zip member inflating past what it declares) costs the limit."""
+    buffer = bytearray()
+    while len(buffer) <= limit:
+        chunk = stream.read(min(_READ_CHUNK, limit + 1 - len(buffer)))
+        if not chunk:
+            return bytes(buffer)
+        buffer += chunk
+    return None
+
+
+def _read_zip(name: str, path: Path, flag: str) -> dict[str, torch.Tensor]:
+    with path.open("rb") as handle:
+        _check_entries(handle, str(path), flag)
+        with zipfile.ZipFile(handle) as archive:
+            members = archive.namelist()
+            weights = sorted(
+                m for m in members if m.lower().endswith((".pth", ".pt", ".bin", ".safetensors"))
+            )
+            if weights:
+                member = archive.getinfo(weights[0])
+                where = f"{path}: {member.filename}"
+                if member.file_size > MAX_HEAD_BYTES:
+                    raise ModelLoadError(
+                        f"{where} declares {member.file_size:,} bytes inflated, over {_bound()}; check {flag}"
+                    )
+                with archive.open(member) as stream:
+                    # Declared sizes lie in a hostile zip: the bytes inflated are counted as they come.
+                    data = read_at_most(stream, MAX_HEAD_BYTES)
+                if data is None:
+                    raise ModelLoadError(
+                        f"{where} inflates past {_bound()} (it declares {member.file_size:,} bytes); "
+                        f"check {flag}"
+                    )
+                if member.filename.lower().endswith(".safetensors"):
+                    from safetensors.torch import load
+
+                    return dict(load(data))
+                return _read_torch(name, data, where, flag)
     if any(m.endswith("saved_model.pb") for m in members):
         raise ModelLoadError(
             f"{path} is a Keras SavedModel (LAION's original AutoKeras export), which needs TensorFlow; "
@@ -275,7 +361,44 @@ def _read_zip(name: str, path: Path, flag: str) -> dict[str, torch.Tensor]:
     )
 
 
-def _torch_state(state: Any, path: Path, flag: str) -> dict[str, torch.Tensor]:
+def _read_torch(name: str, source: Path | bytes, where: str, flag: str) -> dict[str, torch.Tensor]:
+    """A torch file's state dict, tensors only. A torch file is a zip whose records torch inflates at the
+    sizes they declare (it refuses a record that holds more), so those sizes are checked against the bound."""
+    with source.open("rb") if isinstance(source, Path) else io.BytesIO(source) as handle:
+        if handle.read(len(_LOCAL_ENTRY)) == _LOCAL_ENTRY:  # what torch.load takes for a zip
+            _check_entries(handle, where, flag)
+            with zipfile.ZipFile(handle) as records:
+                declared = sum(record.file_size for record in records.infolist())
+            if declared > MAX_HEAD_BYTES:
+                raise ModelLoadError(
+                    f"{where}: its records declare {declared:,} bytes, over {_bound()}; check {flag}"
+                )
+        handle.seek(0)
+        try:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            # torch's weights-only refusal (an UnpicklingError) advises loading the file with its code run:
+            # none of its text is passed on.
+            if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+                raise ModelLoadError(_pickled(name, where, str(exc), flag)) from None
+            raise
+    return _torch_state(state, where, flag)
+
+
+def _pickled(name: str, where: str, detail: str, flag: str) -> str:
+    called = re.search(r"GLOBAL ([\w.]{1,120})", detail)
+    what = (
+        f"pickled code beyond tensors (it calls {called.group(1)})"
+        if called
+        else "a pickle of more than tensors"
+    )
+    return (
+        f"cannot read {where}: it holds {what}, which is not loaded, as loading it could run code; pass "
+        f"{flag} {HEADS[name].safe_weights}"
+    )
+
+
+def _torch_state(state: Any, where: str, flag: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path} is not a state dict of tensors; check {flag}")
+        raise ModelLoadError(f"{where} is not a state dict of tensors; check {flag}")
     return dict(state)
