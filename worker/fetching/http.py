@@ -29,6 +29,7 @@ from worker.fetching.transfers import (
 from worker.fetching.uri import DEFAULT_PORTS, Reference, parse_reference
 
 MAX_REDIRECTS = 5
+_ADDRESSES_REMEMBERED = 4096
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIABLE_STATUS = frozenset({408, 425, 429})
 _HEADERS = (
@@ -65,6 +66,7 @@ class HttpFetcher:
         self._connections = connections
         self._lookups = lookups
         self._transfers: Transfers | None = None  # made on the loop, at the first fetch
+        self._addresses_passed: set[str] = set()  # hosts written as IP addresses the guard let through
 
     async def fetch(self, reference: Reference) -> bytes:
         """One try: the body of ``reference`` after at most :data:`MAX_REDIRECTS` redirects, within one
@@ -99,8 +101,7 @@ class HttpFetcher:
     async def _request(self, current: Reference, original: Reference) -> Request:
         """The GET for ``current``, pinned to the addresses the guard checked for its host."""
         host, port = current.host, current.port
-        self._guard.check_written(host)  # also 2130706433 or 0x7f.1, which some layers take for addresses
-        if is_ip_address(host):
+        if host in self._addresses_passed or self._written_address(host):
             addresses, pinned = [host], None
         else:
             loop = asyncio.get_running_loop()
@@ -119,6 +120,16 @@ class HttpFetcher:
             max_bytes=self._max_bytes,
             timeout_s=self._timeout_s,
         )
+
+    def _written_address(self, host: str) -> bool:
+        """Whether ``host`` is an IP address as written (then checked by the guard, as are 2130706433 or
+        0x7f.1, which some layers take for addresses); a name is left to the lookup."""
+        self._guard.check_written(host)
+        if not is_ip_address(host):
+            return False
+        if len(self._addresses_passed) < _ADDRESSES_REMEMBERED:
+            self._addresses_passed.add(host)
+        return True
 
     def _failure(self, exc: TransferFailed, original: Reference) -> FetchError:
         """The typed rejection for a transfer that brought no answer."""

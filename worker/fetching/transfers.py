@@ -24,7 +24,7 @@ import select
 import socket
 import ssl
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pycurl
@@ -100,22 +100,45 @@ class Request:
     timeout_s: float = 10.0
 
 
-@dataclass
 class _Transfer:
-    """What the callbacks of one transfer gather while libcurl runs it."""
+    """One libcurl easy handle, and what its callbacks gather while it runs a transfer: the handle and
+    its callbacks are made once and serve transfer after transfer (:meth:`start` begins the next)."""
 
-    request: Request
-    sockets: _KeptSockets
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-    head_bytes: int = 0
-    status_line: bytes = b""
-    location: str | None = None
-    retry_after: str | None = None
-    too_large: bool = False
-    head_too_large: bool = False
-    opened: bool = False  # a new connection was opened for it (none was reused)
-    stale: bool = False
+    def __init__(self, sockets: _KeptSockets, constant: list[tuple[int, Any]]) -> None:
+        self.sockets = sockets
+        self.curl = pycurl.Curl()
+        for option, value in constant:
+            self.curl.setopt(option, value)
+        self.curl.setopt(pycurl.WRITEFUNCTION, self.on_body)
+        self.curl.setopt(pycurl.HEADERFUNCTION, self.on_header)
+        self.curl.setopt(pycurl.OPENSOCKETFUNCTION, self.open_socket)
+        self.curl.setopt(pycurl.PREREQFUNCTION, self.before_request)
+        self._set: dict[int, Any] = {}  # the per-request options as the handle has them now
+        self.start(Request("", [], frozenset()), fresh=False)
+
+    def start(self, request: Request, fresh: bool) -> None:
+        """Ready the handle for ``request`` (on a new connection if ``fresh``)."""
+        self.request = request
+        self.chunks: list[bytes] = []
+        self.size = self.head_bytes = 0
+        self.status_line = b""
+        self.location: str | None = None
+        self.retry_after: str | None = None
+        self.too_large = self.head_too_large = self.stale = False
+        self.opened = False  # a new connection was opened for it (none was reused)
+        if not request.url:
+            return
+        self.curl.setopt(pycurl.URL, request.url)
+        for option, value in (
+            (pycurl.HTTPHEADER, request.headers),
+            (pycurl.RESOLVE, [request.pinned] if request.pinned else []),
+            (pycurl.MAXFILESIZE_LARGE, request.max_bytes),
+            (pycurl.TIMEOUT_MS, max(1, int(request.timeout_s * 1000))),
+            (pycurl.FRESH_CONNECT, int(fresh)),
+        ):
+            if self._set.get(option) != value:  # most requests repeat the last one's options
+                self.curl.setopt(option, value)
+                self._set[option] = value
 
     def on_body(self, chunk: bytes) -> int | None:
         self.size += len(chunk)
@@ -216,10 +239,10 @@ class Transfers:
         # The transfers libcurl runs, and where each one's answer goes (not on the transfer: an idle
         # handle's callbacks keep that alive, and must not keep the answer with it).
         self._running: dict[pycurl.Curl, tuple[_Transfer, asyncio.Future[Answer]]] = {}
-        self._idle_handles: list[pycurl.Curl] = []
+        self._idle: list[_Transfer] = []
         # Every connection that may be reused: the cache's and those in use, with room to spare.
         self._sockets = _KeptSockets(4 * connections)
-        self._trust = _trust_store()
+        self._constant = _constant_options()
 
     async def get(self, request: Request) -> Answer:
         """The final answer to ``request``. Raises :class:`TransferFailed`."""
@@ -231,11 +254,10 @@ class Transfers:
         return await self._run(request, fresh=True)  # asked nothing yet: not a retry, no backoff
 
     async def _run(self, request: Request, fresh: bool) -> Answer:
-        curl = self._idle_handles.pop() if self._idle_handles else self._new_handle()
-        transfer = _Transfer(request, self._sockets)
+        transfer = self._idle.pop() if self._idle else _Transfer(self._sockets, self._constant)
+        transfer.start(request, fresh)
         done: asyncio.Future[Answer] = self._loop.create_future()
-        self._prepare(curl, transfer)
-        curl.setopt(pycurl.FRESH_CONNECT, int(fresh))
+        curl = transfer.curl
         self._multi.add_handle(curl)
         self._running[curl] = (transfer, done)
         try:
@@ -245,7 +267,7 @@ class Transfers:
                 self._multi.remove_handle(curl)
                 curl.close()
             else:
-                self._idle_handles.append(curl)
+                self._idle.append(transfer)
 
     def close(self) -> None:
         """Stop every transfer and close every connection."""
@@ -258,40 +280,10 @@ class Transfers:
         self._running.clear()
         for fd in list(self._watched):
             self._unwatch(fd)
-        for curl in self._idle_handles:
-            curl.close()
-        self._idle_handles.clear()
+        for transfer in self._idle:
+            transfer.curl.close()
+        self._idle.clear()
         self._multi.close()
-
-    def _new_handle(self) -> pycurl.Curl:
-        curl = pycurl.Curl()
-        for option, value in (
-            (pycurl.NOSIGNAL, 1),
-            (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
-            (pycurl.FOLLOWLOCATION, 0),
-            (pycurl.PROXY, ""),  # empty: no proxy, whatever http_proxy and friends say
-            (pycurl.HTTP_CONTENT_DECODING, 0),
-            (pycurl.PATH_AS_IS, 1),  # the target as the reference wrote it
-            (pycurl.BUFFERSIZE, _BUFFER_BYTES),
-            (pycurl.MAXAGE_CONN, _KEEPALIVE_S),
-            (pycurl.SSL_VERIFYPEER, 1),
-            (pycurl.SSL_VERIFYHOST, 2),
-            *self._trust,
-        ):
-            curl.setopt(option, value)
-        return curl
-
-    def _prepare(self, curl: pycurl.Curl, transfer: _Transfer) -> None:
-        request = transfer.request
-        curl.setopt(pycurl.URL, request.url)
-        curl.setopt(pycurl.HTTPHEADER, request.headers)
-        curl.setopt(pycurl.RESOLVE, [request.pinned] if request.pinned else [])
-        curl.setopt(pycurl.MAXFILESIZE_LARGE, request.max_bytes)
-        curl.setopt(pycurl.TIMEOUT_MS, max(1, int(request.timeout_s * 1000)))
-        curl.setopt(pycurl.WRITEFUNCTION, transfer.on_body)
-        curl.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
-        curl.setopt(pycurl.OPENSOCKETFUNCTION, transfer.open_socket)
-        curl.setopt(pycurl.PREREQFUNCTION, transfer.before_request)
 
     # libcurl tells which sockets to watch and when to call back; the loop does the waiting.
 
@@ -348,7 +340,7 @@ class Transfers:
         if running is None or running[1].done():
             return
         transfer, done = running
-        chunks, transfer.chunks = transfer.chunks, []  # the idle handle's callbacks keep the transfer
+        chunks, transfer.chunks = transfer.chunks, []  # an idle handle keeps nothing it delivered
         status = int(curl.getinfo(pycurl.RESPONSE_CODE))
         if code is not None:
             length = int(curl.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T))
@@ -368,12 +360,23 @@ class Transfers:
         done.set_result(Answer(status, transfer.location, transfer.retry_after, body))
 
 
-def _trust_store() -> list[tuple[int, str]]:
-    """The CA certificates to verify servers with: Python's own defaults (so ``SSL_CERT_FILE`` and
-    ``SSL_CERT_DIR`` work as they do for every other client here), not the path compiled into the
+def _constant_options() -> list[tuple[int, Any]]:
+    """The options every transfer has. CA certificates are Python's own defaults (so ``SSL_CERT_FILE``
+    and ``SSL_CERT_DIR`` work as they do for every other client here), not the path compiled into the
     libcurl that pycurl's wheel carries, which need not exist on this system."""
+    options: list[tuple[int, Any]] = [
+        (pycurl.NOSIGNAL, 1),
+        (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
+        (pycurl.FOLLOWLOCATION, 0),
+        (pycurl.PROXY, ""),  # empty: no proxy, whatever http_proxy and friends say
+        (pycurl.HTTP_CONTENT_DECODING, 0),
+        (pycurl.PATH_AS_IS, 1),  # the target as the reference wrote it
+        (pycurl.BUFFERSIZE, _BUFFER_BYTES),
+        (pycurl.MAXAGE_CONN, _KEEPALIVE_S),
+        (pycurl.SSL_VERIFYPEER, 1),
+        (pycurl.SSL_VERIFYHOST, 2),
+    ]
     paths = ssl.get_default_verify_paths()
-    options: list[tuple[int, str]] = []
     if paths.cafile and os.path.isfile(paths.cafile):
         options.append((pycurl.CAINFO, paths.cafile))
     if paths.capath and os.path.isdir(paths.capath):
