@@ -18,7 +18,8 @@ few misbehaving routes to fetch from:
 - ``/continue/NAME``: an interim ``100 Continue``, then the object
 - ``/unframed/NAME``: the object with neither a length nor chunks, ended by closing the connection
 - ``/chunked/NAME``: the object in chunked transfer encoding, a few pieces
-- ``/double/NAME``: the object's answer and a second, unasked one, in one write
+- ``/double/NAME`` and ``/double/NAME/OTHER``: the object's answer and a second, unasked one (a 404, or
+  OTHER's answer), in one write
 - ``/late/SECONDS/NAME/OTHER``: NAME's answer; SECONDS later, while the connection is idle, an unasked
   second answer carrying OTHER (what a client must never take for the answer to its next request)
 - ``/unsolicited/SECONDS/NAME``: NAME's answer; SECONDS later, bytes that are no answer at all
@@ -198,11 +199,9 @@ def _handler(origin: ImageOrigin) -> type[BaseHTTPRequestHandler]:
             elif route == "chunked":
                 self._chunked(rest)
             elif route == "double":
-                data = origin.lookup(rest) or b""
-                second = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-                self.wfile.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s%s" % (len(data), data, second)
-                )
+                other = origin.lookup(args[1]) if len(args) > 1 else None
+                second = _answer(other) if other else b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                self.wfile.write(_answer(origin.lookup(args[0]) or b"") + second)
             elif route == "late":
                 self._object(args[1], 0.0)
                 self._send_later(float(args[0]), _answer(origin.lookup(args[2]) or b""))
