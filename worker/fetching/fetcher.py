@@ -85,7 +85,7 @@ class Fetcher:
         if "file" in policy.schemes:
             if policy.file_root is None:
                 raise ValueError("the file scheme needs a root directory")
-            self._blocking["file"] = FileFetcher(policy.file_root, policy.max_bytes)
+            self._blocking["file"] = FileFetcher(policy.file_root, policy.max_bytes, policy.timeout_s)
         self._retry = policy.retry
         # Each fetch counts itself three times: the labelled children are looked up once, not per fetch.
         labels = (*SCHEMES, "other")
