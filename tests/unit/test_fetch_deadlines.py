@@ -1,8 +1,12 @@
 """Every fetch under one deadline, whatever its scheme: file:// refuses what is not a regular file without
-waiting on it."""
+waiting on it, a blocking try that never returns answers ``fetch_timeout``, and its thread never keeps the
+process from exiting."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -10,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.object_store import S3_ENV
+from tests.support.silent import SilentServer
 from tests.support.special_files import EXPECTED, make_special
 from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
+from worker.fetching.files import FileFetcher
 from worker.fetching.retry import RetryPolicy
+from worker.fetching.threads import DaemonThreads
 from worker.metrics import WorkerMetrics
 
 FAST = RetryPolicy(base_delay_s=0.01, max_delay_s=0.02)
@@ -78,3 +86,96 @@ def test_a_fifo_with_a_writer_that_never_writes_is_refused_too(root, fetchers):
     with open(fifo, "rb"):  # let the writer go
         pass
     writer.join(5)
+
+
+# --- deadlines --------------------------------------------------------------------------------------
+
+
+def test_a_blocking_try_that_never_returns_is_fetch_timeout_on_every_try(root, fetchers, monkeypatch):
+    release = threading.Event()
+    tries: list[threading.Thread] = []
+
+    def stuck(_self: FileFetcher, _reference: object) -> bytes:
+        tries.append(threading.current_thread())
+        release.wait()
+        return b""
+
+    monkeypatch.setattr(FileFetcher, "fetch", stuck)
+    metrics = WorkerMetrics()
+    fetcher = file_fetcher(fetchers, root, metrics, timeout_s=0.3, retries=1)
+    started = time.monotonic()
+    try:
+        refused = rejection(fetcher, f"file://{root}/cat.jpg")
+    finally:
+        release.set()
+    elapsed = time.monotonic() - started
+    assert refused.reason is RejectReason.FETCH_TIMEOUT and "no answer within 0.3s" in refused.message
+    assert 0.6 <= elapsed < 2.0, "two tries of 0.3 s each"
+    assert len(tries) == 2 and all(thread.daemon for thread in tries)
+    assert metrics.registry.get_sample_value("clip_worker_fetch_retries_total", {"scheme": "file"}) == 1
+
+
+def test_an_s3_store_that_never_answers_is_fetch_timeout_within_the_deadline(fetchers, monkeypatch):
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    with SilentServer() as silent:
+        fetcher = Fetcher(
+            FetchPolicy(schemes=frozenset({"s3"}), s3_endpoint_url=silent.url, timeout_s=0.5, retries=0),
+            WorkerMetrics(),
+        )
+        fetchers.append(fetcher)
+        started = time.monotonic()
+        refused = rejection(fetcher, "s3://images/stuck.jpg")
+        assert refused.reason is RejectReason.FETCH_TIMEOUT
+        assert time.monotonic() - started < 2.0
+        assert silent.requests == 1
+
+
+_EXITS_WITH_A_TRY_STUCK = """
+    import sys
+    import threading
+    from pathlib import Path
+
+    from worker.errors import RejectedRecord
+    from worker.fetching.fetcher import Fetcher, FetchPolicy
+    from worker.fetching.files import FileFetcher
+    from worker.metrics import WorkerMetrics
+
+    FileFetcher.fetch = lambda self, reference: threading.Event().wait() and b""  # stuck for good
+    root = Path(sys.argv[1])
+    policy = FetchPolicy(schemes=frozenset({"file"}), file_root=root, timeout_s=0.2, retries=0)
+    fetcher = Fetcher(policy, WorkerMetrics())
+    try:
+        fetcher.fetch_blocking(f"file://{root}/cat.jpg")
+    except RejectedRecord as rejection:
+        print(rejection.reason.value, flush=True)
+    fetcher.close()
+"""
+
+
+def test_a_process_exits_with_a_fetch_thread_stuck_for_good(root):
+    # ThreadPoolExecutor's threads are joined at interpreter exit: this process then never ended.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_EXITS_WITH_A_TRY_STUCK), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "fetch_timeout"), done.stderr[-2000:]
+
+
+def test_the_fetch_threads_are_bounded_reused_and_cancel_what_waits_at_shutdown():
+    pool = DaemonThreads(2, "t")
+    assert pool.submit(lambda: 1).result(5) == 1 and pool.submit(lambda: 2).result(5) == 2
+    assert pool.threads == 1, "an idle thread takes the next call"
+    release = threading.Event()
+    stuck = [pool.submit(release.wait, 10) for _ in range(2)]
+    waiting = pool.submit(lambda: 3)
+    assert pool.threads == 2, "never more than max_workers, however many calls are stuck"
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert waiting.cancelled()
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: 4)
+    release.set()
+    assert [future.result(5) for future in stuck] == [True, True]

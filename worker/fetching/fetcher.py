@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -15,8 +14,9 @@ from worker.fetching.files import FileFetcher
 from worker.fetching.guard import AddressGuard, Resolver, system_resolver
 from worker.fetching.http import HttpFetcher
 from worker.fetching.loop import FetchLoop
-from worker.fetching.outcomes import OK, FetchError
+from worker.fetching.outcomes import OK, FetchError, timed_out
 from worker.fetching.retry import RetryPolicy, with_retries
+from worker.fetching.threads import DaemonThreads
 from worker.fetching.uri import SCHEMES, Reference, parse_reference, redact
 from worker.metrics import WorkerMetrics
 
@@ -44,7 +44,8 @@ class FetchPolicy:
 
 
 class _BlockingFetcher(Protocol):
-    """A scheme whose client blocks (boto3, file reads): each try runs on a thread of its own."""
+    """A scheme whose client blocks (boto3, file reads): each try runs on a thread of its own, under the
+    same deadline as an HTTP try."""
 
     def fetch(self, reference: Reference) -> bytes: ...
 
@@ -66,7 +67,8 @@ class Fetcher:
         self._web: HttpFetcher | None = None
         self._blocking: dict[str, _BlockingFetcher] = {}
         # Threads for what blocks: S3 and file fetches, and host name lookups; made as they are needed.
-        self._threads = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="fetch")
+        # Daemons: a call stuck past its deadline is abandoned, and must not hold the process at exit.
+        self._threads = DaemonThreads(policy.concurrency, "fetch")
         if policy.schemes & {"http", "https"}:
             guard = AddressGuard(policy.allow_hosts, policy.allow_private, resolver)
             self._web = HttpFetcher(
@@ -142,10 +144,28 @@ class Fetcher:
 
     async def _try(self, reference: Reference) -> bytes:
         if reference.scheme in self._blocking:
-            blocking = self._blocking[reference.scheme]
-            return await asyncio.get_running_loop().run_in_executor(self._threads, blocking.fetch, reference)
+            return await self._try_blocking(self._blocking[reference.scheme], reference)
         assert self._web is not None  # parse_reference admits only enabled schemes
         return await self._web.fetch(reference)
+
+    async def _try_blocking(self, blocking: _BlockingFetcher, reference: Reference) -> bytes:
+        """One try on a thread, answered within ``--fetch-timeout-s`` whatever the thread does.
+
+        The clients' own limits (botocore's per-read timeouts, the body's deadline between chunks) cannot
+        stop a call stuck in the kernel: a read from a hung file system, a lookup that never returns. Past
+        the deadline the try is ``fetch_timeout`` and its thread is left to finish on its own; until it
+        does, the pool has one thread fewer (never more than ``--fetch-concurrency`` in all).
+        """
+        deadline = asyncio.timeout(self._policy.timeout_s)
+        try:
+            async with deadline:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._threads, blocking.fetch, reference
+                )
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the call's own TimeoutError, not the deadline: it fails like any crash
+            raise timed_out(f"{reference.shown}: no answer within {self._policy.timeout_s:g}s") from None
 
     async def _close_web(self) -> None:
         if self._web is not None:
