@@ -129,6 +129,13 @@ class IntakeStage:
             else:
                 yield ReadyImage(item.record, item.request, prepared)
 
+    def abandon(self) -> list[InputRecord]:
+        """Give up the requests still being prepared (a fetch stuck at shutdown): their records, in order.
+        Their results, should they come, are never collected."""
+        abandoned = [item.record for item in self._preparing]
+        self._preparing.clear()
+        return abandoned
+
     def clear(self) -> None:
         """Forget everything queued (exactly-once abort: it will be read again)."""
         self._preparing.clear()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from worker.kafka_io import TopicPartition
@@ -136,6 +136,20 @@ class OffsetTracker:
         """Records polled but not yet acknowledged, over all owned partitions."""
         with self._lock:
             return self._in_flight
+
+    def unacknowledged(self, given_back: Mapping[TopicPartition, int]) -> int:
+        """Records polled and not yet acknowledged, but for those at or after the offset ``given_back``
+        names for their partition: records this worker gave up on, left for the next owner to read."""
+        with self._lock:
+            count = 0
+            for tp, state in self._partitions.items():
+                bound = given_back.get(tp)
+                count += sum(
+                    1
+                    for offset in state.pending
+                    if offset not in state.acked and (bound is None or offset < bound)
+                )
+            return count
 
     def stalled_for(self) -> float:
         """Seconds without any acknowledgement while records are in flight; 0 when nothing is pending."""

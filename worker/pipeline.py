@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.005
 _IDLE_COMMIT_S = 0.1  # shortest gap between commits made because the worker caught up
 _TOPIC_CHECK_EVERY_S = 30.0
+# Share of the shutdown grace period the drain waits for fetches and decodes under way; the rest is for
+# embedding, publishing and committing what they brought. A fetch still stuck then (a silent store, a
+# long --fetch-timeout-s) is given up rather than let hold the drain past the grace period.
+_PREPARE_SHARE = 0.5
 
 
 class _RebalanceListener:
@@ -398,10 +402,13 @@ class Pipeline:
         )
 
     def drain(self, grace_s: float) -> bool:
-        """Embed and publish everything polled, flush, commit. True if nothing was left unacknowledged."""
-        deadline = time.monotonic() + grace_s
+        """Embed and publish everything polled, flush, commit. True if nothing was left unacknowledged but
+        the records given back: those still being fetched at half the grace period (a fetch stuck on a
+        silent store), left uncommitted for the next owner to read again."""
+        started = time.monotonic()
+        deadline = started + grace_s
         log.info("draining: %d record(s) in flight", self.tracker.in_flight)
-        self._collect(wait=True)
+        given_back = self._collect_until(started + grace_s * _PREPARE_SHARE)
         for batcher in self.batchers.values():
             remaining = batcher.drain()
             if remaining is not None:
@@ -412,17 +419,41 @@ class Pipeline:
         while time.monotonic() < deadline:
             self.delivery.resend_due()
             self.delivery.flush(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            if (self.tracker.in_flight == 0 and not self.delivery.retrying) or self.delivery.must_rewind:
+            acknowledged = self.tracker.unacknowledged(given_back) == 0
+            if (acknowledged and not self.delivery.retrying) or self.delivery.must_rewind:
                 break
             time.sleep(0.05)
         outcome = self.delivery.final_commit()
         self.intake.shutdown()
         if outcome is not DrainOutcome.COMMITTED:
             return outcome is DrainOutcome.HANDED_OVER
-        left = self.tracker.in_flight
+        left = self.tracker.unacknowledged(given_back)
         if left:
             log.error("shutdown grace period ended with %d record(s) unacknowledged; not committed", left)
         return left == 0
+
+    def _collect_until(self, deadline: float) -> dict[TopicPartition, int]:
+        """Collect intake's results until every one is in, or ``deadline``. What is still being prepared
+        then is given up: returns the first offset given up per partition (never committed by this worker,
+        so the next owner reads it, and what follows it, again)."""
+        while True:
+            self._collect(wait=False)
+            remaining = deadline - time.monotonic()
+            if not self.intake.busy or remaining <= 0:
+                break
+            self.intake.wait_for_oldest(remaining)
+        given_back: dict[TopicPartition, int] = {}
+        abandoned = self.intake.abandon()
+        for record in abandoned:
+            given_back.setdefault(record.partition, record.source.offset)  # in order: the first comes first
+        if abandoned:
+            first = abandoned[0].source
+            log.warning(
+                "shutdown: gave up on %d record(s) still being fetched or decoded, from %s[%d]@%d on; "
+                "not committed, they are read again after the restart",
+                len(abandoned), first.topic, first.partition, first.offset,
+            )  # fmt: skip
+        return given_back
 
 
 def _sendable_headers(headers: Any) -> Headers:

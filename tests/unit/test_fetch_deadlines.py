@@ -1,6 +1,7 @@
 """Every fetch under one deadline, whatever its scheme: file:// refuses what is not a regular file without
-waiting on it, a blocking try that never returns answers ``fetch_timeout``, and its thread never keeps the
-process from exiting."""
+waiting on it, a blocking try that never returns answers ``fetch_timeout``, its thread never keeps the
+process from exiting, and the drain gives up a fetch stuck past half the grace period without committing
+its record."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fake_kafka import FakeProducer
 from tests.support.object_store import S3_ENV
 from tests.support.silent import SilentServer
 from tests.support.special_files import EXPECTED, make_special
+from tests.unit.test_pipeline import TP, build, run_until
+from worker.devtools.samples import jpeg_corpus
 from worker.errors import RejectedRecord, RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
 from worker.fetching.files import FileFetcher
 from worker.fetching.retry import RetryPolicy
 from worker.fetching.threads import DaemonThreads
+from worker.messages import encode_reference, encode_request
 from worker.metrics import WorkerMetrics
 
 FAST = RetryPolicy(base_delay_s=0.01, max_delay_s=0.02)
@@ -179,3 +184,53 @@ def test_the_fetch_threads_are_bounded_reused_and_cancel_what_waits_at_shutdown(
         pool.submit(lambda: 4)
     release.set()
     assert [future.result(5) for future in stuck] == [True, True]
+
+
+# --- the drain --------------------------------------------------------------------------------------
+
+
+def offsets_sent(producer: FakeProducer) -> list[int]:
+    """The offsets of partition 0 that exactly-once transactions committed, in order."""
+    return [offsets[TP] for call, offsets in producer.calls if call == "offsets" and TP in offsets]
+
+
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_the_drain_gives_up_a_stuck_fetch_within_the_grace_and_commits_only_before_it(
+    exactly_once, monkeypatch
+):
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    before, after = jpeg_corpus(2, 32, 24)
+    with SilentServer() as silent:
+        pipeline, consumer, producer = build(
+            exactly_once,
+            fetch_schemes="s3",
+            s3_endpoint_url=silent.url,
+            fetch_timeout_s=600,
+            fetch_retries=0,
+        )
+        consumer.add("images", encode_request("before", before), key=b"before")
+        consumer.add("images", encode_reference("stuck", "s3://images/stuck.jpg"), key=b"stuck")
+        consumer.add("images", encode_request("after", after), key=b"after")
+
+        def first_committed() -> bool:
+            done = offsets_sent(producer) == [1] if exactly_once else consumer.committed.get(TP) == 1
+            return done and silent.requests == 1
+
+        pipeline.subscribe()
+        pipeline.inference.start()
+        run_until(pipeline, first_committed)
+        started = time.monotonic()
+        drained: list[bool] = []
+        draining = threading.Thread(target=lambda: drained.append(pipeline.drain(grace_s=2.0)), daemon=True)
+        draining.start()
+        draining.join(10)
+        drained_in = time.monotonic() - started
+    assert drained, "the drain waited on the stuck fetch"
+    assert drained == [True], "a record given back is no unacknowledged one"
+    assert drained_in < 2.0, "the stuck fetch was given up at half the grace period"
+    assert [sent.key for sent in producer.sent] == [b"before"], "neither the stuck record nor the one after"
+    if exactly_once:
+        assert offsets_sent(producer) == [1]
+    else:
+        assert consumer.committed[TP] == 1, "read again from the stuck record after the restart"
