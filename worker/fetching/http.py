@@ -134,7 +134,7 @@ class HttpFetcher:
     def _failure(self, exc: TransferFailed, original: Reference) -> FetchError:
         """The typed rejection for a transfer that brought no answer."""
         shown, code = original.shown, exc.code
-        if exc.too_large or code == pycurl.E_FILESIZE_EXCEEDED:
+        if code == pycurl.E_FILESIZE_EXCEEDED:
             return over_the_limit(original, self._max_bytes, exc.declared)
         if exc.head_too_large or code == E_TOO_LARGE:
             return failed(f"{shown}: the answer has headers over {MAX_HEAD_BYTES} bytes")

@@ -19,6 +19,7 @@ socket refused unless it goes to one of them (``CURLOPT_OPENSOCKETFUNCTION``).
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import select
 import socket
@@ -32,8 +33,8 @@ import pycurl
 # The most bytes an answer's status line and headers may take: an image server needs a few hundred. Counted
 # as the head arrives, however it is split across reads.
 MAX_HEAD_BYTES = 64 * 1024
-# Bytes libcurl hands over per write: fewer Python calls per large body than its 16 KiB default.
-_BUFFER_BYTES = 256 * 1024
+# Bytes libcurl reads and hands over at once: fewer writes per large body than its 16 KiB default.
+_BUFFER_BYTES = 1024 * 1024
 # An idle connection older than this is not reused (servers close theirs after 5 to 60 s).
 _KEEPALIVE_S = 30
 _CSELECT = {
@@ -41,6 +42,9 @@ _CSELECT = {
     pycurl.POLL_OUT: pycurl.CSELECT_OUT,
     pycurl.POLL_INOUT: pycurl.CSELECT_IN | pycurl.CSELECT_OUT,
 }
+# libcurl 8.4 is the first to stop a body at CURLOPT_MAXFILESIZE_LARGE as it streams in, not only by its
+# declared length: the byte limit relies on it.
+_LIBCURL_NEEDED = 0x080400
 # libcurl's codes that pycurl names under older spellings or not at all.
 E_WEIRD_SERVER_REPLY = 8
 E_TOO_LARGE = 100
@@ -60,8 +64,9 @@ class Answer:
 class TransferFailed(Exception):
     """A transfer that brought no answer: libcurl's error ``code`` and message, the ``status`` and
     ``declared`` body length of the answer it had begun to read (0 and None when unknown), and what this
-    module itself stopped (``too_large``: the body passed the byte limit; ``head_too_large``: the head
-    passed :data:`MAX_HEAD_BYTES`; ``stale``: the kept-alive connection had bytes nobody asked for)."""
+    module itself stopped (``head_too_large``: the head passed :data:`MAX_HEAD_BYTES`; ``stale``: the
+    kept-alive connection had bytes nobody asked for). A body over the byte limit is libcurl's
+    ``E_FILESIZE_EXCEEDED``, by its declared length or as it streams in."""
 
     def __init__(
         self,
@@ -69,7 +74,6 @@ class TransferFailed(Exception):
         message: str,
         status: int = 0,
         declared: int | None = None,
-        too_large: bool = False,
         head_too_large: bool = False,
         stale: bool = False,
     ) -> None:
@@ -77,7 +81,6 @@ class TransferFailed(Exception):
         self.code = code
         self.status = status
         self.declared = declared
-        self.too_large = too_large
         self.head_too_large = head_too_large
         self.stale = stale
 
@@ -109,7 +112,6 @@ class _Transfer:
         self.curl = pycurl.Curl()
         for option, value in constant:
             self.curl.setopt(option, value)
-        self.curl.setopt(pycurl.WRITEFUNCTION, self.on_body)
         self.curl.setopt(pycurl.HEADERFUNCTION, self.on_header)
         self.curl.setopt(pycurl.OPENSOCKETFUNCTION, self.open_socket)
         self.curl.setopt(pycurl.PREREQFUNCTION, self.before_request)
@@ -119,12 +121,13 @@ class _Transfer:
     def start(self, request: Request, fresh: bool) -> None:
         """Ready the handle for ``request`` (on a new connection if ``fresh``)."""
         self.request = request
-        self.chunks: list[bytes] = []
-        self.size = self.head_bytes = 0
-        self.status_line = b""
+        # The body goes straight into a buffer whose bytes the answer then takes over, uncopied.
+        self.body = io.BytesIO()
+        self.curl.setopt(pycurl.WRITEFUNCTION, self.body.write)
+        self.head_bytes = 0
         self.location: str | None = None
         self.retry_after: str | None = None
-        self.too_large = self.head_too_large = self.stale = False
+        self.head_too_large = self.stale = False
         self.opened = False  # a new connection was opened for it (none was reused)
         if not request.url:
             return
@@ -140,22 +143,12 @@ class _Transfer:
                 self.curl.setopt(option, value)
                 self._set[option] = value
 
-    def on_body(self, chunk: bytes) -> int | None:
-        self.size += len(chunk)
-        if self.size > self.request.max_bytes:
-            self.too_large = True
-            return 0  # anything but len(chunk) makes libcurl stop with a write error
-        if self.status_line[9:10] == b"2":  # other answers' bodies are counted, not kept
-            self.chunks.append(chunk)
-        return None
-
     def on_header(self, line: bytes) -> int | None:
         self.head_bytes += len(line)
         if self.head_bytes > MAX_HEAD_BYTES:
             self.head_too_large = True
             return 0
         if line[:5] == b"HTTP/":  # a new answer (an interim 1xx comes first): its own head
-            self.status_line = line
             self.location = self.retry_after = None
         elif line[:1] in b"LlRr":
             name, sep, value = line.partition(b":")
@@ -228,6 +221,8 @@ class Transfers:
     at once (more transfers wait inside libcurl for one to free). Use from that loop's thread only."""
 
     def __init__(self, connections: int) -> None:
+        if pycurl.version_info()[2] < _LIBCURL_NEEDED:
+            raise RuntimeError(f"images by reference need libcurl 8.4 or newer; pycurl has {pycurl.version}")
         self._loop = asyncio.get_running_loop()
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -340,8 +335,9 @@ class Transfers:
         if running is None or running[1].done():
             return
         transfer, done = running
-        chunks, transfer.chunks = transfer.chunks, []  # an idle handle keeps nothing it delivered
         status = int(curl.getinfo(pycurl.RESPONSE_CODE))
+        body = transfer.body.getvalue() if code is None and 200 <= status < 300 else b""
+        transfer.body.close()  # an idle handle keeps nothing it delivered
         if code is not None:
             length = int(curl.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T))
             done.set_exception(
@@ -350,13 +346,11 @@ class Transfers:
                     message,
                     status,
                     length if length >= 0 else None,
-                    transfer.too_large,
                     transfer.head_too_large,
                     transfer.stale,
                 )
             )
             return
-        body = b"".join(chunks) if 200 <= status < 300 else b""
         done.set_result(Answer(status, transfer.location, transfer.retry_after, body))
 
 
