@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
 
+import pycurl
 import pytest
 from prometheus_client import generate_latest
 
@@ -24,7 +25,7 @@ from worker.fetching.guard import AddressGuard, classify, embedded_ipv4, system_
 from worker.fetching.http import answer_body
 from worker.fetching.outcomes import FetchError
 from worker.fetching.retry import RetryPolicy, with_retries
-from worker.fetching.transfers import Answer
+from worker.fetching.transfers import Answer, Request, TransferFailed, Transfers
 from worker.fetching.uri import parse_reference, redact
 from worker.metrics import WorkerMetrics
 
@@ -222,7 +223,7 @@ def test_address_classes(address, label):
 
 
 def test_teredo_addresses_are_built_as_the_standard_has_them():
-    address = ip_address(teredo("127.0.0.1", "10.0.0.1"))
+    address = IPv6Address(teredo("127.0.0.1", "10.0.0.1"))
     assert str(address) == "2001:0:7f00:1::f5ff:fffe", "the client 10.0.0.1 is stored as 0xf5fffffe"
     assert address.teredo == (ip_address("127.0.0.1"), ip_address("10.0.0.1"))
     assert int(ip_address(teredo("8.8.8.8", "127.0.0.1"))) & 0xFFFF_FFFF == 0x80FF_FFFE
@@ -556,6 +557,28 @@ def test_bytes_on_an_idle_connection_are_never_read_as_the_next_answer(origin, r
     assert origin.connections == 4, "each connection that spoke unasked was closed, and only those"
 
 
+def test_no_socket_opens_to_an_address_the_guard_does_not_pass(origin):
+    # The pinned address is the origin's, but the guard's verdict at the socket says no: nothing connects.
+    async def attempt() -> int:
+        transfers = Transfers(4)
+        request = Request(
+            f"http://images.example.test:{origin.port}/o/cat",
+            [],
+            permits=lambda address: False,
+            pinned=f"+images.example.test:{origin.port}:127.0.0.1",
+            max_bytes=1 << 20,
+        )
+        try:
+            with pytest.raises(TransferFailed) as caught:
+                await transfers.get(request)
+            return caught.value.code
+        finally:
+            await transfers.close()
+
+    assert asyncio.run(attempt()) == pycurl.E_COULDNT_CONNECT
+    assert origin.connections == 0
+
+
 @pytest.mark.parametrize("path", ["/many-headers/10000", "/many-headers/10000/split"])
 def test_a_head_over_the_cap_is_refused_however_it_arrives(origin, path):
     # 10,000 short headers (about 110 KB): in one write, and in 1 KiB pieces.
@@ -771,3 +794,14 @@ def test_only_retriable_failures_are_retried():
     with pytest.raises(FetchError):
         asyncio.run(with_retries(attempt, RetryPolicy(retries=3), sleep=sleep))
     assert len(calls) == 1 and sleeps == []
+
+
+def test_the_guard_judges_the_address_a_socket_is_about_to_reach():
+    guard = AddressGuard(("127.0.0.1/32", "images.internal"))
+    assert guard.permits("images.example.test", "127.0.0.1")
+    assert guard.permits("images.example.test", "::ffff:127.0.0.1"), "as the socket layer writes it"
+    assert guard.permits("images.example.test", "8.8.8.8")
+    assert not guard.permits("images.example.test", "10.0.0.1")
+    assert not guard.permits("images.example.test", "169.254.169.254")
+    assert not guard.permits("images.example.test", "not an address")
+    assert guard.permits("images.internal", "10.0.0.1"), "a host opened by name goes wherever it resolves"

@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from worker.fetching.outcomes import failed, forbidden
+from worker.fetching.outcomes import FetchError, failed, forbidden
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -185,6 +185,17 @@ class AddressGuard:
             for text in resolved:
                 self._check(host, text)
         return resolved
+
+    def permits(self, host: str, address: str) -> bool:
+        """Whether a connection for ``host`` may go to ``address`` (what :meth:`addresses` would have
+        passed, without a lookup): the check at the socket, whatever address it is about to reach."""
+        if host.lower().strip("[]") in self._names:
+            return True
+        try:
+            self._check(host, address)
+        except (FetchError, ValueError):
+            return False
+        return True
 
     def check_written(self, host: str) -> None:
         """Refuse ``host`` if it is an IP address written out in the URI (which the HTTP client connects

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 from concurrent.futures import Executor
 from urllib.parse import urljoin
 
@@ -86,7 +87,7 @@ class HttpFetcher:
     async def close(self) -> None:
         """Stop the transfers under way and close the kept-alive connections."""
         if self._transfers is not None:
-            self._transfers.close()
+            await self._transfers.close()
             self._transfers = None
 
     async def _get(self, current: Reference, original: Reference) -> Answer:
@@ -102,11 +103,11 @@ class HttpFetcher:
         """The GET for ``current``, pinned to the addresses the guard checked for its host."""
         host, port = current.host, current.port
         if host in self._addresses_passed or self._written_address(host):
-            addresses, pinned = [host], None
+            pinned = None
         else:
             loop = asyncio.get_running_loop()
             addresses = await loop.run_in_executor(self._lookups, self._guard.addresses, host, port)
-            pinned = f"{host}:{port}:" + ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+            pinned = f"+{host}:{port}:" + ",".join(f"[{a}]" if ":" in a else a for a in addresses)
         headers = list(_HEADERS)
         # Basic credentials from the URI's userinfo go to its own origin only, never across a redirect.
         if original.username is not None and current.origin == original.origin:
@@ -115,7 +116,7 @@ class HttpFetcher:
         return Request(
             url=_url_without_userinfo(current),
             headers=headers,
-            allowed=frozenset(address.split("%", 1)[0] for address in addresses),
+            permits=functools.partial(self._guard.permits, host),
             pinned=pinned,
             max_bytes=self._max_bytes,
             timeout_s=self._timeout_s,

@@ -1,30 +1,27 @@
-"""HTTP(S) transfers by libcurl (through pycurl), driven from the fetch loop.
+"""HTTP(S) transfers by libcurl (through pycurl), driven from the fetch loop by pycurl's own asyncio
+integration (``pycurl.AsyncCurlMulti``).
 
-libcurl's multi interface does the protocol: framing, TLS, keep-alive and its connection cache, and the
-checks a long-lived client needs (a kept-alive connection with unread bytes on it is dead, never read
-into the next request; a server that sends more than it announced loses its connection; heads have a
-ceiling). One more check is ours: libcurl looks for unread bytes on an idle connection only once it has
-been idle for a second, so a connection about to carry a request is looked at here first, and one that
-has something to read (an unasked answer, the server's close) is shut and the request goes on a new
-connection. Otherwise this module only connects libcurl's sockets and timers to the asyncio loop, as its
-``multi_socket`` API is meant to be used, and turns each finished transfer into an :class:`Answer` or a
-:class:`TransferFailed`.
+libcurl does the protocol: framing, TLS, keep-alive and its connection cache, and the checks a long-lived
+client needs (a server that sends more than it announced loses its connection; heads have a ceiling). One
+more check is ours: libcurl looks for unread bytes on an idle connection only once it has been idle for a
+second, so a connection about to carry a request is looked at here first, and one that has something to
+read (an unasked answer, the server's close) is shut and the request goes on a new connection. This module
+turns each finished transfer into an :class:`Answer` or a :class:`TransferFailed`.
 
-What travels is decided here once for every transfer: no proxy (environment variables included), no
-redirects followed by libcurl (the caller checks each hop), no decoding of compressed bodies, HTTP and
-HTTPS only, the host name pinned to the addresses the caller checked (``CURLOPT_RESOLVE``) and every
-socket refused unless it goes to one of them (``CURLOPT_OPENSOCKETFUNCTION``).
+What travels is decided here once for every transfer: HTTP/1.1 (one request per connection at a time,
+which the check above relies on), no proxy (environment variables included), no redirects followed by
+libcurl (the caller checks each hop), no decoding of compressed bodies, HTTP and HTTPS only, the host name
+pinned to the addresses the caller checked (``CURLOPT_RESOLVE``) and every socket refused unless the
+caller's guard passes its address (``CURLOPT_OPENSOCKETFUNCTION``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
-import select
 import socket
 import ssl
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +34,14 @@ MAX_HEAD_BYTES = 64 * 1024
 _BUFFER_BYTES = 1024 * 1024
 # An idle connection older than this is not reused (servers close theirs after 5 to 60 s).
 _KEEPALIVE_S = 30
-_CSELECT = {
-    pycurl.POLL_IN: pycurl.CSELECT_IN,
-    pycurl.POLL_OUT: pycurl.CSELECT_OUT,
-    pycurl.POLL_INOUT: pycurl.CSELECT_IN | pycurl.CSELECT_OUT,
-}
 # libcurl 8.4 is the first to stop a body at CURLOPT_MAXFILESIZE_LARGE as it streams in, not only by its
 # declared length: the byte limit relies on it.
 _LIBCURL_NEEDED = 0x080400
 # libcurl's codes that pycurl names under older spellings or not at all.
 E_WEIRD_SERVER_REPLY = 8
 E_TOO_LARGE = 100
+# Our own code for a transfer that could not run at all (the fetch loop is closing).
+E_NOT_RUN = -1
 
 
 @dataclass
@@ -91,13 +85,14 @@ Connection = tuple[str, int, str, int]
 
 @dataclass(frozen=True)
 class Request:
-    """One GET: ``url`` (no userinfo), extra ``headers``, and the addresses its host may connect to
-    (``pinned``: ``host:port:address,...`` for CURLOPT_RESOLVE, or None for a host written as an
-    address)."""
+    """One GET: ``url`` (no userinfo), extra ``headers``, the addresses its host was checked to have
+    (``pinned``: ``+host:port:address,...`` for CURLOPT_RESOLVE, or None for a host written as an
+    address), and ``permits``: whether a connection may go to an address (the SSRF guard's verdict for
+    this host)."""
 
     url: str
     headers: list[str]
-    allowed: frozenset[str]
+    permits: Callable[[str], bool]
     pinned: str | None = None
     max_bytes: int = 0
     timeout_s: float = 10.0
@@ -114,9 +109,16 @@ class _Transfer:
             self.curl.setopt(option, value)
         self.curl.setopt(pycurl.HEADERFUNCTION, self.on_header)
         self.curl.setopt(pycurl.OPENSOCKETFUNCTION, self.open_socket)
+        self.curl.setopt(pycurl.SOCKOPTFUNCTION, self.on_new_socket)
         self.curl.setopt(pycurl.PREREQFUNCTION, self.before_request)
         self._set: dict[int, Any] = {}  # the per-request options as the handle has them now
-        self.start(Request("", [], frozenset()), fresh=False)
+        self.request = Request("", [], _refuse)
+        self.body = io.BytesIO()
+        self.head_bytes = 0
+        self.location: str | None = None
+        self.retry_after: str | None = None
+        self.head_too_large = self.stale = False
+        self.new_socket: int | None = None  # the socket of a connection opened for this transfer
 
     def start(self, request: Request, fresh: bool) -> None:
         """Ready the handle for ``request`` (on a new connection if ``fresh``)."""
@@ -125,16 +127,15 @@ class _Transfer:
         self.body = io.BytesIO()
         self.curl.setopt(pycurl.WRITEFUNCTION, self.body.write)
         self.head_bytes = 0
-        self.location: str | None = None
-        self.retry_after: str | None = None
+        self.location = self.retry_after = None
         self.head_too_large = self.stale = False
-        self.opened = False  # a new connection was opened for it (none was reused)
-        if not request.url:
-            return
+        self.new_socket = None
         self.curl.setopt(pycurl.URL, request.url)
+        # libcurl loads pinned addresses into its cache when a transfer starts, so they are set every
+        # time; "+" lets the entry expire with libcurl's cache instead of staying for good.
+        self.curl.setopt(pycurl.RESOLVE, [request.pinned] if request.pinned else [])
         for option, value in (
             (pycurl.HTTPHEADER, request.headers),
-            (pycurl.RESOLVE, [request.pinned] if request.pinned else []),
             (pycurl.MAXFILESIZE_LARGE, request.max_bytes),
             (pycurl.TIMEOUT_MS, max(1, int(request.timeout_s * 1000))),
             (pycurl.FRESH_CONNECT, int(fresh)),
@@ -161,59 +162,92 @@ class _Transfer:
         return None
 
     def open_socket(self, purpose: int, address: Any) -> socket.socket | int:
-        # A second line of defence behind the pinned resolution: no connection to an address the caller
-        # did not check, whatever libcurl was told.
+        # A second line of defence behind the pinned resolution: no connection to an address the guard
+        # does not pass for this host, whatever libcurl was told.
         family, socktype, protocol, target = address
-        if str(target[0]).split("%", 1)[0] not in self.request.allowed:
+        try:
+            permitted = self.request.permits(str(target[0]))
+        except Exception:  # a callback must not raise into libcurl
+            permitted = False
+        if not permitted:
             return pycurl.SOCKET_BAD
-        self.opened = True
         return socket.socket(family, socktype, protocol)
+
+    def on_new_socket(self, fd: int, purpose: int) -> int:
+        self.new_socket = fd
+        return pycurl.SOCKOPT_OK
 
     def before_request(self, remote_ip: str, local_ip: str, remote_port: int, local_port: int) -> int:
         """Called once the connection is ready and before the request goes: a kept-alive connection
         with something to read is not asked anything (whatever it holds would be read as the answer)."""
-        if self.opened:
+        connection = (local_ip, local_port, remote_ip, remote_port)
+        if self.new_socket is not None:  # a connection just opened: nothing unasked can be on it yet
+            self.sockets.remember(connection, self.new_socket)
             return pycurl.PREREQFUNC_OK
         try:
-            fd = self.sockets.get((local_ip, local_port, remote_ip, remote_port))
-            if fd is None or not select.select([fd], [], [], 0)[0]:
-                return pycurl.PREREQFUNC_OK
-            self.stale = True
-            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as copy:
-                copy.shutdown(socket.SHUT_RDWR)  # never reused again: libcurl sees it closed
-        except (OSError, ValueError):
-            pass  # the connection is gone already: libcurl will find that out itself
+            self.stale = self.sockets.has_unread_bytes(connection)
+        except Exception:  # a callback must not raise into libcurl; its own check stays
+            self.stale = False
         return pycurl.PREREQFUNC_ABORT if self.stale else pycurl.PREREQFUNC_OK
 
 
+def _refuse(_address: str) -> bool:
+    return False
+
+
 class _KeptSockets:
-    """The socket of each connection libcurl keeps, by its addresses (local and remote IP and port: what
-    tells one TCP connection from every other open one), as the last transfer on it left it. libcurl
-    does not hand a connection's socket to a callback that runs during a transfer; this is where that
-    callback finds it."""
+    """The socket of each connection libcurl opened, by its addresses (local and remote IP and port:
+    what tells one TCP connection from every other open one). libcurl does not hand a connection's socket
+    to the callback that runs before a request; this is where that callback finds it. An entry is trusted
+    only while its socket still has those addresses (a socket number is reused once libcurl closes it),
+    and entries of closed connections are dropped when there are many."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._by_connection: OrderedDict[Connection, int] = OrderedDict()
+        self._by_connection: dict[Connection, int] = {}
 
-    def get(self, connection: Connection) -> int | None:
-        return self._by_connection.get(connection)
+    def remember(self, connection: Connection, fd: int) -> None:
+        """Note the socket of a connection libcurl has just opened."""
+        self._by_connection[connection] = fd
+        if len(self._by_connection) > self._limit:
+            self._by_connection = {c: s for c, s in self._by_connection.items() if _is_connection(s, c)}
+            self._limit = max(self._limit, 2 * len(self._by_connection))
 
-    def remember(self, curl: pycurl.Curl) -> None:
-        """Note the connection ``curl`` has just finished a transfer on (before it is removed)."""
-        fd = int(curl.getinfo(pycurl.ACTIVESOCKET))
-        if fd < 0:
-            return
-        key = (
-            str(curl.getinfo(pycurl.LOCAL_IP)),
-            int(curl.getinfo(pycurl.LOCAL_PORT)),
-            str(curl.getinfo(pycurl.PRIMARY_IP)),
-            int(curl.getinfo(pycurl.PRIMARY_PORT)),
-        )
-        self._by_connection[key] = fd
-        self._by_connection.move_to_end(key)
-        while len(self._by_connection) > self._limit:  # closed connections' entries age out
-            self._by_connection.popitem(last=False)
+    def has_unread_bytes(self, connection: Connection) -> bool:
+        """Whether the kept-alive ``connection`` has something to read (bytes or its end); if so it is
+        shut, so that libcurl never reuses it."""
+        fd = self._by_connection.get(connection)
+        if fd is None:
+            return False
+        with socket.socket(fileno=fd) as view:
+            try:
+                if _addresses(view) != connection:
+                    return False
+                try:
+                    view.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return False  # nothing there: the one answer it will carry is the next one
+                view.shutdown(socket.SHUT_RDWR)  # never reused again: libcurl sees it closed
+                del self._by_connection[connection]
+                return True
+            finally:
+                view.detach()  # the socket is libcurl's: look, never close
+
+
+def _addresses(view: socket.socket) -> Connection:
+    local, remote = view.getsockname(), view.getpeername()
+    return (str(local[0]), int(local[1]), str(remote[0]), int(remote[1]))
+
+
+def _is_connection(fd: int, connection: Connection) -> bool:
+    try:
+        with socket.socket(fileno=fd) as view:
+            try:
+                return _addresses(view) == connection
+            finally:
+                view.detach()
+    except OSError:
+        return False
 
 
 class Transfers:
@@ -223,17 +257,9 @@ class Transfers:
     def __init__(self, connections: int) -> None:
         if pycurl.version_info()[2] < _LIBCURL_NEEDED:
             raise RuntimeError(f"images by reference need libcurl 8.4 or newer; pycurl has {pycurl.version}")
-        self._loop = asyncio.get_running_loop()
-        self._multi = pycurl.CurlMulti()
-        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
-        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._multi = pycurl.AsyncCurlMulti()
         self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, connections)
         self._multi.setopt(pycurl.M_MAXCONNECTS, connections)
-        self._timer: asyncio.TimerHandle | None = None
-        self._watched: dict[int, int] = {}
-        # The transfers libcurl runs, and where each one's answer goes (not on the transfer: an idle
-        # handle's callbacks keep that alive, and must not keep the answer with it).
-        self._running: dict[pycurl.Curl, tuple[_Transfer, asyncio.Future[Answer]]] = {}
         self._idle: list[_Transfer] = []
         # Every connection that may be reused: the cache's and those in use, with room to spare.
         self._sockets = _KeptSockets(4 * connections)
@@ -251,107 +277,43 @@ class Transfers:
     async def _run(self, request: Request, fresh: bool) -> Answer:
         transfer = self._idle.pop() if self._idle else _Transfer(self._sockets, self._constant)
         transfer.start(request, fresh)
-        done: asyncio.Future[Answer] = self._loop.create_future()
         curl = transfer.curl
-        self._multi.add_handle(curl)
-        self._running[curl] = (transfer, done)
         try:
-            return await done
+            await self._multi.perform(curl)
+            status = int(curl.getinfo(pycurl.RESPONSE_CODE))
+            body = transfer.body.getvalue() if 200 <= status < 300 else b""
+        except pycurl.error as exc:
+            code, message = exc.args if len(exc.args) == 2 else (E_NOT_RUN, str(exc))
+            self._idle.append(transfer)
+            raise _failure(transfer, int(code), str(message)) from None
+        except RuntimeError as exc:  # the multi handle is closed: the fetch loop is stopping
+            raise TransferFailed(E_NOT_RUN, str(exc)) from None
         finally:
-            if self._running.pop(curl, None) is not None:  # cancelled while libcurl still ran it
-                self._multi.remove_handle(curl)
-                curl.close()
-            else:
-                self._idle.append(transfer)
+            transfer.body.close()  # an idle handle keeps nothing it delivered
+        # A cancelled transfer is the multi handle's to remove, and is not used again.
+        self._idle.append(transfer)
+        return Answer(status, transfer.location, transfer.retry_after, body)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop every transfer and close every connection."""
-        if self._timer is not None:
-            self._timer.cancel()
-        for curl, (_transfer, done) in list(self._running.items()):
-            self._multi.remove_handle(curl)
-            curl.close()
-            done.cancel()
-        self._running.clear()
-        for fd in list(self._watched):
-            self._unwatch(fd)
+        await self._multi.aclose()
         for transfer in self._idle:
             transfer.curl.close()
         self._idle.clear()
-        self._multi.close()
 
-    # libcurl tells which sockets to watch and when to call back; the loop does the waiting.
 
-    def _on_socket(self, event: int, fd: int, _multi: object, _data: object) -> None:
-        if event == pycurl.POLL_REMOVE:
-            self._unwatch(fd)
-            return
-        wanted = _CSELECT[event]
-        if self._watched.get(fd) == wanted:
-            return
-        self._unwatch(fd)
-        if wanted & pycurl.CSELECT_IN:
-            self._loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
-        if wanted & pycurl.CSELECT_OUT:
-            self._loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
-        self._watched[fd] = wanted
-
-    def _unwatch(self, fd: int) -> None:
-        wanted = self._watched.pop(fd, 0)
-        if wanted & pycurl.CSELECT_IN:
-            self._loop.remove_reader(fd)
-        if wanted & pycurl.CSELECT_OUT:
-            self._loop.remove_writer(fd)
-
-    def _on_timer(self, timeout_ms: int) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if timeout_ms >= 0:
-            self._timer = self._loop.call_later(timeout_ms / 1000, self._act, pycurl.SOCKET_TIMEOUT, 0)
-
-    def _act(self, fd: int, event: int) -> None:
-        while True:
-            code, _running = self._multi.socket_action(fd, event)
-            if code != pycurl.E_CALL_MULTI_PERFORM:
-                break
-        self._finish_transfers()
-
-    def _finish_transfers(self) -> None:
-        while True:
-            queued, succeeded, failures = self._multi.info_read()
-            for curl in succeeded:
-                self._finish(curl, None, "")
-            for curl, code, message in failures:
-                self._finish(curl, code, message)
-            if not queued:
-                return
-
-    def _finish(self, curl: pycurl.Curl, code: int | None, message: str) -> None:
-        if code is None:
-            self._sockets.remember(curl)
-        self._multi.remove_handle(curl)
-        running = self._running.pop(curl, None)
-        if running is None or running[1].done():
-            return
-        transfer, done = running
-        status = int(curl.getinfo(pycurl.RESPONSE_CODE))
-        body = transfer.body.getvalue() if code is None and 200 <= status < 300 else b""
-        transfer.body.close()  # an idle handle keeps nothing it delivered
-        if code is not None:
-            length = int(curl.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T))
-            done.set_exception(
-                TransferFailed(
-                    code,
-                    message,
-                    status,
-                    length if length >= 0 else None,
-                    transfer.head_too_large,
-                    transfer.stale,
-                )
-            )
-            return
-        done.set_result(Answer(status, transfer.location, transfer.retry_after, body))
+def _failure(transfer: _Transfer, code: int, message: str) -> TransferFailed:
+    """What a transfer that brought no answer tells, with what its answer had begun to say."""
+    curl = transfer.curl
+    length = int(curl.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T))
+    return TransferFailed(
+        code,
+        message,
+        int(curl.getinfo(pycurl.RESPONSE_CODE)),
+        length if length >= 0 else None,
+        transfer.head_too_large,
+        transfer.stale,
+    )
 
 
 def _constant_options() -> list[tuple[int, Any]]:
@@ -360,6 +322,7 @@ def _constant_options() -> list[tuple[int, Any]]:
     libcurl that pycurl's wheel carries, which need not exist on this system."""
     options: list[tuple[int, Any]] = [
         (pycurl.NOSIGNAL, 1),
+        (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1),
         (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
         (pycurl.FOLLOWLOCATION, 0),
         (pycurl.PROXY, ""),  # empty: no proxy, whatever http_proxy and friends say
