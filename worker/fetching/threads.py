@@ -97,13 +97,17 @@ class DaemonThreads(Executor):
                 return
             future, fn, args, kwargs = work
             del work  # a finished call's arguments (a fetched body) must not wait here for the next one
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:  # handed to the caller, as ThreadPoolExecutor does
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-                    del result
+            if not future.set_running_or_notify_cancel():
+                del future, fn, args, kwargs
+                self._idle.release()
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the caller, as ThreadPoolExecutor does
+                self._idle.release()  # idle before the caller hears: its next call finds this thread
+                future.set_exception(exc)
+            else:
+                self._idle.release()
+                future.set_result(result)
+                del result
             del future, fn, args, kwargs
-            self._idle.release()
