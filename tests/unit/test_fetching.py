@@ -119,6 +119,8 @@ def test_s3_and_file_references():
         ("http://h/é", RejectReason.INVALID_ENVELOPE),
         ("s3://bucket/a\nb", RejectReason.INVALID_ENVELOPE),
         ("http://h/\r\nHost: evil", RejectReason.INVALID_ENVELOPE),
+        ("http://loc%61lhost/x.jpg", RejectReason.INVALID_ENVELOPE),  # looked up one way, reached another
+        ("http://[fe80::1%25eth0]/x.jpg", RejectReason.INVALID_ENVELOPE),
         ("s3://Bad_Bucket/key", RejectReason.INVALID_ENVELOPE),
         ("s3://bucket", RejectReason.INVALID_ENVELOPE),
         ("file://server/share/x.jpg", RejectReason.INVALID_ENVELOPE),

@@ -90,6 +90,8 @@ def _parse_http(uri: str, scheme: str, parts: SplitResult) -> Reference:
     host = parts.hostname
     if not host:
         raise _invalid(f"{redact(uri)} has no host")
+    if "%" in host:  # the guard would look up the name as written, and the client connect to the decoded one
+        raise _invalid(f"{redact(uri)} has a percent-encoded host name; write it out")
     try:
         written = parts.port
     except ValueError:
