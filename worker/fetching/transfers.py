@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -219,19 +220,20 @@ class _KeptSockets:
         fd = self._by_connection.get(connection)
         if fd is None:
             return False
-        with socket.socket(fileno=fd) as view:
+        # A live connection's entry is its own socket: one opened later with the same addresses would have
+        # replaced it, and pruning keeps the entries whose socket still has them.
+        watch = select.poll()
+        watch.register(fd, select.POLLIN)
+        if not watch.poll(0):
+            return False  # nothing there: the one answer it will carry is the next one
+        del self._by_connection[connection]
+        family = socket.AF_INET6 if ":" in connection[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd) as view:
             try:
-                if _addresses(view) != connection:
-                    return False
-                try:
-                    view.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    return False  # nothing there: the one answer it will carry is the next one
                 view.shutdown(socket.SHUT_RDWR)  # never reused again: libcurl sees it closed
-                del self._by_connection[connection]
-                return True
             finally:
-                view.detach()  # the socket is libcurl's: look, never close
+                view.detach()  # the socket is libcurl's: shut it, never close it
+        return True
 
 
 def _addresses(view: socket.socket) -> Connection:
