@@ -14,10 +14,11 @@ from kafka.protocol.consumer.fetch import FetchRequest, FetchResponse
 from kafka.protocol.frame import KafkaBytes
 from kafka.protocol.parser import KafkaProtocol
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
+from kafka.version import __version__ as client_version
 
 from worker.config import load_settings
 from worker.kafka_io import factories, receive_path
-from worker.kafka_io.receive_path import STOCK_RECEIVE_BYTES, STOCK_SOCK_RECV, FrameBuffer
+from worker.kafka_io.receive_path import PATCHED_VERSION, STOCK_RECEIVE_BYTES, STOCK_SOCK_RECV, FrameBuffer
 
 TOPIC = FetchResponse.FetchableTopicResponse
 
@@ -203,3 +204,10 @@ def test_the_clients_are_made_with_the_patched_receive_path(monkeypatch: pytest.
     assert receive_path.installed()
     factories.make_producer(settings)
     assert made == ["consumer", "producer"]
+
+
+def test_the_installed_kafka_python_is_the_version_the_receive_path_replaces():
+    # pyproject pins it; an upgrade must come with the receive path read again against the new version.
+    assert client_version == PATCHED_VERSION, (
+        f"kafka-python {client_version} is installed; receive_path.py replaces methods of {PATCHED_VERSION}"
+    )
