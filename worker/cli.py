@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from worker.config import Settings, env_name, flag_name, load_settings
 from worker.errors import ExitCode, StartupError
-from worker.logs import configure_logging
+from worker.ops.logs import configure_logging
 
 CONNECTION_FIELDS = (
     "bootstrap_servers",

@@ -29,8 +29,8 @@ from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import RejectedRecord, RejectReason
 from worker.images import ImageLimits, Preprocessing
 from worker.intake import Ready, ReadyImage, ReadyText
-from worker.metrics import WorkerMetrics
 from worker.models.heads import ScoreHeads
+from worker.ops.metrics import WorkerMetrics
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)

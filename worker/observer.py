@@ -6,10 +6,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from worker.gpu import GpuCollector
 from worker.kafka_io import Consumer, TopicPartition
-from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.gpu import GpuCollector
+from worker.ops.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 _OBSERVE_EVERY_S = 1.0

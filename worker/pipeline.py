@@ -30,7 +30,6 @@ from worker.errors import (
     RejectReason,
     StageFailedError,
 )
-from worker.gpu import GpuCollector
 from worker.images import ImageLimits
 from worker.inference import InferenceStage
 from worker.inputs.select import build_handlers
@@ -39,10 +38,12 @@ from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition
 from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, UnreadableRecordError
 from worker.kafka_io.salvage import salvage_batch
 from worker.messages import Headers, Modality, Source
-from worker.metrics import HealthState, WorkerMetrics
 from worker.models.heads import ScoreHeads
 from worker.observer import Observer
 from worker.offsets import OffsetTracker
+from worker.ops.gpu import GpuCollector
+from worker.ops.health import HealthState
+from worker.ops.metrics import WorkerMetrics
 from worker.publisher import Publisher
 from worker.topic_limits import TopicLimits
 from worker.work import InputRecord

@@ -30,8 +30,8 @@ from worker.messages import (
     dlq_headers,
     encode_embedding,
 )
-from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.metrics import WorkerMetrics
 from worker.scores import output_topic
 from worker.topic_limits import TopicLimits
 from worker.work import InputRecord, Outgoing

@@ -22,8 +22,10 @@ from worker.embedder import (
 )
 from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError, StartupError
 from worker.kafka_io import Consumer, check_output_topics, open_consumer, topic_message_limits
-from worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.health import HealthState
+from worker.ops.metrics import WorkerMetrics
+from worker.ops.server import MetricsServer
 from worker.pipeline import Pipeline
 from worker.scores import load_score_heads
 from worker.topic_limits import TopicLimits

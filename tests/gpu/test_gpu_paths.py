@@ -15,8 +15,8 @@ import torch
 from worker.device_resize import preprocess_on_device
 from worker.devtools.samples import jpeg_corpus, sample_images
 from worker.embedder import Embedder, ModelSpec, load_embedder
-from worker.gpu import GpuCollector
 from worker.images import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb
+from worker.ops.gpu import GpuCollector
 
 if not torch.cuda.is_available():
     pytest.skip("the GPU tests need CUDA", allow_module_level=True)

@@ -7,7 +7,7 @@ import threading
 from worker.images import ImageLimits, Preprocessing
 from worker.inputs.base import Outcome
 from worker.inputs.image_bytes import ImageDecoder
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 
 class GatedDecoder(ImageDecoder):

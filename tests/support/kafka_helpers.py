@@ -19,7 +19,8 @@ from worker.config import Settings, load_settings
 from worker.embedder import Embedder
 from worker.kafka_io import ensure_topics
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
-from worker.metrics import HealthState, WorkerMetrics
+from worker.ops.health import HealthState
+from worker.ops.metrics import WorkerMetrics
 from worker.service import run_worker
 
 

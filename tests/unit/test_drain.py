@@ -15,8 +15,9 @@ from worker.config import load_settings
 from worker.delivery import ExactlyOnce
 from worker.delivery.transactions import AbortReason
 from worker.embedder import Embedder
-from worker.metrics import HealthState, WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.health import HealthState
+from worker.ops.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
 from worker.topic_limits import TopicLimits
 

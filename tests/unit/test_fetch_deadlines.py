@@ -27,7 +27,7 @@ from worker.fetching.files import FileFetcher
 from worker.fetching.retry import RetryPolicy
 from worker.fetching.threads import DaemonThreads
 from worker.messages import encode_reference, encode_request
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 FAST = RetryPolicy(base_delay_s=0.01, max_delay_s=0.02)
 
@@ -144,7 +144,7 @@ _EXITS_WITH_A_TRY_STUCK = """
     from worker.errors import RejectedRecord
     from worker.fetching.fetcher import Fetcher, FetchPolicy
     from worker.fetching.files import FileFetcher
-    from worker.metrics import WorkerMetrics
+    from worker.ops.metrics import WorkerMetrics
 
     FileFetcher.fetch = lambda self, reference: threading.Event().wait() and b""  # stuck for good
     root = Path(sys.argv[1])

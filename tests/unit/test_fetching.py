@@ -27,7 +27,7 @@ from worker.fetching.outcomes import FetchError
 from worker.fetching.retry import RetryPolicy, with_retries
 from worker.fetching.transfers import Answer, Request, TransferFailed, Transfers
 from worker.fetching.uri import parse_reference, redact
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 BODY = bytes(range(256)) * 40  # 10 KiB
 FAST = RetryPolicy(base_delay_s=0.01, max_delay_s=0.02)

@@ -23,7 +23,7 @@ from worker.inputs.image_uri import ImageFetcher
 from worker.inputs.select import build_handlers, fetch_policy
 from worker.intake import IntakeStage, ReadyImage, Rejected
 from worker.messages import InputKind, Source
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord
 
 JPEGS = jpeg_corpus(4, width=320, height=240)

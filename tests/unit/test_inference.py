@@ -12,7 +12,7 @@ from worker.images import ImageLimits, Preprocessing
 from worker.inference import InferenceStage
 from worker.intake import Ready, ReadyImage
 from worker.messages import Request, Source
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord
 
 

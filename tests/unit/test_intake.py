@@ -15,7 +15,7 @@ from worker.inputs.base import Outcome, Slot
 from worker.inputs.image_bytes import ImageDecoder
 from worker.intake import IntakeStage, Ready, ReadyImage, Rejected
 from worker.messages import InputKind, Request, Source
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord
 
 

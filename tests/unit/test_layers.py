@@ -67,3 +67,18 @@ def test_no_delivery_mode_branch_outside_the_guarantees():
             if isinstance(node, ast.Attribute) and node.attr == "exactly_once":
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
+
+
+def test_fetching_imports_nothing_of_the_worker_above_it():
+    # Fetching reports to its own metrics interface and raises the worker's typed rejections; the stages
+    # that use it sit above it.
+    fetching = PACKAGE / "fetching"
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            name
+            for name in imported_modules(path)
+            if name.startswith("worker") and not name.startswith(("worker.fetching", "worker.errors"))
+        )
+        for path in fetching.glob("*.py")
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}

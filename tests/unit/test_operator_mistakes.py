@@ -13,9 +13,11 @@ import pytest
 
 from worker.config import load_settings
 from worker.errors import RejectReason, StartupError
-from worker.logs import RepeatLimiter
 from worker.messages import REASON_HEADER, Source, dlq_headers
-from worker.metrics import MAX_CONNECTIONS, HealthState, MetricsServer, WorkerMetrics
+from worker.ops.health import HealthState
+from worker.ops.logs import RepeatLimiter
+from worker.ops.metrics import WorkerMetrics
+from worker.ops.server import MAX_CONNECTIONS, MetricsServer
 from worker.work import BrokerWatch
 
 
@@ -67,7 +69,7 @@ def test_metrics_port_in_use_or_unknown_host_is_a_startup_error():
 
 
 def test_idle_connections_cannot_pin_the_metrics_server(monkeypatch, capfd, caplog):
-    monkeypatch.setattr("worker.metrics.CONNECTION_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("worker.ops.server.CONNECTION_TIMEOUT_S", 1.0)
     server = MetricsServer("127.0.0.1", 0, WorkerMetrics(), HealthState())
     server.start()
     threads_before = threading.active_count()

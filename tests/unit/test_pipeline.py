@@ -20,8 +20,9 @@ from worker.errors import GroupInstanceFencedError
 from worker.kafka_io import TopicPartition
 from worker.kafka_io.errors import InstanceFencedError
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
-from worker.metrics import HealthState, WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.health import HealthState
+from worker.ops.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
 from worker.topic_limits import TopicLimits
 

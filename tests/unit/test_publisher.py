@@ -13,8 +13,8 @@ from worker.config import load_settings
 from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.kafka_io.errors import RecordTooLargeError
 from worker.messages import VALUE_OMITTED_HEADER, Request, Source, decode_embedding
-from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.metrics import WorkerMetrics
 from worker.publisher import Publisher
 from worker.topic_limits import TopicLimits
 from worker.work import InputRecord

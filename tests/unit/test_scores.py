@@ -26,10 +26,10 @@ from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.embedder import Embedder
 from worker.errors import ModelLoadError, StartupError
 from worker.messages import Request, Source, decode_embedding
-from worker.metrics import WorkerMetrics
 from worker.models.checkpoint import RANDOM_PREFIX, ModelSpec
 from worker.models.heads import HEADS, ScoreHeads, check_trained_on, load_head
 from worker.offsets import OffsetTracker
+from worker.ops.metrics import WorkerMetrics
 from worker.publisher import Publisher
 from worker.scores import load_score_heads
 from worker.topic_limits import TopicLimits

@@ -27,8 +27,8 @@ from worker.config import load_settings
 from worker.embedder import Embedder, ModelSpec, load_embedder
 from worker.errors import ModelLoadError
 from worker.inputs.text import TextTokenizer
-from worker.metrics import WorkerMetrics
 from worker.models.text import TokenizedText
+from worker.ops.metrics import WorkerMetrics
 
 TEXTS = [
     "a photo of a dog",

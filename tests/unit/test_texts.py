@@ -31,8 +31,8 @@ from worker.messages import (
     encode_embedding,
     encode_text_request,
 )
-from worker.metrics import WorkerMetrics
 from worker.models.text import TokenizedText
+from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord
 
 

@@ -22,8 +22,8 @@ from worker.kafka_io.errors import (
     RecordTooLargeError,
     UnsendableRecordError,
 )
-from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.metrics import WorkerMetrics
 from worker.topic_limits import TopicLimits
 from worker.work import BrokerWatch, Outgoing, send
 

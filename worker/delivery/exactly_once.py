@@ -14,8 +14,8 @@ from worker.delivery.base import DrainOutcome, Outcomes, quietly
 from worker.delivery.transactions import AbortReason, Transactions, transactional_id
 from worker.kafka_io import Consumer, Producer, TopicPartition, open_producer
 from worker.kafka_io.errors import RecordTooLargeError, UnsendableRecordError
-from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.ops.metrics import WorkerMetrics
 from worker.topic_limits import TopicLimits
 from worker.work import BrokerWatch, Outgoing
 

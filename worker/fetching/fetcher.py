@@ -14,11 +14,11 @@ from worker.fetching.files import FileFetcher
 from worker.fetching.guard import AddressGuard, Resolver, system_resolver
 from worker.fetching.http import HttpFetcher
 from worker.fetching.loop import FetchLoop
+from worker.fetching.metrics import FetchMetrics
 from worker.fetching.outcomes import OK, FetchError, timed_out
 from worker.fetching.retry import RetryPolicy, with_retries
 from worker.fetching.threads import DaemonThreads
 from worker.fetching.uri import SCHEMES, Reference, parse_reference, redact
-from worker.metrics import WorkerMetrics
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Fetcher:
     connections per scheme. :meth:`fetch` runs on that loop, :meth:`fetch_blocking` from any other thread."""
 
     def __init__(
-        self, policy: FetchPolicy, metrics: WorkerMetrics, resolver: Resolver = system_resolver
+        self, policy: FetchPolicy, metrics: FetchMetrics, resolver: Resolver = system_resolver
     ) -> None:
         unknown = policy.schemes - set(SCHEMES)
         if unknown:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from worker.images import ImageLimits, Preprocessing, prepare
 from worker.inputs.base import Outcome, Slot, submit_in_chunks
 from worker.messages import Request
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 # Images per decode task, at most: a poll of hundreds of records costs a handful of submissions (each
 # holds the GIL the decoders need), while each poll still spreads over every decode thread (see submit).

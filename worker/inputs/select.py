@@ -11,8 +11,8 @@ from worker.inputs.image_bytes import ImageDecoder
 from worker.inputs.image_uri import ImageFetcher
 from worker.inputs.text import TextTokenizer
 from worker.messages import InputKind
-from worker.metrics import WorkerMetrics
 from worker.models.text import TextTower
+from worker.ops.metrics import WorkerMetrics
 
 # What a request of a kind this worker does not handle is told (the dead letter's error message).
 ENABLE_HINTS: dict[InputKind, str] = {

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from worker.errors import RejectedRecord, RejectReason
 from worker.inputs.base import Outcome, Slot, submit_in_chunks
 from worker.messages import Request
-from worker.metrics import WorkerMetrics
 from worker.models.text import TextTower
+from worker.ops.metrics import WorkerMetrics
 
 _TOKENIZE_CHUNK = 64
 

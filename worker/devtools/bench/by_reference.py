@@ -19,7 +19,7 @@ from worker.devtools.origin import OriginProcess
 from worker.devtools.samples import jpeg_corpus
 from worker.embedder import Embedder
 from worker.messages import encode_reference
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 
 def bench_by_reference(

@@ -19,7 +19,7 @@ from pathlib import Path
 from worker.devtools.bench.report import Report
 from worker.devtools.origin import OriginProcess
 from worker.fetching.fetcher import Fetcher, FetchPolicy
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 _WARM_UP = 300  # fetches on other names first: connections opened, code paths warm
 

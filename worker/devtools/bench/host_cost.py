@@ -41,7 +41,7 @@ from worker.devtools.bench.pipeline import Workload, fill_backlog, fresh_setting
 from worker.devtools.bench.report import Report
 from worker.devtools.bench.sampler import ProfilerUnavailable, Sampler, Stack
 from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 _COMMENT_MAX = 65533  # bytes of payload one JPEG COM segment can hold
 SECTION = "host-cost"

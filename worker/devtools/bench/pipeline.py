@@ -27,7 +27,7 @@ from worker.embedder import Embedder
 from worker.images import ImageLimits, prepare
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
 from worker.messages import Source, decode_request, encode_embedding, encode_request
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 
 def resident_mb() -> float:

@@ -10,7 +10,7 @@ from worker.devtools.bench.pipeline import Workload, dlq_total, fill_backlog, fr
 from worker.devtools.bench.report import Report
 from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.embedder import Embedder
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 
 _SAMPLES = 10
 

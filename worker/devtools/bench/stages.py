@@ -33,7 +33,7 @@ publish: producer I/O thread        ``kafka.producer.sender``: draining batches,
 acknowledgement + offset tracking   ``Publisher.delivered``, the send callbacks, ``worker.work.BrokerWatch``,
                                     ``worker.offsets``, error translation
 commit                              ``Pipeline.commit``, the guarantees' ``commit``, ``KafkaConsumer.commit``
-metrics                             ``prometheus_client``, ``worker.metrics``, ``worker.observer``
+metrics                             ``prometheus_client``, ``worker.ops``, ``worker.observer``
 main loop (other)                   the rest of ``worker.pipeline`` and ``worker.service`` while running
 decode (stand-in)                   ``ImageDecoder.decode_now``, ``worker.images``, ``PIL``: a tiny image
 model (stand-in)                    ``worker.embedder``, ``worker.devtools.bench.null_model``
@@ -83,7 +83,7 @@ KAFKA_PRODUCER_STAGES: Final = (SEND, PRODUCER_IO)
 # (module prefix, qualified-name prefix or "" for any) -> stage; the first match wins.
 _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("prometheus_client", "", METRICS),
-    ("worker.metrics", "", METRICS),
+    ("worker.ops", "", METRICS),
     ("worker.observer", "", METRICS),
     ("worker.offsets", "", ACK),
     ("worker.work", "BrokerWatch", ACK),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from worker.config import Settings
 from worker.embedder import Embedder
-from worker.metrics import WorkerMetrics
+from worker.ops.metrics import WorkerMetrics
 from worker.service import run_worker
 
 POLL_S = 0.005

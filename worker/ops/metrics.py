@@ -1,31 +1,16 @@
-"""Prometheus metrics and the HTTP server that also answers ``/healthz`` and ``/readyz``."""
+"""The worker's Prometheus metrics: one registry, every counter, gauge and histogram the worker and its
+stages report to."""
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from worker.errors import StartupError
-from worker.gpu import GpuCollector
 from worker.messages import Modality
-
-log = logging.getLogger(__name__)
+from worker.ops.gpu import GpuCollector
 
 _BATCH_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _STAGE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -213,159 +198,3 @@ class BatchMetrics:
         """The stage histogram of ``name`` (``inference``, ``queue_wait``, ``publish``) for this modality:
         texts' stages are ``text_<name>``."""
         return self._stages.labels(self.stage_prefix + name)
-
-
-HealthCheck = Callable[[], str | None]
-
-
-class HealthState:
-    """What the health endpoints report.
-
-    Liveness: the main loop made progress recently and every registered liveness check passes (the
-    pipeline moves, its threads are alive). Readiness: the model is loaded, the consumer holds a group
-    assignment and every registered readiness check passes (the topics exist, deliveries succeed). A check
-    returns None when all is well, else a one-line reason that the endpoint answers with.
-    """
-
-    def __init__(self, stall_after_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._stall_after_s = stall_after_s
-        self._last_beat = clock()
-        self.model_loaded = False
-        self.in_group = False
-        self._liveness: list[HealthCheck] = []
-        self._readiness: list[HealthCheck] = []
-
-    def beat(self) -> None:
-        """The main loop completed an iteration."""
-        self._last_beat = self._clock()
-
-    def add_liveness_check(self, check: HealthCheck) -> None:
-        """A check whose failure means the worker cannot recover by itself (restart it)."""
-        self._liveness.append(check)
-
-    def add_readiness_check(self, check: HealthCheck) -> None:
-        """A check whose failure means the worker cannot do its job right now."""
-        self._readiness.append(check)
-
-    def liveness_problem(self) -> str | None:
-        """Why the worker is not alive, or None."""
-        stalled = self._clock() - self._last_beat
-        if stalled >= self._stall_after_s:
-            return f"the main loop has not run for {stalled:.0f}s"
-        return _first_problem(self._liveness)
-
-    def readiness_problem(self) -> str | None:
-        """Why the worker is not ready, or None."""
-        if not self.model_loaded:
-            return "the model is not loaded yet"
-        problem = _first_problem(self._readiness)
-        if problem is None and not self.in_group:
-            return "no partition assignment from the consumer group yet"
-        return problem
-
-
-def _first_problem(checks: list[HealthCheck]) -> str | None:
-    for check in checks:
-        problem = check()
-        if problem is not None:
-            return problem
-    return None
-
-
-# Scrapers and probes need a handful of connections; beyond this, new ones are closed at once, and an idle
-# connection is dropped after the timeout, so no client can pin threads.
-MAX_CONNECTIONS = 16
-CONNECTION_TIMEOUT_S = 10.0
-
-
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most :data:`MAX_CONNECTIONS` at once; errors go to the log."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("metrics server: %d connections open; refusing one more", MAX_CONNECTIONS)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-reply (a probe timing out) is routine: one debug line, no traceback.
-        log.debug("metrics server: connection from %s ended early", client_address, exc_info=True)
-
-
-class MetricsServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on one port from a daemon thread.
-
-    Raises :class:`worker.errors.StartupError` when the address cannot be bound.
-    """
-
-    def __init__(self, host: str, port: int, metrics: WorkerMetrics, health: HealthState) -> None:
-        handler = _make_handler(metrics, health)
-        try:
-            self._server = _BoundedHTTPServer((host, port), handler)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
-                "free the port or choose another with --metrics-port / --metrics-host (0 disables)"
-            ) from None
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-
-    def start(self) -> None:
-        """Start serving."""
-        self._thread.start()
-        log.info("metrics and health on port %d (/metrics /healthz /readyz)", self.port)
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def _make_handler(metrics: WorkerMetrics, health: HealthState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        timeout = CONNECTION_TIMEOUT_S
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                problem = health.liveness_problem()
-                body = b"ok\n" if problem is None else f"stalled: {problem}\n".encode()
-                self._reply(200 if problem is None else 503, body)
-            elif path == "/readyz":
-                problem = health.readiness_problem()
-                body = b"ready\n" if problem is None else f"not ready: {problem}\n".encode()
-                self._reply(200 if problem is None else 503, body)
-            else:
-                self._reply(404, b"not found\n")
-
-        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-    return Handler
