@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration gpu-test gpu-bench-rehearsal lint format docs kafka-jars gpu-wheels clean \
+.PHONY: install demo test unit integration gpu-test gpu-bench-rehearsal lint format docs docs-check kafka-jars gpu-wheels clean \
   engine engine-stop images container-test wheelhouse
 
 install: $(STAMP)
@@ -41,7 +41,7 @@ integration: install kafka-jars
 # Containers (podman here, Docker works unchanged): `make engine` sets up rootful podman with a
 # Docker-compatible socket and a local Debian base image; `make images` builds the Kafka, Prometheus and
 # worker images; `make container-test` runs every test with the engine, so the integration suite takes
-# Kafka from a container (testcontainers) and the worker image's tests run. See the README.
+# Kafka from a container (testcontainers) and the worker image's tests run. See docs/testing.md.
 ENGINE_HOME ?= $(HOME)/.cache/clip-worker/podman
 WITH_ENGINE := set -a && . $(ENGINE_HOME)/env && set +a &&
 
@@ -75,10 +75,18 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site
 
+# The docs site (MkDocs, Material theme) from docs/: `make docs` regenerates the settings table of
+# docs/configuration.md and builds the site into site/; `make docs-check` (CI) fails on a stale table, a
+# broken link or a page missing from the nav, and builds into a scratch folder.
 docs: install
-	$(BIN)/python -m worker.devtools.readme_table
+	$(BIN)/python -m worker.devtools.docs_table
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-check: install
+	$(BIN)/python -m worker.devtools.docs_table --check
+	tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d "$$tmp"; rc=$$?; rm -rf "$$tmp"; exit $$rc
 
 # Wheels the GPU machine lacks (its image has Python 3.12 with torch, torchvision, transformers, msgpack,
 # prometheus-client, nvidia-ml-py and pytest), for .ci/gpu-bench: built for that Python, not this one.

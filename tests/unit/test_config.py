@@ -90,15 +90,15 @@ def test_bad_password_value_is_not_echoed():
     assert "12345678" not in str(caught.value)
 
 
-def test_readme_configuration_table_is_current():
+def test_configuration_page_table_is_current():
     from pathlib import Path
 
-    from worker.devtools.readme_table import render
+    from worker.devtools.docs_table import PAGE, render
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert render(readme) == readme, "run `make docs` to regenerate the README's settings table"
+    page = (Path(__file__).resolve().parents[2] / PAGE).read_text()
+    assert render(page) == page, "run `make docs` to regenerate the settings table of docs/configuration.md"
     for name in Settings.model_fields:
-        assert f"`{flag_name(name)}`" in readme, name
+        assert f"`{flag_name(name)}`" in page, name
 
 
 def test_fetch_schemes_default_to_http_https_s3_and_file_only_with_a_root(tmp_path):

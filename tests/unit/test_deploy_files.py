@@ -98,14 +98,14 @@ def test_kubernetes_manifests_parse_and_drain_before_kill():
     assert trigger["metadata"]["consumerGroup"] == config["CLIP_WORKER_GROUP_ID"]
 
 
-def test_readme_lists_every_metric():
+def test_operations_page_lists_every_metric():
     import re
 
     from prometheus_client import generate_latest
 
     from worker.metrics import WorkerMetrics
 
-    readme = (DOCKER.parent / "README.md").read_text()
+    readme = (DOCKER.parent / "docs" / "operations.md").read_text()
     exposition = generate_latest(WorkerMetrics().registry).decode()
     families = set(re.findall(r"^# TYPE (\S+) ", exposition, re.M))
     families |= {
