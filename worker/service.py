@@ -120,7 +120,7 @@ def decode_workers(settings: Settings) -> int:
 def open_clients(settings: Settings, metrics: WorkerMetrics) -> Clients:
     """Connect to Kafka with the delivery guarantee the settings ask for; check the output topics."""
     kind = choose(settings)
-    consumer = open_consumer(settings, **kind.consumer_options)
+    consumer = open_consumer(settings, read_committed=kind.reads_committed)
     limits = TopicLimits(topic_message_limits(settings, [topic for _, topic in settings.output_topics()]))
     tracker = OffsetTracker()
     delivery = kind.open(settings, consumer, tracker, metrics, limits)

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -15,10 +15,11 @@ import numpy as np
 
 from worker.config import Settings
 from worker.errors import StartupError
-from worker.kafka_io import ensure_topics, make_consumer, make_producer
+from worker.kafka_io import IgnoreRebalances, ensure_topics, open_producer, open_reader
 from worker.messages import decode_embedding, encode_reference, encode_request
 
 log = logging.getLogger(__name__)
+_DELIVERY_TIMEOUT_S = 30.0
 
 
 def iter_image_files(paths: list[str]) -> Iterator[tuple[str, Path]]:
@@ -89,17 +90,20 @@ def produce_paths(
         raise StartupError("name the image files or folders to publish")
     if partitions:
         ensure_topics(settings, {settings.input_topic: partitions})
-    producer = make_producer(settings)
+    producer = open_producer(settings)
+    failures: list[BaseException] = []
+    sent = 0
     try:
-        futures = []
         for request_id, value in requests:
-            futures.append(producer.send(settings.input_topic, key=request_id.encode(), value=value))
-        producer.flush()
-        for future in futures:
-            future.get(timeout=30)
+            delivery = producer.send(settings.input_topic, key=request_id.encode(), value=value, headers=[])
+            delivery.add_errback(failures.append)
+            sent += 1
+        producer.flush(timeout=_DELIVERY_TIMEOUT_S)  # every delivery is reported, one way or the other
     finally:
-        producer.close()
-    return len(futures)
+        producer.close(timeout=_DELIVERY_TIMEOUT_S)
+    if failures:
+        raise StartupError(f"{len(failures)} of {sent} requests were not published: {failures[0]}")
+    return sent
 
 
 def describe_output(value: bytes, head: int = 4) -> dict[str, Any]:
@@ -117,10 +121,14 @@ def describe_output(value: bytes, head: int = 4) -> dict[str, Any]:
     }
 
 
-def describe_dlq(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> dict[str, Any]:
+def describe_dlq(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+) -> dict[str, Any]:
     """The JSON-line summary of one dead-lettered record."""
     fields = {
-        name: raw.decode("utf-8", "replace") for name, raw in headers if name.startswith("clip-worker-")
+        name: (raw or b"").decode("utf-8", "replace")
+        for name, raw in headers
+        if name.startswith("clip-worker-")
     }
     return {
         "key": key.decode("utf-8", "replace") if key is not None else None,
@@ -148,20 +156,19 @@ def tail_topic(
     ``read_committed`` skips records of aborted transactions (outputs of an ``--exactly-once`` worker).
     """
     topic = settings.dlq_topic if dlq else settings.output_topic
-    isolation = "read_committed" if read_committed else "read_uncommitted"
-    consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest", isolation_level=isolation)
-    consumer.subscribe([topic])
+    consumer = open_reader(settings, read_committed)
+    consumer.subscribe([topic], IgnoreRebalances())
     printed = 0
     last_record = time.monotonic()
     try:
         while max_records is None or printed < max_records:
-            batches = consumer.poll(timeout_ms=500)
+            batches = consumer.poll(timeout_ms=500, max_records=500)
             for messages in batches.values():
                 for message in messages:
                     if dlq:
-                        line = describe_dlq(message.key, message.value, list(message.headers or []))
+                        line = describe_dlq(message.key, message.value, message.headers or [])
                     else:
-                        line = describe_output(message.value)
+                        line = describe_output(message.value or b"")
                     print(json.dumps(line), file=out, flush=True)
                     printed += 1
                     last_record = time.monotonic()
@@ -170,5 +177,5 @@ def tail_topic(
     except KeyboardInterrupt:
         pass
     finally:
-        consumer.close(autocommit=False)
+        consumer.close(timeout_ms=5000)
     return printed

@@ -82,3 +82,21 @@ def test_fetching_imports_nothing_of_the_worker_above_it():
         for path in fetching.glob("*.py")
     }
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+# kafka-python's own words: its client options, its close() flag, its loggers.
+CLIENT_KEYWORDS = {"isolation_level", "auto_offset_reset", "enable_auto_commit", "autocommit", "api_version"}
+
+
+def test_nothing_outside_the_kafka_layer_speaks_the_clients_dialect():
+    offenders = []
+    for path in runtime_modules():
+        if KAFKA_LAYER in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg in CLIENT_KEYWORDS:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.arg}=")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value in CLIENT_KEYWORDS or node.value == "kafka" or node.value.startswith("kafka."):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert offenders == []

@@ -21,5 +21,5 @@ __all__ = ["AtLeastOnce", "Delivery", "DrainOutcome", "ExactlyOnce", "Outcomes",
 
 
 def choose(settings: Settings) -> type[AtLeastOnce] | type[ExactlyOnce]:
-    """The delivery guarantee the settings ask for: its ``consumer_options`` and its ``open``."""
+    """The delivery guarantee the settings ask for: whether its input is read committed, and its ``open``."""
     return ExactlyOnce if settings.exactly_once else AtLeastOnce

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from worker.config import Settings
 from worker.delivery.base import DrainOutcome, Outcomes, quietly
@@ -35,7 +35,7 @@ _COMMIT_TIMEOUT_MS = 5000  # a commit against a lost broker must not stall the p
 class AtLeastOnce:
     """Sends results one by one and commits what the broker acknowledged."""
 
-    consumer_options: ClassVar[dict[str, Any]] = {}
+    reads_committed: ClassVar[bool] = False
 
     @classmethod
     def open(

@@ -27,7 +27,7 @@ class ExactlyOnce:
 
     # Skips records of aborted upstream transactions, and makes a new owner of a partition wait for the
     # offsets of a transaction still being committed (KIP-447) instead of reading stale ones.
-    consumer_options: ClassVar[dict[str, Any]] = {"isolation_level": "read_committed"}
+    reads_committed: ClassVar[bool] = True
 
     @classmethod
     def open(

@@ -20,6 +20,7 @@ from worker.kafka_io.factories import (
     make_producer,
     open_consumer,
     open_producer,
+    open_reader,
     producer_options,
     record_bytes,
     retry_until_deadline,
@@ -27,14 +28,26 @@ from worker.kafka_io.factories import (
     topic_message_limits,
     transactional_producer_options,
 )
-from worker.kafka_io.types import Consumer, Headers, Producer, RebalanceListener, Record, TopicPartition
+from worker.kafka_io.logs import CLIENT_LOG_LEVELS, CLIENT_LOGGER
+from worker.kafka_io.types import (
+    Consumer,
+    Headers,
+    IgnoreRebalances,
+    Producer,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+)
 
 __all__ = [
+    "CLIENT_LOGGER",
+    "CLIENT_LOG_LEVELS",
     "HEADER_OVERHEAD_BYTES",
     "MAX_POLL_RECORDS",
     "RECORD_OVERHEAD_BYTES",
     "Consumer",
     "Headers",
+    "IgnoreRebalances",
     "Producer",
     "RebalanceListener",
     "Record",
@@ -48,6 +61,7 @@ __all__ = [
     "make_producer",
     "open_consumer",
     "open_producer",
+    "open_reader",
     "producer_options",
     "record_bytes",
     "retry_until_deadline",

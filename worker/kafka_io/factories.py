@@ -222,9 +222,22 @@ def make_producer(
     )
 
 
-def open_consumer(settings: Settings, **overrides: Any) -> ConsumerAdapter:
-    """The worker's consumer, behind the Kafka layer's Protocol (``overrides``: client options)."""
-    return ConsumerAdapter(make_consumer(settings, **overrides))
+def open_consumer(settings: Settings, read_committed: bool = False) -> ConsumerAdapter:
+    """The worker's consumer, behind the Kafka layer's Protocol; ``read_committed`` skips records of
+    aborted transactions and waits for the offsets of one being committed."""
+    return ConsumerAdapter(make_consumer(settings, isolation_level=_isolation(read_committed)))
+
+
+def open_reader(settings: Settings, read_committed: bool = False) -> ConsumerAdapter:
+    """A consumer outside any group that reads from the beginning and commits nothing (``tail``)."""
+    reader = make_consumer(
+        settings, group_id=None, auto_offset_reset="earliest", isolation_level=_isolation(read_committed)
+    )
+    return ConsumerAdapter(reader)
+
+
+def _isolation(read_committed: bool) -> str:
+    return "read_committed" if read_committed else "read_uncommitted"
 
 
 def open_producer(

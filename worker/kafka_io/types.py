@@ -46,6 +46,19 @@ class RebalanceListener(Protocol):
     def on_partitions_lost(self, lost: set[TopicPartition]) -> None: ...
 
 
+class IgnoreRebalances:
+    """A :class:`RebalanceListener` for a consumer outside any group, which is never rebalanced."""
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        return
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        return
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        return
+
+
 class Consumer(Protocol):
     """The consumer calls of the worker. Errors are :mod:`worker.kafka_io.errors` types."""
 

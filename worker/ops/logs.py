@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from worker.kafka_io import CLIENT_LOG_LEVELS, CLIENT_LOGGER
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message (and the exception, if any)."""
@@ -66,12 +68,10 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("kafka", "httpx", "urllib3", "filelock"):
+    for noisy in (CLIENT_LOGGER, "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The hub client logs every retry of an unreachable host; the model loader reports the outcome once.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    # kafka-python logs every failed connection attempt; worker.kafka_io keeps those lines to itself and
-    # says once per attempt what went wrong.
-    logging.getLogger("kafka.net").setLevel(logging.WARNING)
-    logging.getLogger("kafka.conn").setLevel(logging.CRITICAL)
-    handler.addFilter(RepeatLimiter("kafka"))
+    for name, client_level in CLIENT_LOG_LEVELS.items():
+        logging.getLogger(name).setLevel(client_level)
+    handler.addFilter(RepeatLimiter(CLIENT_LOGGER))
