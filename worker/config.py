@@ -125,7 +125,8 @@ class Settings(BaseSettings):
     )
     min_image_side: int = Field(3, ge=1, description="images with a side shorter than this are rejected")
     jpeg_draft: bool = Field(
-        False, description="decode large JPEGs at 1/2-1/8 scale in the DCT domain (faster; see BENCHMARKS.md)"
+        False,
+        description="decode large JPEGs at 1/2-1/8 scale in the DCT domain (faster; docs/performance.md)",
     )
     resize: Literal["pil", "torch", "device"] = Field(
         "torch",
@@ -523,7 +524,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
 
 
 def markdown_table() -> str:
-    """The README's configuration table, generated so it never drifts from the code (``make docs``)."""
+    """The table of docs/configuration.md, generated so it never drifts from the code (``make docs``)."""
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
         default = "unset" if info.default in (None, ()) else info.default

@@ -3,8 +3,8 @@
 The decode threads only decode (to uint8 RGB); the antialiased bicubic resize, the centre crop and the
 normalisation run as a few tensor operations per distinct image size on the GPU, which frees the CPU cores
 that the resize would take. The result is rounded to uint8 levels before normalising, as PIL's resize is,
-so it stays within a level of the reference (BENCHMARKS.md has the measured parity). With ``--decode device``
-the images arrive already decoded on the device.
+so it stays within a level of the reference (docs/performance.md has the measured parity). With
+``--decode device`` the images arrive already decoded on the device.
 """
 
 from __future__ import annotations

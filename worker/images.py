@@ -55,7 +55,7 @@ class Preprocessing:
 
     ``resize`` picks the bicubic implementation: ``pil`` is the reference itself; ``torch`` is torch's
     antialiased uint8 bicubic (a port of PIL's filter, about 5x faster on CPU, within 2/255 of PIL on a
-    few pixels: see BENCHMARKS.md for its parity); ``device`` leaves resize, crop and normalisation to the
+    few pixels: docs/performance.md has its parity); ``device`` leaves resize, crop and normalisation to the
     model's device (:mod:`worker.device_resize`), so decoding yields uint8 RGB arrays. ``decode="device"``
     (with ``resize="device"``) also leaves the JPEG decoding itself to the device
     (:mod:`worker.device_decode`).

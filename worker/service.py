@@ -181,10 +181,10 @@ class _StartupObjectsFrozen:
     """Puts what start-up made (torch, transformers, the model, the clients: a few million objects) out of
     the garbage collector's reach while any worker of this process runs.
 
-    Each full collection walked all of them, about 150 ms with every thread stopped, and the by-reference
-    path's allocations brought one every few seconds: by reference / by bytes rose from 0.61-0.73 to
-    0.70-0.85 (BENCHMARKS.md). Counted, because tests and the bench run several workers in one process:
-    the first to start freezes, the last to stop unfreezes.
+    Each full collection walked all of them with every thread stopped, and the by-reference path's
+    allocations brought one every few seconds (docs/decisions/0005-gc-freeze.md). Counted, because tests
+    and the bench run several workers in one process: the first to start freezes, the last to stop
+    unfreezes.
     """
 
     _lock = threading.Lock()

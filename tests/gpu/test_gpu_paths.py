@@ -1,7 +1,7 @@
 """The GPU code paths, on a CUDA machine only (``make gpu-test``; ``.ci/gpu-bench`` runs them first).
 
 They are not part of ``make test``: the development and CI machines have no GPU, and a skipped test is not
-a passed one. Each test prints a FIGURES line that BENCHMARKS.md quotes.
+a passed one. Each test prints a FIGURES line that docs/gpu.md and docs/performance.md quote.
 """
 
 from __future__ import annotations

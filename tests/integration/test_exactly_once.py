@@ -1,6 +1,7 @@
 """Exactly-once mode against a real Apache Kafka: read_committed consumers see each id exactly once.
 
-Short variants run in CI; FAULTS_LONG=1 runs the sizes of RELIABILITY.md. Each test prints a FIGURES line.
+Short variants run in CI; FAULTS_LONG=1 runs the sizes of docs/reliability.md. Each test prints a FIGURES
+line.
 """
 
 from __future__ import annotations

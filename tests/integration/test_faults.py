@@ -1,7 +1,7 @@
 """Fault suite against a real Apache Kafka: kill -9, broker restart, broker gone past its deadline, churn.
 
-Short variants run in CI; set FAULTS_LONG=1 for the full sizes of RELIABILITY.md. Every test prints a
-figures line (sent, lost, duplicated, recovery) that RELIABILITY.md quotes.
+Short variants run in CI; set FAULTS_LONG=1 for the full sizes of docs/reliability.md. Every test prints a
+figures line (sent, lost, duplicated, recovery) that docs/reliability.md quotes.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_operations_page_lists_every_metric():
 
     from prometheus_client import generate_latest
 
-    from worker.metrics import WorkerMetrics
+    from worker.ops.metrics import WorkerMetrics
 
     readme = (DOCKER.parent / "docs" / "operations.md").read_text()
     exposition = generate_latest(WorkerMetrics().registry).decode()

