@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.tiny_clip import build_tiny_clip
-from worker.embedder import Embedder, ModelSpec, load_embedder
+from worker.inference.embedder import Embedder, ModelSpec, load_embedder
 
 if TYPE_CHECKING:  # testcontainers is imported only when an engine answers
     from tests.support.kafka_container import KafkaBrokerContainer

@@ -77,7 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from worker.service import run_worker
+    from worker.loop.service import run_worker
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from worker.tools import produce_paths
+    from worker.commands.produce_tail import produce_paths
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -95,7 +95,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
-    from worker.tools import tail_topic
+    from worker.commands.produce_tail import tail_topic
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -110,7 +110,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from worker.query import query_text
+    from worker.commands.query import query_text
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -126,7 +126,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
-    from worker.fleet import parse_gpus, plan_slots, run_fleet
+    from worker.commands.fleet import parse_gpus, plan_slots, run_fleet
 
     configure_logging("info")
     run_args = [a for a in args.run_args if a != "--"]

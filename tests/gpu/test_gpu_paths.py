@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from worker.device_resize import preprocess_on_device
 from worker.devtools.samples import jpeg_corpus, sample_images
-from worker.embedder import Embedder, ModelSpec, load_embedder
-from worker.images import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb
+from worker.inference.embedder import Embedder, ModelSpec, load_embedder
 from worker.ops.gpu import GpuCollector
 
 if not torch.cuda.is_available():
@@ -92,9 +92,9 @@ def test_device_resize_embeds_like_the_host_resize(cuda_embedder):
 
 
 def test_nvjpeg_decoding_matches_the_host_decoder_and_embeds_like_it(cuda_embedder):
-    from worker.device_decode import DeviceJpegDecoder, decoded_only
     from worker.errors import RejectedRecord
-    from worker.images import EncodedJpeg, prepare
+    from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
+    from worker.imaging.host import EncodedJpeg, prepare
 
     params = replace(cuda_embedder.preprocessing, resize="device", decode="device")
     prepared = [prepare(d, ImageLimits(), params) for d in IMAGES]
@@ -149,8 +149,8 @@ def test_nvjpeg_batches_decoded_while_the_previous_batch_is_in_flight_embed_like
     # pytorch/vision#9606: nvJPEG could write into blocks that the previous batch's queued kernels still read.
     # The inference stage decodes batch N+1 while batch N is queued; twelve batches of changing sizes make the
     # allocator recycle blocks between them, and busy work in front of each batch keeps them queued.
-    from worker.device_decode import DeviceJpegDecoder, decoded_only
-    from worker.images import prepare
+    from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
+    from worker.imaging.host import prepare
 
     params = replace(cuda_embedder.preprocessing, resize="device", decode="device")
     limits = ImageLimits()
@@ -281,7 +281,7 @@ def test_scores_read_back_with_their_own_batch_when_batches_are_in_flight(
 ):
     from tests.support.score_heads import REFERENCES, load_state, save_random_heads
     from worker.config import load_settings
-    from worker.scores import load_score_heads
+    from worker.inference.scores import load_score_heads
 
     embedder = load_embedder(ModelSpec(model=tiny_clip_768_embedder.label, device="cuda"))
     locations = save_random_heads(tmp_path)

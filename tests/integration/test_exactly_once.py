@@ -28,8 +28,8 @@ from tests.support.kafka_helpers import (
     worker_settings,
 )
 from tests.support.tally import Tally, assert_exactly_once
+from worker.commands.produce_tail import tail_topic
 from worker.config import Settings
-from worker.tools import tail_topic
 
 pytestmark = pytest.mark.integration
 LONG = os.environ.get("FAULTS_LONG") == "1"

@@ -33,7 +33,7 @@ from tests.support.silent import SilentServer
 from tests.support.special_files import EXPECTED, make_special
 from worker.config import Settings
 from worker.devtools.samples import jpeg_corpus
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
 from worker.messages import ERROR_HEADER, encode_reference
 
 pytestmark = pytest.mark.integration

@@ -29,8 +29,8 @@ from tests.support.kafka_helpers import (
 )
 from worker.config import Settings
 from worker.devtools.samples import jpeg_corpus
-from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import ExitCode
+from worker.inference.embedder import Embedder, PendingEmbeddings
 from worker.kafka_io import ensure_topics
 from worker.messages import (
     KEY_TRUNCATED_HEADER,

@@ -17,7 +17,7 @@ from tests.support.kafka_helpers import (
     worker_settings,
 )
 from worker.devtools.samples import jpeg_corpus
-from worker.embedder import Embedder, PendingEmbeddings
+from worker.inference.embedder import Embedder, PendingEmbeddings
 from worker.models.heads import ScoreHeads
 
 pytestmark = pytest.mark.integration

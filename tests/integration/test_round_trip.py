@@ -20,7 +20,7 @@ from tests.support.kafka_helpers import (
 from tests.support.schemas import validate_dlq_headers, validate_msgpack
 from tests.support.tiny_clip import TINY_DIM
 from worker.devtools.samples import Sample, jpeg_corpus, sample_images
-from worker.images import ImageLimits, decode_and_preprocess
+from worker.imaging.host import ImageLimits, decode_and_preprocess
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ from tests.support.kafka_helpers import (
 from tests.support.schemas import validate_msgpack
 from tests.support.score_heads import load_state, reference_aesthetic, reference_nsfw, save_random_heads
 from worker.devtools.samples import sample_images
-from worker.embedder import Embedder
-from worker.images import ImageLimits, decode_and_preprocess
+from worker.imaging.host import ImageLimits, decode_and_preprocess
+from worker.inference.embedder import Embedder
 
 pytestmark = pytest.mark.integration
 TOLERANCE = 1e-5

@@ -20,7 +20,7 @@ from tests.support.tiny_clip import build_tiny_clip
 from tests.support.tiny_siglip import TINY_SIGLIP_TEXT_LENGTH, build_tiny_siglip
 from worker.config import Settings
 from worker.devtools.samples import sample_images
-from worker.embedder import Embedder, ModelSpec, load_embedder
+from worker.inference.embedder import Embedder, ModelSpec, load_embedder
 from worker.messages import encode_text_request
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from worker.images import ImageLimits, Preprocessing
-from worker.inputs.base import Outcome
-from worker.inputs.image_bytes import ImageDecoder
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.intake.inputs.base import Outcome
+from worker.intake.inputs.image_bytes import ImageDecoder
 from worker.ops.metrics import WorkerMetrics
 
 

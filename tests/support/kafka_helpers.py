@@ -16,12 +16,12 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from worker.config import Settings, load_settings
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
 from worker.kafka_io import ensure_topics
+from worker.loop.service import run_worker
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
-from worker.service import run_worker
 
 
 def unique(prefix: str) -> str:

@@ -22,7 +22,7 @@ class Published:
 
 
 class RecordingPublisher:
-    """Stands in for :class:`worker.publisher.Publisher` on the calls the inference stage makes."""
+    """Stands in for :class:`worker.output.publisher.Publisher` on the calls the inference stage makes."""
 
     def __init__(self) -> None:
         self.published: list[Published] = []

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.images import Preprocessing
+from worker.imaging.host import Preprocessing
 from worker.models.text import TextTower, TokenizedText
 
 DIM = 4
@@ -42,7 +42,7 @@ def stub_tokenizer(texts: list[str], **options: Any) -> dict[str, np.ndarray]:
 
 
 class StubEmbedder:
-    """What the pipeline needs of :class:`worker.embedder.Embedder`, and nothing more."""
+    """What the pipeline needs of :class:`worker.inference.embedder.Embedder`, and nothing more."""
 
     label = "stub"
     dim = DIM

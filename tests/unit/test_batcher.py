@@ -1,4 +1,4 @@
-from worker.batcher import Batcher, CloseCause
+from worker.intake.batcher import Batcher, CloseCause
 
 
 class FakeClock:

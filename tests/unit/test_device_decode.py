@@ -14,11 +14,10 @@ from PIL import Image
 
 from tests.support.bad_inputs import bad_requests
 from tests.support.hostile import _exif_orientation
-from worker.device_decode import DeviceJpegDecoder, decoded_only
 from worker.devtools.samples import jpeg_corpus, sample_images, scene
-from worker.embedder import Embedder
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import (
+from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
+from worker.imaging.host import (
     EncodedJpeg,
     ImageLimits,
     Preprocessing,
@@ -27,6 +26,7 @@ from worker.images import (
     load_rgb,
     prepare,
 )
+from worker.inference.embedder import Embedder
 from worker.messages import decode_request
 
 CPU = torch.device("cpu")
@@ -156,8 +156,8 @@ def test_device_decoding_embeds_like_the_reference_path(tiny_embedder: Embedder)
 def test_missing_torchvision_stops_startup_with_the_fix(monkeypatch):
     import sys
 
-    from worker.device_decode import load_jpeg_decoder
     from worker.errors import StartupError
+    from worker.imaging.device_decode import load_jpeg_decoder
 
     monkeypatch.setitem(sys.modules, "torchvision.io", None)
     with pytest.raises(StartupError, match=r"clip-worker\[gpu-decode\]"):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from worker.device_resize import preprocess_on_device
-from worker.images import Preprocessing
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import Preprocessing
 
 PARAMS = Preprocessing(resize="device")
 CPU = torch.device("cpu")

@@ -12,14 +12,14 @@ import pytest
 
 from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from worker.config import load_settings
-from worker.delivery import ExactlyOnce
-from worker.delivery.transactions import AbortReason
-from worker.embedder import Embedder
-from worker.offsets import OffsetTracker
+from worker.inference.embedder import Embedder
+from worker.loop.pipeline import Pipeline
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
-from worker.pipeline import Pipeline
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import ExactlyOnce
+from worker.output.delivery.transactions import AbortReason
+from worker.output.offsets import OffsetTracker
+from worker.output.topic_limits import TopicLimits
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import torch
 
 from tests.support.tiny_clip import TINY_DIM, TINY_IMAGE_SIZE
 from worker.devtools.samples import sample_images
-from worker.embedder import ModelSpec, load_embedder, resolve_device, resolve_dtype
 from worker.errors import ModelLoadError, StartupError
-from worker.images import ImageLimits, decode_and_preprocess
+from worker.imaging.host import ImageLimits, decode_and_preprocess
+from worker.inference.embedder import ModelSpec, load_embedder, resolve_device, resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,11 @@ def test_cuda_graphs_need_a_gpu(tiny_embedder):
 def test_graphs_inductor_skips_are_reported_loudly(tiny_embedder, pixels, monkeypatch, caplog):
     # On the CPU inductor always refuses CUDA graphs, which makes the skip observable here; on a GPU it
     # refuses them for CPU ops or mutated inputs in the graph, and the worker must not stay silent about it.
-    import worker.embedder as embedder_module
+    import worker.inference.embedder as embedder_module
 
     monkeypatch.setitem(embedder_module.COMPILE_OPTIONS, "inductor", {"triton.cudagraphs": True})
     compiled = tiny_embedder.view()
-    with caplog.at_level("ERROR", logger="worker.embedder"):
+    with caplog.at_level("ERROR", logger="worker.inference.embedder"):
         compiled.compile("inductor", batch_size=4)
     assert compiled.graphs_skipped
     assert "CUDA GRAPHS SKIPPED" in caplog.text
@@ -140,7 +140,7 @@ def test_a_compiled_forward_pass_is_warmed_up_again_on_the_thread_that_runs_it(t
     compiled = tiny_embedder.view()
     compiled.compile("inductor", batch_size=4)
     results: list[np.ndarray] = []
-    with caplog.at_level("INFO", logger="worker.embedder"):
+    with caplog.at_level("INFO", logger="worker.inference.embedder"):
         thread = threading.Thread(target=lambda: results.append(compiled.embed(pixels[:4])), name="inference")
         thread.start()
         thread.join(timeout=120)

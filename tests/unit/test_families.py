@@ -18,12 +18,12 @@ import torch
 
 from tests.support.tiny_clip import TINY_DIM, build_tiny_clip
 from tests.support.tiny_siglip import BILINEAR, TINY_SIGLIP_DIM, build_tiny_siglip
-from worker.device_decode import DeviceJpegDecoder, decoded_only
-from worker.device_resize import preprocess_on_device
 from worker.devtools.samples import jpeg_corpus, sample_images
-from worker.embedder import Embedder, ModelSpec, load_embedder
 from worker.errors import ModelLoadError
-from worker.images import EncodedJpeg, ImageLimits, decode_and_preprocess, load_rgb, prepare
+from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import EncodedJpeg, ImageLimits, decode_and_preprocess, load_rgb, prepare
+from worker.inference.embedder import Embedder, ModelSpec, load_embedder
 from worker.models import select_family
 
 # Max abs difference on the normalised tensor, per resize path (docs/models.md has the measured

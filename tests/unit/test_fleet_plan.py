@@ -1,6 +1,6 @@
 """How `clip-worker fleet` lays processes on devices."""
 
-from worker.fleet import Slot, child_command, plan_slots
+from worker.commands.fleet import Slot, child_command, plan_slots
 
 
 def test_plan_pins_processes_to_gpus():

@@ -7,7 +7,7 @@ from worker.devtools.bench import stages
 from worker.devtools.bench.host_cost import HostCostWork, _breakdown, _Outcome, padded_tiny_jpeg
 from worker.devtools.bench.report import host_cost_table
 from worker.devtools.bench.sampler import Frame, Stack, parse_raw
-from worker.images import ImageLimits, Preprocessing, prepare
+from worker.imaging.host import ImageLimits, Preprocessing, prepare
 
 SITE = "/venv/lib/python3.11/site-packages/"
 REPO = "/src/clip-worker/worker/"
@@ -15,9 +15,9 @@ STDLIB = "/usr/lib/python3.11/"
 LOOP = [
     Frame("Thread._bootstrap", STDLIB + "threading.py"),
     Frame("WorkerRun._run", REPO + "bench/worker_run.py"),
-    Frame("run_worker", REPO + "service.py"),
-    Frame("Pipeline.run", REPO + "pipeline.py"),
-    Frame("Pipeline.step", REPO + "pipeline.py"),
+    Frame("run_worker", REPO + "loop/service.py"),
+    Frame("Pipeline.run", REPO + "loop/pipeline.py"),
+    Frame("Pipeline.step", REPO + "loop/pipeline.py"),
 ]
 
 
@@ -27,25 +27,25 @@ def stage(*frames: Frame, thread: str = "bench-worker") -> tuple[str, bool]:
 
 def test_modules_are_named_from_paths_inside_and_outside_site_packages():
     assert stages.module_of(SITE + "kafka/net/selector.py") == "kafka.net.selector"
-    assert stages.module_of(REPO + "offsets.py") == "worker.offsets"
+    assert stages.module_of(REPO + "output/offsets.py") == "worker.output.offsets"
     assert stages.module_of(STDLIB + "concurrent/futures/thread.py") == "concurrent.futures.thread"
     assert stages.module_of("<codegen_decode:fetch_response_v12>") == "kafka.codegen"
 
 
 def test_worker_code_takes_the_stage_of_its_innermost_named_frame():
-    accept = Frame("Pipeline._accept", REPO + "pipeline.py")
+    accept = Frame("Pipeline._accept", REPO + "loop/pipeline.py")
     decode = Frame("decode_request", REPO + "messages.py")
     dataclass_init = Frame("__create_fn__.<locals>.__init__", "<string>")
     assert stage(*LOOP, accept, decode, dataclass_init) == (stages.ENVELOPE, False)
     assert stage(*LOOP, accept, dataclass_init) == (stages.INTAKE, False)
-    track = Frame("OffsetTracker.track", REPO + "offsets.py")
+    track = Frame("OffsetTracker.track", REPO + "output/offsets.py")
     assert stage(*LOOP, accept, track) == (stages.ACK, False)
     inc = Frame("MutexValue.inc", SITE + "prometheus_client/values.py")
     assert stage(*LOOP, accept, inc) == (stages.METRICS, False)
 
 
 def test_kafka_time_goes_to_what_the_client_was_asked_to_do():
-    poll = Frame("Pipeline._poll", REPO + "pipeline.py")
+    poll = Frame("Pipeline._poll", REPO + "loop/pipeline.py")
     consumer_poll = Frame("KafkaConsumer.poll", SITE + "kafka/consumer/group.py")
     parse = Frame("DefaultRecordBatch._read_msg", SITE + "kafka/record/default_records.py")
     assert stage(*LOOP, poll, consumer_poll, parse) == (stages.POLL, True)
@@ -53,7 +53,7 @@ def test_kafka_time_goes_to_what_the_client_was_asked_to_do():
     assert stage(*LOOP, poll, consumer_poll, coordinator) == (stages.GROUP, True)
     send = Frame("KafkaProducer.send", SITE + "kafka/producer/kafka.py")
     append = Frame("DefaultRecordBatchBuilder.append", SITE + "kafka/record/default_records.py")
-    publish = Frame("InferenceStage._publish", REPO + "inference.py")
+    publish = Frame("InferenceStage._publish", REPO + "inference/stage.py")
     assert stage(publish, Frame("send", REPO + "work.py"), send, append, thread="inference") == (
         stages.SEND,
         True,
@@ -67,7 +67,7 @@ def test_callbacks_on_the_producer_thread_are_acknowledgement_tracking():
     sender = Frame("Sender.run", SITE + "kafka/producer/sender.py")
     success = Frame("Future.success", SITE + "kafka/future.py")
     delivered = Frame("send.<locals>.delivered", REPO + "work.py")
-    ack = Frame("OffsetTracker.ack", REPO + "offsets.py")
+    ack = Frame("OffsetTracker.ack", REPO + "output/offsets.py")
     assert stage(sender, success, delivered, ack, thread="net") == (stages.ACK, False)
     assert stage(sender, success, thread="net") == (stages.PRODUCER_IO, True)
 
@@ -75,7 +75,7 @@ def test_callbacks_on_the_producer_thread_are_acknowledgement_tracking():
 def test_start_up_shutdown_and_the_bench_are_left_out():
     connect = Frame("KafkaConsumer.__init__", SITE + "kafka/consumer/group.py")
     assert stage(*LOOP[:3], connect)[0] == stages.STARTUP
-    assert stage(*LOOP[:4], Frame("Pipeline.drain", REPO + "pipeline.py"))[0] == stages.SHUTDOWN
+    assert stage(*LOOP[:4], Frame("Pipeline.drain", REPO + "loop/pipeline.py"))[0] == stages.SHUTDOWN
     assert stage(Frame("sleep", STDLIB + "time.py"), thread="MainThread")[0] == stages.HARNESS
     for left_out in stages.LEFT_OUT_STAGES:
         assert left_out not in stages.HOST_STAGES
@@ -103,7 +103,7 @@ def test_the_stand_in_image_has_the_payload_size_and_decodes_as_a_thumbnail():
 
 
 def test_cpu_is_split_by_samples_waits_left_out_and_gil_is_bounded_by_cpu():
-    accept = Frame("Pipeline._accept", REPO + "pipeline.py")
+    accept = Frame("Pipeline._accept", REPO + "loop/pipeline.py")
     decode = Frame("decode_request", REPO + "messages.py")
     wait = Frame("Condition.wait", STDLIB + "threading.py")
     main = 11

@@ -10,7 +10,7 @@ from PIL import Image
 from tests.support.hostile import EMBED, hostile_corpus
 from worker.devtools.samples import scene
 from worker.errors import RejectedRecord
-from worker.images import ImageLimits, Preprocessing, decode_and_preprocess
+from worker.imaging.host import ImageLimits, Preprocessing, decode_and_preprocess
 from worker.messages import decode_request, encode_request
 
 LIMITS = ImageLimits(max_pixels=64_000_000, min_side=3)

@@ -17,11 +17,11 @@ from worker.devtools.samples import jpeg_corpus
 from worker.errors import RejectReason
 from worker.fetching.fetcher import Fetcher, FetchPolicy
 from worker.fetching.retry import RetryPolicy
-from worker.images import ImageLimits, Preprocessing
-from worker.inputs.image_bytes import ImageDecoder
-from worker.inputs.image_uri import ImageFetcher
-from worker.inputs.select import build_handlers, fetch_policy
-from worker.intake import IntakeStage, ReadyImage, Rejected
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.intake.inputs.image_bytes import ImageDecoder
+from worker.intake.inputs.image_uri import ImageFetcher
+from worker.intake.inputs.select import build_handlers, fetch_policy
+from worker.intake.stage import IntakeStage, ReadyImage, Rejected
 from worker.messages import InputKind, Source
 from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord

@@ -8,7 +8,7 @@ from PIL import Image
 
 from worker.devtools.samples import sample_images, scene
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import (
+from worker.imaging.host import (
     ImageLimits,
     Preprocessing,
     crop_window,

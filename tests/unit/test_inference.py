@@ -7,10 +7,10 @@ import numpy as np
 import torch
 
 from tests.support.recording_publisher import RecordingPublisher
-from worker.batcher import Batch, CloseCause
-from worker.images import ImageLimits, Preprocessing
-from worker.inference import InferenceStage
-from worker.intake import Ready, ReadyImage
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.inference.stage import InferenceStage
+from worker.intake.batcher import Batch, CloseCause
+from worker.intake.stage import Ready, ReadyImage
 from worker.messages import Request, Source
 from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord

@@ -10,10 +10,10 @@ import numpy as np
 
 from worker.devtools.samples import jpeg_corpus
 from worker.errors import RejectReason
-from worker.images import ImageLimits, Preprocessing
-from worker.inputs.base import Outcome, Slot
-from worker.inputs.image_bytes import ImageDecoder
-from worker.intake import IntakeStage, Ready, ReadyImage, Rejected
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.intake.inputs.base import Outcome, Slot
+from worker.intake.inputs.image_bytes import ImageDecoder
+from worker.intake.stage import IntakeStage, Ready, ReadyImage, Rejected
 from worker.messages import InputKind, Request, Source
 from worker.ops.metrics import WorkerMetrics
 from worker.work import InputRecord

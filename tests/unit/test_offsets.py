@@ -1,6 +1,6 @@
 from kafka.structs import TopicPartition
 
-from worker.offsets import OffsetTracker
+from worker.output.offsets import OffsetTracker
 
 TP = TopicPartition("images", 0)
 OTHER = TopicPartition("images", 1)

@@ -107,7 +107,10 @@ def test_repeated_library_lines_are_held_back_and_counted():
     again = record("Topic %s not found")
     assert limiter.filter(again)
     assert "300 more like it" in str(again.msg)
-    own = [logging.LogRecord("worker.pipeline", logging.WARNING, "", 0, "same", None, None) for _ in range(3)]
+    own = [
+        logging.LogRecord("worker.loop.pipeline", logging.WARNING, "", 0, "same", None, None)
+        for _ in range(3)
+    ]
     assert all(limiter.filter(line) for line in own), "the worker's own lines are never held back"
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from worker.delivery.ordering import InOrderRelease, OutOfOrderError
 from worker.kafka_io import TopicPartition
+from worker.output.delivery.ordering import InOrderRelease, OutOfOrderError
 
 TP = TopicPartition("images", 0)
 OTHER = TopicPartition("images", 1)

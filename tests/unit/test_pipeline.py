@@ -13,18 +13,18 @@ import pytest
 from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from tests.support.stub_embedder import StubEmbedder
 from worker.config import load_settings
-from worker.delivery import AtLeastOnce, ExactlyOnce
-from worker.delivery.transactions import AbortReason
 from worker.devtools.samples import jpeg_corpus
 from worker.errors import GroupInstanceFencedError
 from worker.kafka_io import TopicPartition
 from worker.kafka_io.errors import InstanceFencedError
+from worker.loop.pipeline import Pipeline
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
-from worker.offsets import OffsetTracker
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
-from worker.pipeline import Pipeline
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import AtLeastOnce, ExactlyOnce
+from worker.output.delivery.transactions import AbortReason
+from worker.output.offsets import OffsetTracker
+from worker.output.topic_limits import TopicLimits
 
 TP = TopicPartition("images", 0)
 

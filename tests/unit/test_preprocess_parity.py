@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from worker.device_resize import preprocess_on_device
 from worker.devtools.samples import jpeg_corpus, sample_images
-from worker.embedder import Embedder
-from worker.images import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, preprocess
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, preprocess
+from worker.inference.embedder import Embedder
 
 # resize=pil is the reference itself: measured 0 to 4.8e-7 (float32 rounding of our fused normalisation).
 PIL_MAX_ABS_DIFF = 1e-5

@@ -10,13 +10,13 @@ import numpy as np
 
 from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from worker.config import load_settings
-from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.kafka_io.errors import RecordTooLargeError
 from worker.messages import VALUE_OMITTED_HEADER, Request, Source, decode_embedding
-from worker.offsets import OffsetTracker
 from worker.ops.metrics import WorkerMetrics
-from worker.publisher import Publisher
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import AtLeastOnce, ExactlyOnce
+from worker.output.offsets import OffsetTracker
+from worker.output.publisher import Publisher
+from worker.output.topic_limits import TopicLimits
 from worker.work import InputRecord
 
 SETTINGS = {"output_topic": "out", "dlq_topic": "dlq"}

@@ -22,17 +22,17 @@ from tests.support.score_heads import (
 )
 from worker.cli import build_parser, settings_from_args
 from worker.config import SCORE_NAMES, Settings, load_settings
-from worker.delivery import AtLeastOnce, ExactlyOnce
-from worker.embedder import Embedder
 from worker.errors import ModelLoadError, StartupError
+from worker.inference.embedder import Embedder
+from worker.inference.scores import load_score_heads
 from worker.messages import Request, Source, decode_embedding
 from worker.models.checkpoint import RANDOM_PREFIX, ModelSpec
 from worker.models.heads import HEADS, ScoreHeads, check_trained_on, load_head
-from worker.offsets import OffsetTracker
 from worker.ops.metrics import WorkerMetrics
-from worker.publisher import Publisher
-from worker.scores import load_score_heads
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import AtLeastOnce, ExactlyOnce
+from worker.output.offsets import OffsetTracker
+from worker.output.publisher import Publisher
+from worker.output.topic_limits import TopicLimits
 from worker.work import InputRecord
 
 # float32 on the device against float64 numpy.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from worker.service import _StartupObjectsFrozen
+from worker.loop.service import _StartupObjectsFrozen
 
 
 def test_the_first_worker_to_start_freezes_and_the_last_to_stop_unfreezes():

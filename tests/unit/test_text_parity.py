@@ -24,9 +24,9 @@ from tests.support.kafka_helpers import clean_env
 from tests.support.tiny_clip import build_tiny_clip
 from tests.support.tiny_siglip import TINY_SIGLIP_TEXT_LENGTH, build_tiny_siglip
 from worker.config import load_settings
-from worker.embedder import Embedder, ModelSpec, load_embedder
 from worker.errors import ModelLoadError
-from worker.inputs.text import TextTokenizer
+from worker.inference.embedder import Embedder, ModelSpec, load_embedder
+from worker.intake.inputs.text import TextTokenizer
 from worker.models.text import TokenizedText
 from worker.ops.metrics import WorkerMetrics
 
@@ -191,7 +191,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_with_texts_only(tmp_path: P
 
 
 def test_texts_setting_loads_the_text_tower_in_the_worker(tmp_path: Path):
-    from worker.service import load_model
+    from worker.loop.service import load_model
 
     directory = build_tiny_clip(tmp_path / "clip")
     settings = load_settings({"model": str(directory), "device": "cpu", "texts": True}, environ={})

@@ -16,12 +16,12 @@ from tests.support.recording_publisher import RecordingPublisher
 from tests.support.schemas import validate_msgpack
 from tests.support.stub_embedder import IMAGE_VALUE, TEXT_VALUE, StubEmbedder, StubPending
 from tests.unit.test_pipeline import TP, add_images, build, run_until, running
-from worker.batcher import Batch, CloseCause
 from worker.config import load_settings
 from worker.errors import RejectReason, StartupError
-from worker.images import ImageLimits, Preprocessing
-from worker.inference import InferenceStage
-from worker.intake import Ready, ReadyText
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.inference.stage import InferenceStage
+from worker.intake.batcher import Batch, CloseCause
+from worker.intake.stage import Ready, ReadyText
 from worker.messages import (
     ERROR_HEADER,
     REASON_HEADER,
@@ -165,7 +165,7 @@ def test_texts_is_a_flag_and_an_environment_variable():
 def test_a_text_the_tokenizer_fails_on_is_rejected_alone():
     from tests.support.stub_embedder import STUB_TEXT_LENGTH, stub_tokenizer
     from worker.errors import RejectedRecord
-    from worker.inputs.text import TextTokenizer
+    from worker.intake.inputs.text import TextTokenizer
     from worker.models.text import TextTower
 
     def picky(texts: list[str], **options: Any) -> dict[str, np.ndarray]:

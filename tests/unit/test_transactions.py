@@ -10,10 +10,10 @@ import threading
 from typing import Any
 
 from tests.support.fake_kafka import FakeConsumer, FakeProducer
-from worker.delivery.transactions import AbortReason, Transactions
 from worker.kafka_io import TopicPartition
 from worker.kafka_io.errors import KafkaLayerError
 from worker.messages import Source
+from worker.output.delivery.transactions import AbortReason, Transactions
 from worker.work import InputRecord, Outgoing
 
 TP = TopicPartition("images", 0)

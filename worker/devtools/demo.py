@@ -17,11 +17,11 @@ import numpy as np
 from worker.config import DEFAULT_MODEL, load_settings
 from worker.devtools.brokers import TansuBroker
 from worker.devtools.samples import broken_samples, sample_images
-from worker.embedder import Embedder, ModelSpec, load_embedder
 from worker.errors import ModelLoadError
+from worker.inference.embedder import Embedder, ModelSpec, load_embedder
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
+from worker.loop.service import run_worker
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
-from worker.service import run_worker
 
 _DEMO_TIMEOUT_S = 900.0
 

@@ -3,8 +3,8 @@
 A family owns the three parts of embedding an image (the pre / core / post split): the preprocessing
 description, read from the checkpoint's own preprocessor config; the vision tower, loaded from a checkpoint
 directory or hub id with the worker's offline behaviour, or made with random weights; and the image
-features, the tensor in the tower's output that is the embedding. :class:`worker.embedder.Embedder` runs
-the tower (batching, dtype, device, streams, compile) and normalises; :mod:`worker.models.select` picks
+features, the tensor in the tower's output that is the embedding. :class:`worker.inference.embedder.Embedder`
+runs the tower (batching, dtype, device, streams, compile) and normalises; :mod:`worker.models.select` picks
 the family from the checkpoint's ``model_type``. Nothing outside this package knows a family by name.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from worker.errors import ModelLoadError, first_line
-from worker.images import Preprocessing
+from worker.imaging.host import Preprocessing
 from worker.models.checkpoint import MODEL_HINT, RANDOM_PREFIX, ModelSpec, read_json
 from worker.models.text import TextTower
 

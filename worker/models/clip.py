@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from worker.config import DEFAULT_MODEL
-from worker.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
+from worker.imaging.host import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing
 from worker.models.base import BuiltinCheckpoint, ModelFamily
 
 # OpenAI's ViT-L/14 vision tower, so random weights need no download.

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from worker.errors import ModelLoadError
-from worker.images import Preprocessing
+from worker.imaging.host import Preprocessing
 from worker.models.base import BuiltinCheckpoint, ModelFamily
 from worker.models.checkpoint import MODEL_HINT, ModelSpec
 

@@ -17,7 +17,7 @@ from worker.devtools.bench.report import Report
 from worker.devtools.bench.soak import drain_sampling_rss
 from worker.devtools.origin import OriginProcess
 from worker.devtools.samples import jpeg_corpus
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
 from worker.messages import encode_reference
 from worker.ops.metrics import WorkerMetrics
 

@@ -10,7 +10,7 @@ import torch
 from worker.devtools.bench.preprocess import reference_pixels, reference_processor
 from worker.devtools.bench.report import Report
 from worker.devtools.samples import jpeg_corpus, sample_images
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
 
 
 def with_dtype(embedder: Embedder, dtype: str | None) -> Embedder:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from worker.devtools.bench.report import Report
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
 
 _WARMUP_CALLS = 2
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from worker.embedder import Embedder, PendingEmbeddings
-from worker.images import Preprocessing
+from worker.imaging.host import Preprocessing
+from worker.inference.embedder import Embedder, PendingEmbeddings
 from worker.models.clip import ClipFamily
 from worker.models.heads import ScoreHeads
 

@@ -7,13 +7,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from worker.device_decode import DeviceJpegDecoder, decoded_only
-from worker.device_resize import preprocess_on_device
 from worker.devtools.bench.preprocess import device_decoding_available, reference_pixels, reference_processor
 from worker.devtools.bench.report import Report
 from worker.devtools.samples import jpeg_corpus, sample_images
-from worker.embedder import Embedder
-from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, prepare
+from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, prepare
+from worker.inference.embedder import Embedder
 
 
 def bench_parity(report: Report, embedder: Embedder, count: int) -> dict[str, dict[str, float]]:

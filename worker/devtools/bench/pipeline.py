@@ -18,13 +18,13 @@ import numpy as np
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings, load_settings
-from worker.device_decode import DeviceJpegDecoder, decoded_only
 from worker.devtools.bench.gpu_busy import mean_busy
 from worker.devtools.bench.preprocess import reference_pixels, reference_processor
 from worker.devtools.bench.report import Report
 from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
-from worker.embedder import Embedder
-from worker.images import ImageLimits, prepare
+from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
+from worker.imaging.host import ImageLimits, prepare
+from worker.inference.embedder import Embedder
 from worker.kafka_io import ensure_topics, make_consumer, make_producer
 from worker.messages import Source, decode_request, encode_embedding, encode_request
 from worker.ops.metrics import WorkerMetrics

@@ -10,12 +10,12 @@ from functools import partial
 import numpy as np
 import torch
 
-from worker.device_decode import DeviceJpegDecoder, decoded_only, load_jpeg_decoder
-from worker.device_resize import preprocess_on_device
 from worker.devtools.bench.report import Report
-from worker.embedder import Embedder
 from worker.errors import StartupError
-from worker.images import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
+from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only, load_jpeg_decoder
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import RESIZERS, ImageLimits, Preprocessing, decode_and_preprocess, load_rgb, prepare
+from worker.inference.embedder import Embedder
 
 
 def reference_pixels(processor: object, data: bytes) -> np.ndarray:

@@ -34,9 +34,15 @@ from worker.devtools.bench.soak import bench_soak
 from worker.devtools.brokers import TansuBroker
 from worker.devtools.samples import jpeg_corpus, scene
 from worker.devtools.tiny_model import build_tiny_clip
-from worker.embedder import Embedder, ModelSpec, configure_cpu_threads, default_decode_workers, load_embedder
 from worker.errors import StartupError
 from worker.fetching.fetcher import FetchPolicy
+from worker.inference.embedder import (
+    Embedder,
+    ModelSpec,
+    configure_cpu_threads,
+    default_decode_workers,
+    load_embedder,
+)
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from worker.config import Settings
 from worker.devtools.bench.pipeline import Workload, dlq_total, fill_backlog, fresh_settings, resident_mb
 from worker.devtools.bench.report import Report
 from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
 from worker.ops.metrics import WorkerMetrics
 
 _SAMPLES = 10

@@ -19,24 +19,26 @@ poll: record parsing                ``KafkaConsumer.poll`` and below (``kafka.co
                                     ``ConsumerAdapter.poll``
 group coordination                  ``kafka.coordinator`` (heartbeats, joins) wherever it runs
 envelope decoding                   ``worker.messages.decode_request`` (msgpack unpacking)
-intake hand-off                     ``Pipeline._accept``, ``_track``, ``worker.intake`` (but its decoding
-                                    and ``collect``), ``InputRecord``, the decode pool's dispatch
+intake hand-off                     ``Pipeline._accept``, ``_track``, ``worker.intake.stage`` (but its
+                                    decoding and ``collect``), ``InputRecord``, the decode pool's dispatch
 batching                            ``Pipeline._collect``, ``IntakeStage.collect``, ``_hand_over_batches``,
-                                    ``worker.batcher``,
+                                    ``worker.intake.batcher``,
                                     the inference thread's queue and loop (``InferenceStage`` but
                                     ``_publish``)
 publish: encode                     ``InferenceStage._publish``, ``Publisher`` (but ``delivered``),
-                                    ``worker.delivery`` (but commits), ``worker.topic_limits``,
+                                    ``worker.output.delivery`` (but commits), ``worker.output.topic_limits``,
                                     ``worker.messages.encode_embedding``, ``worker.work.send``
 publish: KafkaProducer.send         ``ProducerAdapter.send``, ``KafkaProducer.send`` and below
 publish: producer I/O thread        ``kafka.producer.sender``: draining batches, produce requests, responses
 acknowledgement + offset tracking   ``Publisher.delivered``, the send callbacks, ``worker.work.BrokerWatch``,
-                                    ``worker.offsets``, error translation
+                                    ``worker.output.offsets``, error translation
 commit                              ``Pipeline.commit``, the guarantees' ``commit``, ``KafkaConsumer.commit``
-metrics                             ``prometheus_client``, ``worker.ops``, ``worker.observer``
-main loop (other)                   the rest of ``worker.pipeline`` and ``worker.service`` while running
-decode (stand-in)                   ``ImageDecoder.decode_now``, ``worker.images``, ``PIL``: a tiny image
-model (stand-in)                    ``worker.embedder``, ``worker.devtools.bench.null_model``
+metrics                             ``prometheus_client``, ``worker.ops``, ``worker.loop.observer``
+main loop (other)                   the rest of ``worker.loop.pipeline`` and ``worker.loop.service`` while
+                                    running
+decode (stand-in)                   ``ImageDecoder.decode_now``, ``worker.imaging.host``, ``PIL``: a tiny
+                                    image
+model (stand-in)                    ``worker.inference.embedder``, ``worker.devtools.bench.null_model``
 ==================================  =====================================================================
 """
 
@@ -84,20 +86,20 @@ KAFKA_PRODUCER_STAGES: Final = (SEND, PRODUCER_IO)
 _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("prometheus_client", "", METRICS),
     ("worker.ops", "", METRICS),
-    ("worker.observer", "", METRICS),
-    ("worker.offsets", "", ACK),
+    ("worker.loop.observer", "", METRICS),
+    ("worker.output.offsets", "", ACK),
     ("worker.work", "BrokerWatch", ACK),
     ("worker.work", "send.<locals>", ACK),
     ("worker.work", "send", ENCODE),
     ("worker.work", "InputRecord", INTAKE),
     ("worker.work", "Outgoing", ENCODE),
-    ("worker.publisher", "Publisher.delivered", ACK),
-    ("worker.publisher", "", ENCODE),
-    ("worker.delivery.at_least_once", "AtLeastOnce.commit", COMMIT),
-    ("worker.delivery.exactly_once", "ExactlyOnce.commit", COMMIT),
-    ("worker.delivery.transactions", "Transactions.commit", COMMIT),
-    ("worker.delivery", "", ENCODE),
-    ("worker.topic_limits", "", ENCODE),
+    ("worker.output.publisher", "Publisher.delivered", ACK),
+    ("worker.output.publisher", "", ENCODE),
+    ("worker.output.delivery.at_least_once", "AtLeastOnce.commit", COMMIT),
+    ("worker.output.delivery.exactly_once", "ExactlyOnce.commit", COMMIT),
+    ("worker.output.delivery.transactions", "Transactions.commit", COMMIT),
+    ("worker.output.delivery", "", ENCODE),
+    ("worker.output.topic_limits", "", ENCODE),
     ("worker.kafka_io.adapters", "ConsumerAdapter.poll", POLL),
     ("worker.kafka_io.adapters", "ConsumerAdapter.commit", COMMIT),
     ("worker.kafka_io.adapters", "ProducerAdapter.send", SEND),
@@ -109,38 +111,38 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.messages", "", ENCODE),
     ("msgpack", "", ENCODE),  # only packb has a Python frame; unpacking is decode_request's own time
     ("worker.kafka_io", "record_bytes", ENCODE),
-    ("worker.inference", "InferenceStage._publish", ENCODE),
-    ("worker.inference", "", BATCHING),
-    ("worker.embedder", "", MODEL),
+    ("worker.inference.stage", "InferenceStage._publish", ENCODE),
+    ("worker.inference.stage", "", BATCHING),
+    ("worker.inference.embedder", "", MODEL),
     ("worker.models", "", MODEL),
     ("worker.devtools.bench.null_model", "", MODEL),
-    ("worker.images", "", DECODE),
+    ("worker.imaging.host", "", DECODE),
     ("PIL", "", DECODE),
-    ("worker.batcher", "", BATCHING),
-    ("worker.inputs.image_bytes", "ImageDecoder.decode_now", DECODE),
-    ("worker.intake", "IntakeStage.collect", BATCHING),
-    ("worker.intake", "", INTAKE),
-    ("worker.pipeline", "Pipeline._poll", POLL),
-    ("worker.pipeline", "Pipeline._salvage", POLL),
-    ("worker.pipeline", "Pipeline._apply_backpressure", POLL),
-    ("worker.pipeline", "Pipeline._accept", INTAKE),
-    ("worker.pipeline", "Pipeline._track", INTAKE),
-    ("worker.pipeline", "_sendable_headers", INTAKE),
-    ("worker.pipeline", "Pipeline._collect", BATCHING),
-    ("worker.pipeline", "Pipeline._hand_over_batches", BATCHING),
-    ("worker.pipeline", "Pipeline.commit", COMMIT),
-    ("worker.pipeline", "Pipeline._commit", COMMIT),
-    ("worker.pipeline", "_RebalanceListener", GROUP),
-    ("worker.pipeline", "", LOOP),
-    ("worker.service", "", LOOP),
+    ("worker.intake.batcher", "", BATCHING),
+    ("worker.intake.inputs.image_bytes", "ImageDecoder.decode_now", DECODE),
+    ("worker.intake.stage", "IntakeStage.collect", BATCHING),
+    ("worker.intake.stage", "", INTAKE),
+    ("worker.loop.pipeline", "Pipeline._poll", POLL),
+    ("worker.loop.pipeline", "Pipeline._salvage", POLL),
+    ("worker.loop.pipeline", "Pipeline._apply_backpressure", POLL),
+    ("worker.loop.pipeline", "Pipeline._accept", INTAKE),
+    ("worker.loop.pipeline", "Pipeline._track", INTAKE),
+    ("worker.loop.pipeline", "_sendable_headers", INTAKE),
+    ("worker.loop.pipeline", "Pipeline._collect", BATCHING),
+    ("worker.loop.pipeline", "Pipeline._hand_over_batches", BATCHING),
+    ("worker.loop.pipeline", "Pipeline.commit", COMMIT),
+    ("worker.loop.pipeline", "Pipeline._commit", COMMIT),
+    ("worker.loop.pipeline", "_RebalanceListener", GROUP),
+    ("worker.loop.pipeline", "", LOOP),
+    ("worker.loop.service", "", LOOP),
     ("concurrent.futures.thread", "_worker", INTAKE),
     ("concurrent.futures.thread", "_WorkItem", INTAKE),
     ("worker.devtools.bench", "", HARNESS),
 )
 # Frames that say the whole stack is outside the steady state, wherever they are.
 _PHASES: Final[tuple[tuple[str, str, str], ...]] = (
-    ("worker.pipeline", "Pipeline.drain", SHUTDOWN),
-    ("worker.service", "Clients.close", SHUTDOWN),
+    ("worker.loop.pipeline", "Pipeline.drain", SHUTDOWN),
+    ("worker.loop.service", "Clients.close", SHUTDOWN),
 )
 
 
@@ -192,7 +194,9 @@ def classify(frames: Sequence[Frame], thread_name: str) -> tuple[str, bool]:
         phase = _match(_PHASES, module, frame.function)
         if phase is not None:
             return phase, False
-    if any(m == "worker.service" for m in modules) and not any(f.function == "Pipeline.run" for f in frames):
+    if any(m == "worker.loop.service" for m in modules) and not any(
+        f.function == "Pipeline.run" for f in frames
+    ):
         return STARTUP, False
     for index in range(len(frames) - 1, -1, -1):
         module = modules[index]

@@ -9,9 +9,9 @@ import traceback
 from collections.abc import Callable
 
 from worker.config import Settings
-from worker.embedder import Embedder
+from worker.inference.embedder import Embedder
+from worker.loop.service import run_worker
 from worker.ops.metrics import WorkerMetrics
-from worker.service import run_worker
 
 POLL_S = 0.005
 DRAIN_S = 30.0  # a healthy worker drains and stops within this

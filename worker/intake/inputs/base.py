@@ -9,7 +9,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from worker.images import EncodedJpeg
+from worker.imaging.host import EncodedJpeg
 from worker.messages import Request
 from worker.models.text import TokenizedText
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from worker.images import ImageLimits, Preprocessing, prepare
-from worker.inputs.base import Outcome, Slot, submit_in_chunks
+from worker.imaging.host import ImageLimits, Preprocessing, prepare
+from worker.intake.inputs.base import Outcome, Slot, submit_in_chunks
 from worker.messages import Request
 from worker.ops.metrics import WorkerMetrics
 

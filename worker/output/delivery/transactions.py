@@ -1,7 +1,7 @@
 """Exactly-once mode: results published in a Kafka transaction together with the consumed offsets.
 
 One transaction is open at a time. Results enter it in poll order per partition (see
-:mod:`worker.delivery.ordering`); every ``--commit-interval-ms`` the main loop flushes it, adds the
+:mod:`worker.output.delivery.ordering`); every ``--commit-interval-ms`` the main loop flushes it, adds the
 consumed offsets (which then cover exactly the records whose results it holds) and commits. Anything that
 breaks that correspondence dooms the transaction: a rebalance (kafka-python calls the rebalance listener
 on its I/O thread, where nothing may block, so the listener only marks the doom), a failed delivery, a
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from worker.config import Settings
-from worker.delivery.ordering import InOrderRelease, OutOfOrderError
 from worker.errors import BrokerLostError, TransactionFencedError
 from worker.kafka_io import Consumer, Producer, TopicPartition
 from worker.kafka_io.errors import (
@@ -32,6 +31,7 @@ from worker.kafka_io.errors import (
     TransactionsRefusedError,
     UnsendableRecordError,
 )
+from worker.output.delivery.ordering import InOrderRelease, OutOfOrderError
 from worker.work import BrokerWatch, Outgoing, send
 
 log = logging.getLogger(__name__)

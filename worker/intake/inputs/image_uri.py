@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from worker.fetching.fetcher import Fetcher
-from worker.inputs.base import Fetched, Outcome, Pixels, Slot
-from worker.inputs.image_bytes import ImageDecoder
+from worker.intake.inputs.base import Fetched, Outcome, Pixels, Slot
+from worker.intake.inputs.image_bytes import ImageDecoder
 from worker.messages import Request
 
 # Bodies held at once (fetching or fetched, waiting for the decoders), per connection. One per connection

@@ -11,24 +11,24 @@ from types import FrameType
 
 from worker import __version__
 from worker.config import Settings
-from worker.delivery import Delivery, choose
-from worker.device_decode import load_jpeg_decoder
-from worker.embedder import (
+from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError, StartupError
+from worker.imaging.device_decode import load_jpeg_decoder
+from worker.inference.embedder import (
     Embedder,
     ModelSpec,
     configure_cpu_threads,
     default_decode_workers,
     load_embedder,
 )
-from worker.errors import BrokerLostError, ExitCode, FencedError, StageFailedError, StartupError
+from worker.inference.scores import load_score_heads
 from worker.kafka_io import Consumer, check_output_topics, open_consumer, topic_message_limits
-from worker.offsets import OffsetTracker
+from worker.loop.pipeline import Pipeline
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
 from worker.ops.server import MetricsServer
-from worker.pipeline import Pipeline
-from worker.scores import load_score_heads
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import Delivery, choose
+from worker.output.offsets import OffsetTracker
+from worker.output.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from worker.images import Preprocessing, target_shape
+from worker.imaging.host import Preprocessing, target_shape
 
 
 def preprocess_on_device(
@@ -24,10 +24,10 @@ def preprocess_on_device(
 ) -> torch.Tensor:
     """uint8 RGB images to a normalised float32 ``(N, 3, crop, crop)`` batch on ``device``.
 
-    Each image is a host array ``(H, W, 3)`` or a tensor ``(3, H, W)`` already on ``device`` (decoded
-    there by :mod:`worker.device_decode`). Nothing here waits for the device: host pixels and the order of a
-    batch of mixed sizes cross in one pinned, non-blocking copy each, and the normalisation constants stay
-    on the device, so the inference thread can queue the next batch while the device works on this one.
+    Each image is a host array ``(H, W, 3)`` or a tensor ``(3, H, W)`` already on ``device`` (decoded there by
+    :mod:`worker.imaging.device_decode`). Nothing here waits for the device: host pixels and the order of a
+    batch of mixed sizes cross in one pinned, non-blocking copy each, and the normalisation constants stay on
+    the device, so the inference thread can queue the next batch while the device works on this one.
     """
     by_shape: dict[tuple[bool, int, int], list[int]] = defaultdict(list)
     for index, image in enumerate(images):

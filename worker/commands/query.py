@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from worker.config import Settings
-from worker.embedder import load_embedder
-from worker.service import model_spec
+from worker.inference.embedder import load_embedder
+from worker.loop.service import model_spec
 
 HEAD_VALUES = 8
 

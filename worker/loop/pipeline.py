@@ -1,11 +1,11 @@
 """The worker loop: poll, hand records to intake, batch, embed, publish, commit, drain.
 
-Threads: the main loop polls, batches and commits, so the consumer stays in its group however long a
-batch takes; the intake stage (:mod:`worker.intake`) decodes images on a thread pool; one inference thread
-(:mod:`worker.inference`) embeds closed batches from a small bounded queue and publishes them; the Kafka
-client's I/O threads deliver acknowledgements and rebalance callbacks, which only touch thread-safe state
-and never block. What "delivered" and "committed" mean is the delivery guarantee's business
-(:mod:`worker.delivery`): the loop only asks it.
+Threads: the main loop polls, batches and commits, so the consumer stays in its group however long a batch
+takes; the intake stage (:mod:`worker.intake.stage`) decodes images on a thread pool; one inference thread
+(:mod:`worker.inference.stage`) embeds closed batches from a small bounded queue and publishes them; the Kafka
+client's I/O threads deliver acknowledgements and rebalance callbacks, which only touch thread-safe state and
+never block. What "delivered" and "committed" mean is the delivery guarantee's business
+(:mod:`worker.output.delivery`): the loop only asks it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from worker.batcher import Batch, Batcher
 from worker.config import Settings
-from worker.delivery import Delivery, DrainOutcome
-from worker.embedder import Embedder
 from worker.errors import (
     BrokerLostError,
     FencedError,
@@ -30,22 +27,25 @@ from worker.errors import (
     RejectReason,
     StageFailedError,
 )
-from worker.images import ImageLimits
-from worker.inference import InferenceStage
-from worker.inputs.select import build_handlers
-from worker.intake import IntakeStage, Ready, Rejected
+from worker.imaging.host import ImageLimits
+from worker.inference.embedder import Embedder
+from worker.inference.stage import InferenceStage
+from worker.intake.batcher import Batch, Batcher
+from worker.intake.inputs.select import build_handlers
+from worker.intake.stage import IntakeStage, Ready, Rejected
 from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition
 from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, UnreadableRecordError
 from worker.kafka_io.salvage import salvage_batch
+from worker.loop.observer import Observer
 from worker.messages import Headers, Modality, Source
 from worker.models.heads import ScoreHeads
-from worker.observer import Observer
-from worker.offsets import OffsetTracker
 from worker.ops.gpu import GpuCollector
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
-from worker.publisher import Publisher
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import Delivery, DrainOutcome
+from worker.output.offsets import OffsetTracker
+from worker.output.publisher import Publisher
+from worker.output.topic_limits import TopicLimits
 from worker.work import InputRecord
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Publishing results: embeddings to the output topic, rejected records to the DLQ.
 
-The publisher decides *what* is sent for each record, the delivery guarantee (:mod:`worker.delivery`)
+The publisher decides *what* is sent for each record, the delivery guarantee (:mod:`worker.output.delivery`)
 *how*. Every record is checked against its topic's ``max.message.bytes`` before it is sent: an output too
 large is dead-lettered (``output_too_large``), and a dead letter too large is cut down step by step (see
 :func:`_shrink`). A dead letter that cannot be delivered even then, or that the client refuses outright, is
@@ -18,7 +18,6 @@ from collections.abc import Mapping
 import numpy as np
 
 from worker.config import Settings
-from worker.delivery import Delivery
 from worker.errors import RejectedRecord, RejectReason
 from worker.messages import (
     DLQ_HEADERS,
@@ -30,10 +29,10 @@ from worker.messages import (
     dlq_headers,
     encode_embedding,
 )
-from worker.offsets import OffsetTracker
 from worker.ops.metrics import WorkerMetrics
-from worker.scores import output_topic
-from worker.topic_limits import TopicLimits
+from worker.output.delivery import Delivery
+from worker.output.offsets import OffsetTracker
+from worker.output.topic_limits import TopicLimits
 from worker.work import InputRecord, Outgoing
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class Publisher:
     """Sends each record's one result and turns acknowledgements into committable offsets.
 
     ``embedding`` and ``dead_letter`` run on the main and inference threads; the outcome callbacks
-    (:class:`worker.delivery.Outcomes`) on the producer's I/O thread, touching thread-safe state only.
+    (:class:`worker.output.delivery.Outcomes`) on the producer's I/O thread, touching thread-safe state only.
     """
 
     def __init__(
@@ -138,7 +137,7 @@ class Publisher:
                 return
         self.delivery.send(out, self)
 
-    # ---------------------------------------------------------------- outcomes (worker.delivery.Outcomes)
+    # ------------------------------------------------------- outcomes (worker.output.delivery.Outcomes)
     def delivered(self, out: Outgoing) -> None:
         """The broker acknowledged ``out`` (or it was skipped as undeliverable): its record is done."""
         self._failing_since = None
@@ -217,3 +216,12 @@ def _shrink(out: Outgoing) -> str | None:
         out.key = out.key[:TRUNCATED_KEY_BYTES]
         return f"with its key cut to {TRUNCATED_KEY_BYTES} bytes"
     return None
+
+
+def output_topic(settings: Settings, scores: Mapping[str, float] | None) -> str:
+    """The topic of an output with these scores: ``--nsfw-topic`` when its nsfw score is above
+    ``--route-nsfw-above``, else ``--output-topic``."""
+    threshold, routed = settings.route_nsfw_above, settings.nsfw_output_topic
+    if threshold is not None and routed is not None and scores is not None and scores["nsfw"] > threshold:
+        return routed
+    return settings.output_topic

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 
 from worker.kafka_io import Consumer, TopicPartition
-from worker.offsets import OffsetTracker
 from worker.ops.gpu import GpuCollector
 from worker.ops.metrics import WorkerMetrics
+from worker.output.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 _OBSERVE_EVERY_S = 1.0

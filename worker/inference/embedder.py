@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.device_resize import preprocess_on_device
 from worker.errors import ModelLoadError, StartupError
-from worker.images import Preprocessing
+from worker.imaging.device_preprocess import preprocess_on_device
+from worker.imaging.host import Preprocessing
 from worker.models import RANDOM_PREFIX, ModelFamily, ModelSpec, family_of_model, select_family
 from worker.models.heads import ScoreHeads
 from worker.models.text import TextTower, TokenizedText, stack

@@ -13,8 +13,6 @@ from collections import deque
 from typing import ClassVar
 
 from worker.config import Settings
-from worker.delivery.base import DrainOutcome, Outcomes, quietly
-from worker.delivery.transactions import AbortReason
 from worker.kafka_io import Consumer, Producer, TopicPartition, open_producer
 from worker.kafka_io.errors import (
     InstanceFencedError,
@@ -22,9 +20,11 @@ from worker.kafka_io.errors import (
     RecordTooLargeError,
     UnsendableRecordError,
 )
-from worker.offsets import OffsetTracker
 from worker.ops.metrics import WorkerMetrics
-from worker.topic_limits import TopicLimits
+from worker.output.delivery.base import DrainOutcome, Outcomes, quietly
+from worker.output.delivery.transactions import AbortReason
+from worker.output.offsets import OffsetTracker
+from worker.output.topic_limits import TopicLimits
 from worker.work import BrokerWatch, Outgoing, send
 
 log = logging.getLogger(__name__)

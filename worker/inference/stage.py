@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.batcher import Batch
-from worker.device_decode import DeviceJpegDecoder
-from worker.embedder import Embedder, PendingEmbeddings
 from worker.errors import RejectedRecord, RejectReason
-from worker.images import ImageLimits, Preprocessing
-from worker.intake import Ready, ReadyImage, ReadyText
+from worker.imaging.device_decode import DeviceJpegDecoder
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.inference.embedder import Embedder, PendingEmbeddings
+from worker.intake.batcher import Batch
+from worker.intake.stage import Ready, ReadyImage, ReadyText
 from worker.models.heads import ScoreHeads
 from worker.ops.metrics import WorkerMetrics
-from worker.publisher import Publisher
+from worker.output.publisher import Publisher
 
 log = logging.getLogger(__name__)
 _QUEUE_DEPTH = 2  # closed batches waiting for the stage: one launching while one is being finished

@@ -1,8 +1,8 @@
 """The intake stage, between poll and batch: request records in, model-ready work or typed rejections out.
 
 The envelope is decoded on the caller's thread (cheap); each request then goes to the handler of its input
-kind (:mod:`worker.inputs`), which prepares it off this thread. Results come out in the order the records
-went in. The queue holds at most what the poll loop let in, which ``--max-in-flight`` bounds.
+kind (:mod:`worker.intake.inputs`), which prepares it off this thread. Results come out in the order the
+records went in. The queue holds at most what the poll loop let in, which ``--max-in-flight`` bounds.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import Fetched, InputHandler, Pixels, Slot
-from worker.inputs.select import ENABLE_HINTS
+from worker.intake.inputs.base import Fetched, InputHandler, Pixels, Slot
+from worker.intake.inputs.select import ENABLE_HINTS
 from worker.messages import InputKind, Modality, Request, decode_request
 from worker.models.text import TokenizedText
 from worker.work import InputRecord

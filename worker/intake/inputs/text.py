@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.inputs.base import Outcome, Slot, submit_in_chunks
+from worker.intake.inputs.base import Outcome, Slot, submit_in_chunks
 from worker.messages import Request
 from worker.models.text import TextTower
 from worker.ops.metrics import WorkerMetrics

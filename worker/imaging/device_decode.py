@@ -1,6 +1,6 @@
 """JPEG decoding on the model's device (``--decode device``): nvJPEG through torchvision on a GPU.
 
-The decode threads only read each header (:func:`worker.images.device_decodable`); the inference thread
+The decode threads only read each header (:func:`worker.imaging.host.device_decodable`); the inference thread
 decodes a batch's JPEGs in one call straight into GPU memory, so the host cores that the decoding would
 take are free and only the compressed bytes cross the PCIe bus. An image the device refuses is decoded on
 the host instead, so it is either embedded after all or dead-lettered with the host decoder's typed reason.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from worker.errors import RejectedRecord, StartupError
-from worker.images import EncodedJpeg, ImageLimits, load_rgb
+from worker.imaging.host import EncodedJpeg, ImageLimits, load_rgb
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Exactly-once delivery (``--exactly-once``): results and consumed offsets in Kafka transactions.
 
-The transaction bookkeeping is :class:`worker.delivery.transactions.Transactions`; this class is what the
-pipeline sees of it. A read_committed consumer of the outputs sees each result exactly once.
+The transaction bookkeeping is :class:`worker.output.delivery.transactions.Transactions`; this class is
+what the pipeline sees of it. A read_committed consumer of the outputs sees each result exactly once.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import logging
 from typing import Any, ClassVar
 
 from worker.config import Settings
-from worker.delivery.base import DrainOutcome, Outcomes, quietly
-from worker.delivery.transactions import AbortReason, Transactions, transactional_id
 from worker.kafka_io import Consumer, Producer, TopicPartition, open_producer
 from worker.kafka_io.errors import RecordTooLargeError, UnsendableRecordError
-from worker.offsets import OffsetTracker
 from worker.ops.metrics import WorkerMetrics
-from worker.topic_limits import TopicLimits
+from worker.output.delivery.base import DrainOutcome, Outcomes, quietly
+from worker.output.delivery.transactions import AbortReason, Transactions, transactional_id
+from worker.output.offsets import OffsetTracker
+from worker.output.topic_limits import TopicLimits
 from worker.work import BrokerWatch, Outgoing
 
 log = logging.getLogger(__name__)

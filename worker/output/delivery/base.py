@@ -7,9 +7,9 @@ import enum
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from worker.delivery.transactions import AbortReason
 from worker.kafka_io import Producer
 from worker.kafka_io.errors import KafkaLayerError
+from worker.output.delivery.transactions import AbortReason
 from worker.work import BrokerWatch, Outgoing
 
 

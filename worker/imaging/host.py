@@ -56,9 +56,9 @@ class Preprocessing:
     ``resize`` picks the bicubic implementation: ``pil`` is the reference itself; ``torch`` is torch's
     antialiased uint8 bicubic (a port of PIL's filter, about 5x faster on CPU, within 2/255 of PIL on a
     few pixels: docs/performance.md has its parity); ``device`` leaves resize, crop and normalisation to the
-    model's device (:mod:`worker.device_resize`), so decoding yields uint8 RGB arrays. ``decode="device"``
-    (with ``resize="device"``) also leaves the JPEG decoding itself to the device
-    (:mod:`worker.device_decode`).
+    model's device (:mod:`worker.imaging.device_preprocess`), so decoding yields uint8 RGB arrays.
+    ``decode="device"`` (with ``resize="device"``) also leaves the JPEG decoding itself to the device
+    (:mod:`worker.imaging.device_decode`).
     """
 
     size: int = 224

@@ -5,11 +5,11 @@ from __future__ import annotations
 from worker.config import Settings
 from worker.errors import StartupError
 from worker.fetching.fetcher import Fetcher, FetchPolicy
-from worker.images import ImageLimits, Preprocessing
-from worker.inputs.base import InputHandler
-from worker.inputs.image_bytes import ImageDecoder
-from worker.inputs.image_uri import ImageFetcher
-from worker.inputs.text import TextTokenizer
+from worker.imaging.host import ImageLimits, Preprocessing
+from worker.intake.inputs.base import InputHandler
+from worker.intake.inputs.image_bytes import ImageDecoder
+from worker.intake.inputs.image_uri import ImageFetcher
+from worker.intake.inputs.text import TextTokenizer
 from worker.messages import InputKind
 from worker.models.text import TextTower
 from worker.ops.metrics import WorkerMetrics

@@ -4,11 +4,10 @@ output goes (``--route-nsfw-above``)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 from worker.config import NSFW_WEIGHTS_URL, Settings, flag_name
-from worker.embedder import Embedder
 from worker.errors import ModelLoadError
+from worker.inference.embedder import Embedder
 from worker.models.checkpoint import ModelSpec
 from worker.models.heads import LoadedHead, ScoreHeads, check_trained_on, load_head
 
@@ -58,12 +57,3 @@ def load_score_heads(settings: Settings, embedder: Embedder) -> ScoreHeads | Non
     heads = ScoreHeads(loaded, embedder.device)
     log.info("scores %s from %s", ", ".join(heads.names), ", ".join(heads.labels.values()))
     return heads
-
-
-def output_topic(settings: Settings, scores: Mapping[str, float] | None) -> str:
-    """The topic of an output with these scores: ``--nsfw-topic`` when its nsfw score is above
-    ``--route-nsfw-above``, else ``--output-topic``."""
-    threshold, routed = settings.route_nsfw_above, settings.nsfw_output_topic
-    if threshold is not None and routed is not None and scores is not None and scores["nsfw"] > threshold:
-        return routed
-    return settings.output_topic

@@ -1,0 +1,1 @@
+"""Imaging: image bytes to model-ready pixels, on the host or on the model's device."""
