@@ -1,5 +1,5 @@
-"""The seams hold: the runtime reaches Kafka only through its layer, and only the delivery guarantees know
-which one runs."""
+"""The seams hold: the rooms of the package stand in layers that import only downward, the runtime reaches
+Kafka only through its layer, and only the delivery guarantees know which one runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import worker
 
 PACKAGE = Path(worker.__file__).parent
 KAFKA_LAYER = PACKAGE / "kafka_io"
-DELIVERY = PACKAGE / "delivery"
+DELIVERY = PACKAGE / "output" / "delivery"
 TOOLING = PACKAGE / "devtools"
 # The settings define the flag (and check it against --transactional-id); the delivery package reads it.
 MODE_READERS = {PACKAGE / "config.py"}
@@ -103,3 +103,48 @@ def test_nothing_outside_the_kafka_layer_speaks_the_clients_dialect():
 
 def _client_word(value: object) -> bool:
     return isinstance(value, str) and (value in CLIENT_KEYWORDS or value.split(".")[0] == "kafka")
+
+
+# The rooms of worker/, lowest first: each imports only from its own room and those before it. One record
+# goes up through them: kafka_io -> loop -> intake (fetching, imaging) -> inference -> output -> kafka_io.
+LAYERS = (
+    "errors",
+    "fetching",
+    "config",
+    "messages",
+    "kafka_io",
+    "work",
+    "ops",
+    "imaging",
+    "models",
+    "intake",
+    "output",
+    "inference",
+    "loop",
+    "commands",
+    "cli",
+)
+
+
+def test_nothing_imports_upward():
+    rank = {room: index for index, room in enumerate(LAYERS)}
+    offenders = []
+    for path in runtime_modules():
+        room = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if room == "__init__":
+            continue
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[0] != "worker" or len(parts) < 2 or parts[1] == "devtools":
+                continue  # the tooling: see test_the_runtime_never_imports_the_tooling
+            if rank[parts[1]] > rank[room]:
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert offenders == []
+
+
+def test_every_room_has_its_place_in_the_layers():
+    rooms = {
+        path.name.removesuffix(".py") for path in PACKAGE.iterdir() if path.suffix == ".py" or path.is_dir()
+    }
+    rooms -= {"__init__", "__pycache__", "devtools"}
+    assert rooms == set(LAYERS)
