@@ -199,9 +199,9 @@ def _refuse(_address: str) -> bool:
 class _KeptSockets:
     """The socket of each connection libcurl opened, by its addresses (local and remote IP and port:
     what tells one TCP connection from every other open one). libcurl does not hand a connection's socket
-    to the callback that runs before a request; this is where that callback finds it. An entry is trusted
-    only while its socket still has those addresses (a socket number is reused once libcurl closes it),
-    and entries of closed connections are dropped when there are many."""
+    to the callback that runs before a request; this is where that callback finds it. A live connection's
+    entry is always its own socket (a later connection with the same addresses replaces it); entries of
+    closed connections, whose socket numbers may since serve another, are dropped when there are many."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -236,20 +236,17 @@ class _KeptSockets:
         return True
 
 
-def _addresses(view: socket.socket) -> Connection:
-    local, remote = view.getsockname(), view.getpeername()
-    return (str(local[0]), int(local[1]), str(remote[0]), int(remote[1]))
-
-
 def _is_connection(fd: int, connection: Connection) -> bool:
+    """Whether socket ``fd`` is still the one of ``connection`` (same local and remote address)."""
     try:
         with socket.socket(fileno=fd) as view:
             try:
-                return _addresses(view) == connection
+                local, remote = view.getsockname(), view.getpeername()
             finally:
-                view.detach()
+                view.detach()  # the socket is libcurl's: look, never close
     except OSError:
         return False
+    return (str(local[0]), int(local[1]), str(remote[0]), int(remote[1])) == connection
 
 
 class Transfers:
