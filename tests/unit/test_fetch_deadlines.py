@@ -177,6 +177,10 @@ def test_the_fetch_threads_are_bounded_reused_and_cancel_what_waits_at_shutdown(
     release = threading.Event()
     stuck = [pool.submit(release.wait, 10) for _ in range(2)]
     waiting = pool.submit(lambda: 3)
+    deadline = time.monotonic() + 5
+    while not all(future.running() for future in stuck) and time.monotonic() < deadline:
+        time.sleep(0.01)  # both threads take their call before the shutdown (else it would cancel one)
+    assert all(future.running() for future in stuck), "each stuck call has a thread of its own"
     assert pool.threads == 2, "never more than max_workers, however many calls are stuck"
     pool.shutdown(wait=False, cancel_futures=True)
     assert waiting.cancelled()
