@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # this folder with PIP_NO_INDEX=1 and mounts it into the worker image's build: torch is fetched once.
 WHEELHOUSE ?= $(HOME)/.cache/clip-worker/wheels
 wheelhouse:
-	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip setuptools wheel '.[dev,gpu,gpu-decode]'
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip hatchling editables '.[dev,gpu,gpu-decode]'
 	rm -f $(WHEELHOUSE)/clip_worker-*
 
 demo: install
@@ -75,7 +75,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
 
 # The docs site (MkDocs, Material theme) from docs/: `make docs` regenerates the settings table of
 # docs/configuration.md and builds the site into site/; `make docs-check` (CI) fails on a stale table, a

@@ -144,7 +144,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface."""
     parser = argparse.ArgumentParser(
-        prog="clip-worker", description="Embed images from Kafka with OpenAI CLIP ViT-L/14."
+        prog="clip-worker",
+        description="Embed images and texts from Kafka with CLIP-family models (CLIP ViT-L/14 by default).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
