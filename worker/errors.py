@@ -43,6 +43,7 @@ class ExitCode(enum.IntEnum):
     BROKER_LOST = 4  # the broker stopped answering past --broker-lost-timeout-s
     FENCED = 5  # another process took this worker's transactional or group instance id
     STAGE_FAILED = 6  # a thread the pipeline cannot go on without died
+    DAMAGED_LOG = 7  # a fetched record batch failed its CRC or cannot be framed: nothing in it can be read
     INTERRUPTED = 130  # Ctrl-C before the worker was running
 
 

@@ -13,11 +13,12 @@ from kafka.net.transport import KafkaTCPTransport
 from kafka.protocol.consumer.fetch import FetchRequest, FetchResponse
 from kafka.protocol.frame import KafkaBytes
 from kafka.protocol.parser import KafkaProtocol
+from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 from kafka.version import __version__ as client_version
 
 from worker.config import load_settings
-from worker.kafka_io import factories, receive_path
+from worker.kafka_io import factories, receive_path, record_parser
 from worker.kafka_io.receive_path import PATCHED_VERSION, STOCK_RECEIVE_BYTES, STOCK_SOCK_RECV, FrameBuffer
 
 TOPIC = FetchResponse.FetchableTopicResponse
@@ -182,6 +183,7 @@ def stock_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """kafka-python's own methods, put back after the test whatever it installs."""
     monkeypatch.setattr(KafkaTCPTransport, "_sock_recv", STOCK_SOCK_RECV)
     monkeypatch.setattr(KafkaProtocol, "receive_bytes", STOCK_RECEIVE_BYTES)
+    monkeypatch.setattr(DefaultRecordBatch, "_read_msg", record_parser.STOCK_READ_MSG)
 
 
 @pytest.mark.usefixtures("stock_client")
@@ -190,6 +192,7 @@ def test_another_kafka_python_version_keeps_its_own_receive_path(monkeypatch: py
     assert not receive_path.install()
     assert KafkaProtocol.receive_bytes is STOCK_RECEIVE_BYTES
     assert KafkaTCPTransport._sock_recv is STOCK_SOCK_RECV
+    assert DefaultRecordBatch._read_msg is record_parser.STOCK_READ_MSG
     assert not receive_path.installed()
 
 

@@ -15,7 +15,7 @@ from tests.support.stub_embedder import StubEmbedder
 from worker.config import load_settings
 from worker.devtools.samples import jpeg_corpus
 from worker.errors import GroupInstanceFencedError
-from worker.kafka_io import TopicPartition
+from worker.kafka_io import TopicPartition, UnreadableRecord
 from worker.kafka_io.errors import InstanceFencedError
 from worker.loop.pipeline import Pipeline
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
@@ -84,6 +84,21 @@ def test_images_are_embedded_bad_records_dead_lettered_and_offsets_committed():
     assert sorted(output["id"] for output in outputs) == [f"img-{i}" for i in range(5)]
     [dead] = producer.to("images.dlq")
     assert dead.key == b"bad" and dead.header_map[REASON_HEADER] == b"invalid_msgpack"
+
+
+def test_a_record_the_client_could_not_decode_is_dead_lettered_with_its_key_and_value():
+    pipeline, consumer, producer = build()
+    add_images(consumer, 1)
+    unreadable = UnreadableRecord("images", 0, 1, 5, b"odd", b"raw bytes", "header name is not UTF-8")
+    consumer.log[TP].append(unreadable)  # type: ignore[arg-type]
+    add_images(consumer, 1)
+    with running(pipeline):
+        run_until(pipeline, lambda: consumer.committed.get(TP) == 3)
+    assert len(producer.to("image-embeddings")) == 2
+    [dead] = producer.to("images.dlq")
+    assert (dead.key, dead.value) == (b"odd", b"raw bytes")
+    assert dead.header_map[REASON_HEADER] == b"unreadable_record"
+    assert pipeline.metrics.unreadable_records._value.get() == 1
 
 
 def test_one_record_in_flight_at_most_still_gets_through_everything():

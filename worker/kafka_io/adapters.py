@@ -13,6 +13,7 @@ from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as ClientTopicPartition
 
 from worker.kafka_io.errors import UnsendableRecordError, translate
+from worker.kafka_io.record_parser import UnreadableHeaders, marked_unreadable
 from worker.kafka_io.types import DeliveryFuture, Headers, RebalanceListener, Record, TopicPartition
 
 P = ParamSpec("P")
@@ -66,10 +67,13 @@ class ConsumerAdapter:
     @_translated
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[Record]]:
         # kafka-python's TopicPartition is a namedtuple of the same fields: equal keys, no copy needed.
-        records: Mapping[TopicPartition, Sequence[Record]] = self.client.poll(
+        polled: dict[TopicPartition, Sequence[Record]] = self.client.poll(
             timeout_ms=timeout_ms, max_records=max_records
         )
-        return records
+        for tp, records in polled.items():
+            if any(type(record.headers) is UnreadableHeaders for record in records):
+                polled[tp] = [marked_unreadable(record) for record in records]
+        return polled
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(*tp) for tp in self.client.assignment()}

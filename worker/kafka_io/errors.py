@@ -38,11 +38,8 @@ class InstanceFencedError(KafkaLayerError):
 
 
 class UnreadableRecordError(KafkaLayerError):
-    """The client could not parse a fetched record (see :mod:`worker.kafka_io.salvage`)."""
-
-    def __init__(self, message: str, cause: BaseException) -> None:
-        super().__init__(message)
-        self.cause = cause
+    """The client could not parse fetched records: a batch its CRC or its framing gives up on (a record
+    that can be framed is handed over as an :class:`~worker.kafka_io.types.UnreadableRecord` instead)."""
 
 
 _UNANSWERED = (
@@ -76,7 +73,7 @@ def translate(exc: BaseException) -> BaseException:
     elif isinstance(exc, client.FencedInstanceIdError):
         kind = InstanceFencedError
     elif isinstance(exc, client.CorruptRecordError):
-        return UnreadableRecordError(f"{type(exc).__name__}: {exc}", exc)
+        kind = UnreadableRecordError
     translated = kind(f"{type(exc).__name__}: {exc}")
     translated.__cause__ = exc
     return translated

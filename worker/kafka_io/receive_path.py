@@ -1,17 +1,20 @@
-"""kafka-python's receive path with fewer copies of each fetched byte, for kafka-python 3.0.12 only.
+"""kafka-python's receive path with fewer copies of each fetched byte and a record parser that does not
+raise, for kafka-python 3.0.12 only.
 
 Every byte the consumer fetches is copied, with the GIL held, five to six times by kafka-python 3.0.12
 before record parsing even starts: ``recv(4096)`` chunks joined, the joined bytes sliced again per frame,
 written into a zero-filled ``bytearray`` the size of the whole response, and read back with
 ``bytes(self[start:end])`` (two copies). At 80 KB per image that is most of the consumer's I/O thread
-time. :func:`install` replaces two methods:
+time. :func:`install` replaces three methods:
 
 - ``KafkaTCPTransport._sock_recv`` reads up to 256 KiB per ``recv`` instead of 4 KiB (the same loop
   otherwise: read until the socket would block, join, report a disconnect or an error the same way);
 - ``KafkaProtocol.receive_bytes`` keeps the frame's pieces as views of the received bytes and joins them
   once when the frame is complete, into a :class:`FrameBuffer` that offers the decoders what kafka-python's
   ``KafkaBytes`` offers them (``read``, ``seek``, ``tell``) and returns the same ``bytes`` from ``read``
-  with one copy instead of two, and without the zero-filled buffer.
+  with one copy instead of two, and without the zero-filled buffer;
+- ``DefaultRecordBatch._read_msg`` by :func:`worker.kafka_io.record_parser.read_record`, which hands over a
+  record it cannot decode marked as such instead of raising on every poll.
 
 The responses decoded are the same objects of the same types; tests/unit/test_kafka_receive_path.py
 feeds the same byte streams, cut at random, through the stock and the patched parser and compares them.
@@ -31,6 +34,8 @@ from kafka.net.transport import KafkaTCPTransport
 from kafka.protocol.parser import KafkaProtocol
 from kafka.protocol.schemas.fields.codecs import Int32
 from kafka.version import __version__ as client_version
+
+from worker.kafka_io import record_parser
 
 log = logging.getLogger(__name__)
 PATCHED_VERSION = "3.0.12"
@@ -165,9 +170,14 @@ def install() -> bool:
         return False
     KafkaTCPTransport._sock_recv = sock_recv
     KafkaProtocol.receive_bytes = receive_bytes
+    record_parser.install()
     return True
 
 
 def installed() -> bool:
     """Whether the patched receive path is in place."""
-    return KafkaProtocol.receive_bytes is receive_bytes and KafkaTCPTransport._sock_recv is sock_recv
+    return (
+        KafkaProtocol.receive_bytes is receive_bytes
+        and KafkaTCPTransport._sock_recv is sock_recv
+        and record_parser.installed()
+    )

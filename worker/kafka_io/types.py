@@ -7,6 +7,7 @@ fake of the tests (``tests/support/fake_kafka.py``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 Headers = list[tuple[str, bytes]]
@@ -36,6 +37,21 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
     @property
     def headers(self) -> Sequence[tuple[str, bytes | None]] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRecord:
+    """A polled :class:`Record` the client could not decode: its key and value as far as they could be read
+    (its raw bytes as the value when not even that), no headers, and ``problem`` saying why."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None
+    key: bytes | None
+    value: bytes | None
+    problem: str
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 class RebalanceListener(Protocol):

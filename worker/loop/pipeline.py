@@ -33,9 +33,8 @@ from worker.inference.stage import InferenceStage
 from worker.intake.batcher import Batch, Batcher
 from worker.intake.inputs.select import build_handlers
 from worker.intake.stage import IntakeStage, Ready, Rejected
-from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition
-from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError, UnreadableRecordError
-from worker.kafka_io.salvage import salvage_batch
+from worker.kafka_io import MAX_POLL_RECORDS, Consumer, Record, TopicPartition, UnreadableRecord
+from worker.kafka_io.errors import InstanceFencedError, KafkaLayerError
 from worker.loop.observer import Observer
 from worker.messages import Headers, Modality, Source
 from worker.models.heads import ScoreHeads
@@ -222,31 +221,7 @@ class Pipeline:
         return since >= _IDLE_COMMIT_S and self.tracker.in_flight == 0 and bool(self.tracker.committable())
 
     def _poll(self) -> Mapping[TopicPartition, Sequence[Record]]:
-        """Poll; the rest of a batch the client cannot parse is read past (see :meth:`_salvage`)."""
-        try:
-            return self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
-        except UnreadableRecordError as exc:
-            self._salvage(exc)
-            return {}
-
-    def _salvage(self, exc: UnreadableRecordError) -> None:
-        """Dead-letter the record the client could not read, take the rest of its batch from here, and
-        seek past the batch."""
-        salvaged = salvage_batch(exc.cause)
-        if salvaged is None:
-            raise exc  # the client gave no way to tell which record: a clear crash, never a silent skip
-        for found in salvaged.records:
-            if found.error is not None:
-                self.metrics.unreadable_records.inc()
-                log.error(
-                    "record %s[%d]@%d cannot be read by the Kafka client (%s); dead-lettering key and value",
-                    found.topic, found.partition, found.offset, found.error,
-                )  # fmt: skip
-        now = time.monotonic()
-        self.intake.submit(self._accept(salvaged.records, now, salvaged=True))
-        if salvaged.records:
-            first = salvaged.records[0]
-            self.consumer.seek(TopicPartition(first.topic, first.partition), salvaged.next_offset)
+        return self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._poll_budget())
 
     def _instance_fenced(self) -> GroupInstanceFencedError:
         return GroupInstanceFencedError(
@@ -311,9 +286,9 @@ class Pipeline:
             self.metrics.paused_partitions.set(0)
 
     # ---------------------------------------------------------------- intake
-    def _accept(self, records: Sequence[Any], now: float, salvaged: bool = False) -> list[InputRecord]:
-        """Track polled records; returns those to hand to intake (of a salvaged batch, a record the Kafka
-        client could not read, one with ``error`` set, is rejected here)."""
+    def _accept(self, records: Sequence[Any], now: float) -> list[InputRecord]:
+        """Track polled records; returns those to hand to intake (a record the Kafka client could not
+        decode is rejected here)."""
         accepted = []
         tracked = 0
         epoch = self.delivery.epoch
@@ -333,14 +308,23 @@ class Pipeline:
             if not self._track(tp, message.offset, len(message.value or b"")):
                 continue
             tracked += 1
-            unreadable = message.error if salvaged else None
-            if unreadable is not None:
-                self.intake.reject(record, RejectedRecord(RejectReason.UNREADABLE_RECORD, unreadable))
+            if type(message) is UnreadableRecord:
+                self._reject_unreadable(record, message.problem)
             else:
                 accepted.append(record)
         if tracked:
             self.metrics.consumed.inc(tracked)  # once per poll: a counter update costs GIL time per call
         return accepted
+
+    def _reject_unreadable(self, record: InputRecord, problem: str) -> None:
+        """Dead-letter a record the Kafka client could not decode, with its key and value."""
+        self.metrics.unreadable_records.inc()
+        source = record.source
+        log.error(
+            "record %s[%d]@%d cannot be read by the Kafka client (%s); dead-lettering key and value",
+            source.topic, source.partition, source.offset, problem,
+        )  # fmt: skip
+        self.intake.reject(record, RejectedRecord(RejectReason.UNREADABLE_RECORD, problem))
 
     def _track(self, tp: TopicPartition, offset: int, size: int) -> bool:
         """Start tracking a polled record; False if it is not this worker's to process."""

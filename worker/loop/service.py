@@ -22,6 +22,7 @@ from worker.inference.embedder import (
 )
 from worker.inference.scores import load_score_heads
 from worker.kafka_io import Consumer, check_output_topics, open_consumer, topic_message_limits
+from worker.kafka_io.errors import UnreadableRecordError
 from worker.loop.pipeline import Pipeline
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
@@ -217,6 +218,14 @@ def _outcome(pipeline: Pipeline, stop: threading.Event) -> ExitCode:
     except StageFailedError as exc:
         log.error("%s", exc)
         return ExitCode.STAGE_FAILED
+    except UnreadableRecordError as exc:
+        log.error(
+            "a fetched record batch cannot be read (%s); stopping rather than skipping records nobody can "
+            "see: inspect the partition with kafka-dump-log.sh, then move the group past the batch with "
+            "kafka-consumer-groups.sh --reset-offsets",
+            exc,
+        )
+        return ExitCode.DAMAGED_LOG
     log.info("clip-worker stopped%s", "" if clean else " with unacknowledged records")
     return ExitCode.OK if clean else ExitCode.UNCLEAN_DRAIN
 

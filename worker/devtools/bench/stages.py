@@ -15,7 +15,7 @@ stage                               frames
 poll: kafka-io thread               kafka-python's I/O thread (``kafka.net``): fetch requests, reading
                                     and decoding fetch responses, every byte of the payloads
 poll: record parsing                ``KafkaConsumer.poll`` and below (``kafka.consumer``, ``kafka.record``:
-                                    record batches, CRC checks); ``Pipeline._poll``, ``_salvage``,
+                                    record batches, CRC checks); ``Pipeline._poll``, the record parser,
                                     ``ConsumerAdapter.poll``
 group coordination                  ``kafka.coordinator`` (heartbeats, joins) wherever it runs
 envelope decoding                   ``worker.messages.decode_request`` (msgpack unpacking)
@@ -106,7 +106,7 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.kafka_io.adapters", "_TranslatedFuture", ACK),
     ("worker.kafka_io.adapters", "_Listener", GROUP),
     ("worker.kafka_io.errors", "", ACK),
-    ("worker.kafka_io.salvage", "", POLL),
+    ("worker.kafka_io.record_parser", "", POLL),
     ("worker.messages", "decode_request", ENVELOPE),
     ("worker.messages", "", ENCODE),
     ("msgpack", "", ENCODE),  # only packb has a Python frame; unpacking is decode_request's own time
@@ -123,7 +123,6 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.intake.stage", "IntakeStage.collect", BATCHING),
     ("worker.intake.stage", "", INTAKE),
     ("worker.loop.pipeline", "Pipeline._poll", POLL),
-    ("worker.loop.pipeline", "Pipeline._salvage", POLL),
     ("worker.loop.pipeline", "Pipeline._apply_backpressure", POLL),
     ("worker.loop.pipeline", "Pipeline._accept", INTAKE),
     ("worker.loop.pipeline", "Pipeline._track", INTAKE),
