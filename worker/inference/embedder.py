@@ -70,9 +70,8 @@ def configure_cpu_threads(inference_threads: int, decode_workers: int, model_par
     """Set torch's intra-op threads; returns the count.
 
     Decode threads and inference share the cores: torch's OpenMP threads spin while waiting, so giving
-    them cores the decoders need slows both (measured: end to end +12% on 2 cores with 1 thread instead of 2).
-    A large model on the CPU is the other way round: its forward pass is the bottleneck and gets every core
-    (ViT-L/14 demo on 2 cores: 0.48 images/s with 1 thread, 0.87 with 2).
+    them cores the decoders need slows both. A large model on the CPU is the other way round: its forward
+    pass is the bottleneck and gets every core (both measured: see the performance docs).
     """
     cores = os.cpu_count() or 1
     if inference_threads:

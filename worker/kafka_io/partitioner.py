@@ -1,9 +1,9 @@
 """The producer's partitioner: kafka-python's default choice of partition, with a faster key hash.
 
 Every keyed record is hashed with Kafka's murmur2, as Java clients do, so that a key lands where any other
-client puts it. kafka-python computes that hash byte by byte in Python, with the GIL held, on every send
-(6.4 microseconds for a 36-byte key on the 2-core development machine, 2.2 for 9 bytes); :func:`murmur2`
-computes the same value a 32-bit word at a time (3.4 and 1.5). No well-kept native package implements
+client puts it. kafka-python computes that hash byte by byte in Python, with the GIL held, on every send;
+:func:`murmur2` computes the same value a 32-bit word at a time, in about half the time (figures in the
+performance docs, "Small measurements behind code choices"). No well-kept native package implements
 Kafka's variant (``mmh3`` is MurmurHash3; the murmur2 wrappers on PyPI are unmaintained or the 64-bit
 variant), so this stays in Python.
 Records without a key keep kafka-python's own behaviour.

@@ -1,10 +1,8 @@
 """Requests that carry a text (``--texts``): tokenised for the model's text tower on one thread.
 
-A chunk of texts is one tokenizer call: measured on 2 cores with the test checkpoints' tokenizers, 51 us
-per CLIP text and 107 us per SigLIP text in chunks of 64, against 128 and 164 us one call each. One thread:
-that is 10-20 thousand texts a second, more than a GPU embeds, and tokenising holds the GIL much of the
-time (the main thread keeps 62% of its Python throughput beside a CLIP tokenizer thread, 76% beside
-SigLIP's), so more threads would only contend with the poll loop.
+A chunk of texts is one tokenizer call, a fraction of the cost of one call per text. One thread: that
+already tokenises more texts a second than a GPU embeds, and tokenising holds the GIL much of the time, so
+more threads would only contend with the poll loop (the figures are in the performance docs).
 """
 
 from __future__ import annotations
