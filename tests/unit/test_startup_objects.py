@@ -12,7 +12,8 @@ def test_the_first_worker_to_start_freezes_and_the_last_to_stop_unfreezes():
     with _StartupObjectsFrozen():
         frozen = gc.get_freeze_count()
         assert frozen > 0
+        # Frozen objects that die leave the count, so it may shrink a little; an unfreeze empties it.
         with _StartupObjectsFrozen():  # a second worker in the same process
-            assert gc.get_freeze_count() >= frozen
-        assert gc.get_freeze_count() >= frozen, "the other worker still runs"
+            assert gc.get_freeze_count() > frozen // 2
+        assert gc.get_freeze_count() > frozen // 2, "the other worker still runs"
     assert gc.get_freeze_count() == 0
