@@ -17,6 +17,7 @@ from worker.ops.logs import configure_logging
 CONNECTION_FIELDS = (
     "bootstrap_servers",
     "client_id",
+    "kafka_client",
     "security_protocol",
     "sasl_mechanism",
     "sasl_username",

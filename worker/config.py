@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     group_id: str = Field("clip-worker", description="consumer group; more workers in it share partitions")
     group_instance_id: str | None = Field(None, description="static group membership id (optional)")
     client_id: str = Field("clip-worker", description="Kafka client id")
+    kafka_client: Literal["kafka-python", "librdkafka"] = Field(
+        "kafka-python",
+        description="Kafka client library: kafka-python (pure Python) or librdkafka (confluent-kafka: "
+        "parsing, batching and I/O in C, off the GIL; pip install 'clip-worker[librdkafka]')",
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a new group starts reading"
     )

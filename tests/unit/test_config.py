@@ -45,6 +45,7 @@ def test_settings_are_frozen():
         ({}, {"CLIP_WORKER_BATCH_SIZE": "lots"}, "CLIP_WORKER_BATCH_SIZE"),
         ({"device": "gpu"}, {}, "use auto, cpu, cuda or cuda:N"),
         ({"dtype": "int8"}, {}, "--dtype"),
+        ({}, {"CLIP_WORKER_KAFKA_CLIENT": "rdkafka"}, "should be 'kafka-python' or 'librdkafka'"),
         ({"ssl_cafile": "/no/such/ca.pem"}, {}, "no such file"),
         ({"security_protocol": "SASL_SSL"}, {}, "--sasl-mechanism"),
         ({}, {"CLIP_WORKER_BATCHSIZE": "8"}, "unknown environment variable CLIP_WORKER_BATCHSIZE"),
