@@ -12,6 +12,8 @@ PACKAGE = Path(worker.__file__).parent
 KAFKA_LAYER = PACKAGE / "kafka_io"
 DELIVERY = PACKAGE / "output" / "delivery"
 TOOLING = PACKAGE / "devtools"
+# The Kafka client libraries: kafka-python and confluent-kafka (librdkafka).
+CLIENT_PACKAGES = {"kafka", "confluent_kafka"}
 # The settings define the flag (and check it against --transactional-id); the delivery package reads it.
 MODE_READERS = {PACKAGE / "config.py"}
 
@@ -36,10 +38,10 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_kafka_layer_imports_the_kafka_client():
+def test_only_the_kafka_layer_imports_the_kafka_clients():
     offenders = {
         str(path.relative_to(PACKAGE)): sorted(
-            name for name in imported_modules(path) if name.split(".")[0] == "kafka"
+            name for name in imported_modules(path) if name.split(".")[0] in CLIENT_PACKAGES
         )
         for path in runtime_modules()
         if KAFKA_LAYER not in path.parents
@@ -84,8 +86,21 @@ def test_fetching_imports_nothing_of_the_worker_above_it():
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
-# kafka-python's own words: its client options, its close() flag, its loggers.
-CLIENT_KEYWORDS = {"isolation_level", "auto_offset_reset", "enable_auto_commit", "autocommit", "api_version"}
+# The clients' own words: kafka-python's options, its close() flag, its loggers; librdkafka's properties.
+CLIENT_KEYWORDS = {
+    "isolation_level",
+    "auto_offset_reset",
+    "enable_auto_commit",
+    "autocommit",
+    "api_version",
+    "isolation.level",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "bootstrap.servers",
+    "group.id",
+    "transactional.id",
+    "partitioner",
+}
 
 
 def test_nothing_outside_the_kafka_layer_speaks_the_clients_dialect():
@@ -102,7 +117,7 @@ def test_nothing_outside_the_kafka_layer_speaks_the_clients_dialect():
 
 
 def _client_word(value: object) -> bool:
-    return isinstance(value, str) and (value in CLIENT_KEYWORDS or value.split(".")[0] == "kafka")
+    return isinstance(value, str) and (value in CLIENT_KEYWORDS or value.split(".")[0] in CLIENT_PACKAGES)
 
 
 # The rooms of worker/, lowest first: each imports only from its own room and those before it. One record

@@ -1,4 +1,8 @@
-"""kafka-python client factories: security options, size limits, start-up retries, topic creation."""
+"""kafka-python client factories: security options, size limits, start-up retries, topic creation.
+
+The sizes and the start-up retries are the worker's, whichever client runs: librdkafka's factories
+(:mod:`worker.kafka_io.librdkafka`) use them too.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from worker.config import Settings
 from worker.errors import BrokerUnavailableError, StartupError
 from worker.kafka_io import receive_path
 from worker.kafka_io.adapters import ConsumerAdapter, ProducerAdapter
+from worker.kafka_io.errors import KafkaLayerError
 from worker.kafka_io.partitioner import KeyHashPartitioner
 from worker.kafka_io.types import Producer
 
@@ -56,14 +61,31 @@ def security_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def attempt_timeout_s(settings: Settings) -> float:
+    """How long one start-up attempt to reach the brokers may take."""
+    # Several attempts fit in the deadline, so the user sees a line per attempt rather than one long wait.
+    return min(_ATTEMPT_TIMEOUT_S, max(1.0, settings.connect_timeout_s / 4))
+
+
+def fetch_max_bytes(settings: Settings) -> int:
+    """The most one fetch response may carry: a whole largest record, and room for many images."""
+    return max(settings.max_message_bytes, 64 * 1024 * 1024)
+
+
+def producer_batch_bytes(smallest_topic_limit: int | None) -> int:
+    """The producer's batch size: under ``smallest_topic_limit`` (the lowest ``max.message.bytes`` of the
+    topics it writes), so the broker never refuses a batch that only its sum made too large."""
+    if smallest_topic_limit is None:
+        return _PRODUCER_BATCH_BYTES
+    return max(1024, min(_PRODUCER_BATCH_BYTES, smallest_topic_limit - RECORD_OVERHEAD_BYTES))
+
+
 def common_options(settings: Settings) -> dict[str, Any]:
     """Options shared by every client: servers, client id, security, bootstrap timeout per attempt."""
-    # Several attempts fit in the deadline, so the user sees a line per attempt rather than one long wait.
-    attempt_s = min(_ATTEMPT_TIMEOUT_S, max(1.0, settings.connect_timeout_s / 4))
     return {
         "bootstrap_servers": settings.bootstrap_servers.split(","),
         "client_id": settings.client_id,
-        "bootstrap_timeout_ms": int(attempt_s * 1000),
+        "bootstrap_timeout_ms": int(attempt_timeout_s(settings) * 1000),
         "metadata_max_age_ms": settings.metadata_max_age_ms,
         **security_options(settings),
     }
@@ -77,7 +99,7 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
         "enable_auto_commit": False,
         "auto_offset_reset": settings.auto_offset_reset,
         "max_partition_fetch_bytes": settings.max_message_bytes,
-        "fetch_max_bytes": max(settings.max_message_bytes, 64 * 1024 * 1024),
+        "fetch_max_bytes": fetch_max_bytes(settings),
         "max_poll_records": MAX_POLL_RECORDS,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
         "session_timeout_ms": settings.session_timeout_ms,
@@ -95,9 +117,6 @@ def producer_options(settings: Settings, smallest_topic_limit: int | None = None
     With ``smallest_topic_limit`` (the lowest ``max.message.bytes`` of the topics it writes), batches of
     several records stay under it, so the broker never refuses a batch that only its sum made too large.
     """
-    batch_bytes = _PRODUCER_BATCH_BYTES
-    if smallest_topic_limit is not None:
-        batch_bytes = max(1024, min(batch_bytes, smallest_topic_limit - RECORD_OVERHEAD_BYTES))
     return {
         **common_options(settings),
         "acks": "all",
@@ -108,7 +127,7 @@ def producer_options(settings: Settings, smallest_topic_limit: int | None = None
         # Room for a dead-lettered input (up to the fetch limit) plus its headers; outputs are checked
         # against --max-message-bytes before they are sent.
         "max_request_size": 2 * settings.max_message_bytes,
-        "batch_size": batch_bytes,
+        "batch_size": producer_batch_bytes(smallest_topic_limit),
         # The default partitioner's choice of partition, hashing keys without kafka-python's slow murmur2.
         "partitioner": KeyHashPartitioner(),
         # Bounds how long a send (and the start-up topic check) waits for metadata of a missing topic.
@@ -151,9 +170,9 @@ _network_log.addHandler(_failures)
 _network_log.propagate = False  # one line per attempt comes from retry_until_deadline instead
 
 
-def _fatal_reason(servers: str) -> str | None:
-    """A one-line fix when the last failure cannot heal by retrying (credentials, TLS trust)."""
-    text = _failures.fatal
+def fatal_reason(servers: str, text: str) -> str | None:
+    """A one-line fix when ``text``, the client's word on the last failure, says that retrying cannot
+    heal it (credentials, TLS trust)."""
     if "Authentication" in text:
         return (
             f"authentication to {servers} failed; check --sasl-username, --sasl-password and --sasl-mechanism"
@@ -163,10 +182,18 @@ def _fatal_reason(servers: str) -> str | None:
     return None
 
 
-def retry_until_deadline(what: str, factory: Callable[[], T], deadline_s: float, servers: str) -> T:
+def retry_until_deadline(
+    what: str,
+    factory: Callable[[], T],
+    deadline_s: float,
+    servers: str,
+    last_failure: Callable[[], str] = lambda: _failures.fatal,
+) -> T:
     """Call ``factory`` until it succeeds, logging one line per failed attempt, backing off up to 5 s.
 
-    Raises :class:`BrokerUnavailableError` once ``deadline_s`` has passed.
+    ``last_failure`` gives the client's word on why the last attempt failed: a failure that retrying
+    cannot heal (see :func:`fatal_reason`) raises :class:`StartupError` at once. Raises
+    :class:`BrokerUnavailableError` once ``deadline_s`` has passed.
     """
     started = time.monotonic()
     attempt = 0
@@ -177,8 +204,8 @@ def retry_until_deadline(what: str, factory: Callable[[], T], deadline_s: float,
         attempt += 1
         try:
             return factory()
-        except KafkaError as exc:
-            fatal = _fatal_reason(servers)
+        except (KafkaError, KafkaLayerError) as exc:
+            fatal = fatal_reason(servers, last_failure())
             if fatal:
                 raise StartupError(fatal) from None
             waited = time.monotonic() - started
