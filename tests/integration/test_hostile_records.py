@@ -19,6 +19,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.record.default_records import DefaultRecordBatchBuilder
 
 from tests.support.kafka_helpers import (
+    KAFKA_CLIENTS,
     collect,
     committed_offsets,
     create_topics,
@@ -106,9 +107,12 @@ def run_until_done(settings: Settings, embedder: Embedder, expected: int, exactl
 
 
 @MODES
+@KAFKA_CLIENTS
 @pytest.mark.usefixtures("null_header_values")
-def test_null_key_and_value_and_null_header_values_are_handled(kafka_bootstrap, tiny_embedder, exactly_once):
-    settings = worker_settings(kafka_bootstrap, exactly_once=exactly_once)
+def test_null_key_and_value_and_null_header_values_are_handled(
+    kafka_bootstrap, tiny_embedder, exactly_once, kafka_client
+):
+    settings = worker_settings(kafka_bootstrap, exactly_once=exactly_once, kafka_client=kafka_client)
     create_topics(settings)
     ok = images(3)
     good_with_null_header = {**ok[1], "headers": [("trace", NULL_HEADER), ("kept", b"yes")]}
@@ -142,10 +146,13 @@ def test_keyless_dead_letter_too_large_for_the_dlq_goes_without_its_value(
 
 
 @MODES
+@KAFKA_CLIENTS
 def test_dead_letters_the_dlq_cannot_take_are_cut_down_or_skipped(
-    kafka_bootstrap, tiny_embedder, exactly_once
+    kafka_bootstrap, tiny_embedder, exactly_once, kafka_client
 ):
-    settings = worker_settings(kafka_bootstrap, exactly_once=exactly_once, broker_lost_timeout_s=5)
+    settings = worker_settings(
+        kafka_bootstrap, exactly_once=exactly_once, broker_lost_timeout_s=5, kafka_client=kafka_client
+    )
     ensure_topics(settings, {settings.input_topic: 1, settings.output_topic: 1})
     ensure_topics(settings, {settings.dlq_topic: 1}, max_message_bytes=2048)
     huge_key = {"key": b"k" * 3000, "value": b"not an envelope"}
@@ -157,7 +164,9 @@ def test_dead_letters_the_dlq_cannot_take_are_cut_down_or_skipped(
     assert worker.exit_codes == [0], "a dead letter that needs cutting down is no broker failure"
 
     # A DLQ limit below the worker's own error headers: nothing can make the dead letter fit.
-    tiny = worker_settings(kafka_bootstrap, exactly_once=exactly_once, broker_lost_timeout_s=5)
+    tiny = worker_settings(
+        kafka_bootstrap, exactly_once=exactly_once, broker_lost_timeout_s=5, kafka_client=kafka_client
+    )
     ensure_topics(tiny, {tiny.input_topic: 1, tiny.output_topic: 1})
     ensure_topics(tiny, {tiny.dlq_topic: 1}, max_message_bytes=200)
     send_raw(tiny, [{"key": b"x", "value": b"not an envelope"}, *images(2)])
@@ -171,10 +180,11 @@ def test_dead_letters_the_dlq_cannot_take_are_cut_down_or_skipped(
 
 
 @MODES
+@KAFKA_CLIENTS
 def test_header_name_that_is_not_utf8_is_dead_lettered_not_a_crash_loop(
-    kafka_bootstrap, tiny_embedder, exactly_once
+    kafka_bootstrap, tiny_embedder, exactly_once, kafka_client
 ):
-    settings = worker_settings(kafka_bootstrap, exactly_once=exactly_once)
+    settings = worker_settings(kafka_bootstrap, exactly_once=exactly_once, kafka_client=kafka_client)
     create_topics(settings)
     ok = images(3)
     unreadable = {"key": b"unreadable", "value": b"original bytes", "headers": [(NotUtf8("x"), b"v")]}
@@ -187,8 +197,11 @@ def test_header_name_that_is_not_utf8_is_dead_lettered_not_a_crash_loop(
     assert worker.metrics.unreadable_records._value.get() == 1
 
 
-def test_max_in_flight_one_keeps_going(kafka_bootstrap, tiny_embedder):
-    settings = worker_settings(kafka_bootstrap, max_in_flight=1, batch_timeout_ms=10)
+@KAFKA_CLIENTS
+def test_max_in_flight_one_keeps_going(kafka_bootstrap, tiny_embedder, kafka_client):
+    settings = worker_settings(
+        kafka_bootstrap, max_in_flight=1, batch_timeout_ms=10, kafka_client=kafka_client
+    )
     create_topics(settings)
     send_raw(settings, images(5))
     results, _ = run_until_done(settings, tiny_embedder, 5, exactly_once=False)
@@ -292,8 +305,11 @@ def test_missing_input_topic_says_so_and_is_not_ready(kafka_bootstrap, tiny_embe
         assert "--input-topic" in (health.readiness_problem() or "")
 
 
-def test_two_workers_with_one_group_instance_id_fence_the_older(kafka_bootstrap, tiny_embedder):
-    settings = worker_settings(kafka_bootstrap, group_instance_id="same", session_timeout_ms=6000)
+@KAFKA_CLIENTS
+def test_two_workers_with_one_group_instance_id_fence_the_older(kafka_bootstrap, tiny_embedder, kafka_client):
+    settings = worker_settings(
+        kafka_bootstrap, group_instance_id="same", session_timeout_ms=6000, kafka_client=kafka_client
+    )
     create_topics(settings, partitions=2)
     first = start_worker(settings, tiny_embedder)
     wait_until(lambda: first.metrics.assigned_partitions._value.get() == 2, 60, "first never joined")

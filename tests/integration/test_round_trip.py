@@ -26,12 +26,18 @@ pytestmark = pytest.mark.integration
 
 
 # The default broker (a container in CI) and, always, the Apache Kafka jars on loopback: both paths that
-# kafka_bootstrap can take stay covered by a full round trip.
+# kafka_bootstrap can take stay covered by a full round trip; and each Kafka client the worker can use.
 @pytest.mark.parametrize(
-    "broker", ["kafka_bootstrap", "jar_kafka_bootstrap"], ids=["default-broker", "jar-broker"]
+    ("broker", "kafka_client"),
+    [
+        ("kafka_bootstrap", "kafka-python"),
+        ("jar_kafka_bootstrap", "kafka-python"),
+        ("kafka_bootstrap", "librdkafka"),
+    ],
+    ids=["default-broker", "jar-broker", "librdkafka"],
 )
-def test_round_trip_of_200_images_with_bad_ones(broker, request, tiny_embedder):
-    settings = worker_settings(request.getfixturevalue(broker), batch_size=16)
+def test_round_trip_of_200_images_with_bad_ones(broker, kafka_client, request, tiny_embedder):
+    settings = worker_settings(request.getfixturevalue(broker), batch_size=16, kafka_client=kafka_client)
     create_topics(settings, partitions=3)
     good = [(s.name, s.data) for s in sample_images(200)]
     bad = bad_requests()

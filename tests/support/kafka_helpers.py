@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
@@ -22,6 +23,9 @@ from worker.loop.service import run_worker
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
 from worker.ops.health import HealthState
 from worker.ops.metrics import WorkerMetrics
+
+KAFKA_CLIENTS = pytest.mark.parametrize("kafka_client", ["kafka-python", "librdkafka"])
+"""Runs a test once per Kafka client the worker can use (``--kafka-client``)."""
 
 
 def unique(prefix: str) -> str:

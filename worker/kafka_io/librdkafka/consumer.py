@@ -16,6 +16,7 @@ What differs from kafka-python, and how it is hidden:
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 import uuid
@@ -38,6 +39,12 @@ _READER_RETRY_S = 0.5
 # Errors about the subscription rather than a record: the worker's own checks report them.
 _QUIET = {KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}
 _NO_TIMESTAMP = 0  # librdkafka's TIMESTAMP_NOT_AVAILABLE
+# confluent-kafka's Message.headers() returns a list *with an exception set* when a header name is not
+# UTF-8. Called directly from a hot loop, CPython 3.11's specialised call skips the check that turns that
+# into a SystemError, and the pending exception surfaces in some later, unrelated call. Called through
+# methodcaller (a C-level call) the result is always checked, so the error is raised here, where it
+# belongs; the list it came with is never touched.
+_headers = operator.methodcaller("headers")
 
 
 class ConsumedRecord(NamedTuple):
@@ -61,7 +68,7 @@ def read(message: Message) -> Record:
     kind, stamp = message.timestamp()
     timestamp = None if kind == _NO_TIMESTAMP else stamp
     try:
-        headers = message.headers()
+        headers = _headers(message)
     except Exception as exc:  # confluent-kafka decodes header names as UTF-8 and raises on others
         cause = exc.__cause__ or exc.__context__ or exc
         return _unreadable(message, timestamp, message.value(), f"its headers: {cause}")
