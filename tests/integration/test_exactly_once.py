@@ -19,6 +19,7 @@ import pytest
 from tests.integration.test_faults import figures, images, kill_and_restart, stop_all, worker_process
 from tests.support.bad_inputs import bad_requests
 from tests.support.kafka_helpers import (
+    KAFKA_CLIENTS,
     RunningWorker,
     committed_offsets,
     create_topics,
@@ -39,8 +40,11 @@ def exactly_once_settings(bootstrap: str, **overrides: Any) -> Settings:
     return worker_settings(bootstrap, exactly_once=True, **overrides)
 
 
-def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap, tiny_embedder):
-    settings = exactly_once_settings(kafka_bootstrap, transactional_id="eos-round-trip")
+@KAFKA_CLIENTS
+def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap, tiny_embedder, kafka_client):
+    settings = exactly_once_settings(
+        kafka_bootstrap, transactional_id=f"eos-round-trip-{kafka_client}", kafka_client=kafka_client
+    )
     create_topics(settings, partitions=3)
     good = images("eos", 300)
     bad = [(key, value) for key, value, _reason in bad_requests()]
@@ -107,10 +111,11 @@ def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tin
     assert aborted > 0
 
 
-def test_churn_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_embedder):
+@KAFKA_CLIENTS
+def test_churn_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_embedder, kafka_client):
     rounds = 6 if LONG else 3
     total = 3000 if LONG else 900
-    base = exactly_once_settings(kafka_bootstrap, batch_size=8)
+    base = exactly_once_settings(kafka_bootstrap, batch_size=8, kafka_client=kafka_client)
     create_topics(base, partitions=6)
     values = base.model_dump()
     serial = iter(range(1000))
