@@ -18,7 +18,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,13 +31,33 @@ from worker.imaging.host import ImageLimits, Preprocessing
 from worker.inference.embedder import Embedder, PendingEmbeddings
 from worker.intake.batcher import Batch
 from worker.intake.stage import Ready, ReadyImage, ReadyText
+from worker.messages import Request
 from worker.models.heads import ScoreHeads
 from worker.ops.metrics import WorkerMetrics
-from worker.output.publisher import Publisher
+from worker.work import InputRecord
 
 log = logging.getLogger(__name__)
 _QUEUE_DEPTH = 2  # closed batches waiting for the stage: one launching while one is being finished
 _STOP = None
+
+
+class ResultSink(Protocol):
+    """Where the stage hands each item's result: the worker's publisher (to Kafka), or ``serve``'s answers."""
+
+    def embedding(
+        self,
+        record: InputRecord,
+        request: Request,
+        vector: np.ndarray,
+        scores: Mapping[str, float] | None = None,
+        fetched: bytes | None = None,
+    ) -> None:
+        """The item's unit vector (and its scores, with heads)."""
+        ...
+
+    def reject(self, record: InputRecord, rejection: RejectedRecord) -> None:
+        """The item cannot be embedded."""
+        ...
 
 
 @dataclass
@@ -52,7 +74,7 @@ class InferenceStage:
     def __init__(
         self,
         embedder: Embedder,
-        publisher: Publisher,
+        publisher: ResultSink,
         metrics: WorkerMetrics,
         preprocessing: Preprocessing,
         limits: ImageLimits,
