@@ -31,6 +31,9 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names.
 _TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 # A secret may also come from a file (a mounted Kubernetes secret, say), so it never shows in `ps`.
+# The longest text a request record may carry (messages.MAX_TEXT_LENGTH, which sits above this module): serve
+# takes no longer texts than the stream does.
+MAX_TEXT_CHARS = 16384
 _SECRET_FILES = {"sasl_password_file": "sasl_password", "ssl_password_file": "ssl_password"}
 
 
@@ -244,6 +247,37 @@ class Settings(BaseSettings):
         None, description="topic of the outputs --route-nsfw-above routes (default: <output-topic>.nsfw)"
     )
 
+    # clip-worker serve: the embeddings API
+    serve_host: str = Field("0.0.0.0", description="serve: address the embeddings API binds")
+    serve_port: int = Field(8000, ge=0, le=65535, description="serve: port of the embeddings API")
+    served_model_name: str | None = Field(
+        None,
+        description="serve: the model name requests give and /v1/models lists (default: --model; the "
+        "label of a --random-weights model is accepted too)",
+    )
+    serve_max_queue: int = Field(
+        1024,
+        ge=1,
+        description="serve: inputs admitted and not yet answered, all requests together; a request that "
+        "would go past it is answered 429 with Retry-After",
+    )
+    serve_max_inputs: int = Field(
+        256, ge=1, description="serve: inputs (texts or images) one request may carry; more is a 400"
+    )
+    serve_max_text_chars: int = Field(
+        MAX_TEXT_CHARS,
+        ge=1,
+        le=MAX_TEXT_CHARS,
+        description="serve: characters one text may have; longer is a 400 (the tokenizer truncates to the "
+        "model's context, as the worker does)",
+    )
+    serve_max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="serve: largest request body; larger is a 413"
+    )
+    serve_retry_after_s: int = Field(
+        1, ge=1, description="serve: the Retry-After seconds of a 429 (queue full)"
+    )
+
     # Operations
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus and health port; 0 disables")
     metrics_host: str = Field("0.0.0.0", description="address the metrics server binds")
@@ -400,6 +434,15 @@ class Settings(BaseSettings):
         if "file" in self.fetch_scheme_set and self.fetch_file_root is None:
             raise ValueError(
                 "the file scheme needs --fetch-file-root (the directory file:// URIs must lie under)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_serve_limits(self) -> Settings:
+        if self.serve_max_inputs > self.serve_max_queue:
+            raise ValueError(
+                "--serve-max-inputs is above --serve-max-queue: no request that large could ever be "
+                "admitted; raise the queue or lower the inputs"
             )
         return self
 
