@@ -1,4 +1,5 @@
-"""The ``clip-worker`` command: ``run``, ``produce``, ``tail``, ``query``, ``fleet``, ``demo``, ``bench``."""
+"""The ``clip-worker`` command: ``run``, ``serve``, ``produce``, ``tail``, ``query``, ``fleet``, ``demo``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,29 @@ CONNECTION_FIELDS = (
     "log_format",
 )
 MODEL_FIELDS = ("model", "model_dir", "local_files_only", "random_weights", "device", "dtype")
+# `serve`: every setting of `run` that shapes a vector or its preparation (model, preprocessing, scores,
+# fetching, batching), its own --serve-* ones, and none of Kafka's.
+SERVE_FIELDS = (
+    *MODEL_FIELDS,
+    "compile",
+    "score",
+    "aesthetic_head",
+    "nsfw_head",
+    "batch_size",
+    "batch_timeout_ms",
+    "decode_workers",
+    "inference_threads",
+    "max_message_bytes",
+    "max_image_pixels",
+    "min_image_side",
+    "jpeg_draft",
+    "resize",
+    "decode",
+    *(name for name in Settings.model_fields if name.startswith(("fetch_", "s3_", "serve"))),
+    "shutdown_grace_s",
+    "log_level",
+    "log_format",
+)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, fields: Iterable[str]) -> None:
@@ -83,6 +107,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
     return run_worker(settings)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from worker.serving.server import run_serve
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    return run_serve(settings)
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
@@ -153,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the long-lived worker")
     add_settings_arguments(run, Settings.model_fields)
     run.set_defaults(handler=_cmd_run)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible embeddings API for queries, with the worker's model (no Kafka)"
+    )
+    add_settings_arguments(serve, SERVE_FIELDS)
+    serve.set_defaults(handler=_cmd_serve)
 
     produce = commands.add_parser("produce", help="publish image files and folders as request records")
     produce.add_argument("paths", nargs="*", help="image files or folders (recursive)")

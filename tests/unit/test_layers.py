@@ -136,6 +136,7 @@ LAYERS = (
     "output",
     "inference",
     "loop",
+    "serving",
     "commands",
     "cli",
 )

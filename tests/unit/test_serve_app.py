@@ -1,0 +1,240 @@
+"""serve in-process on the tiny model: texts and images come back as the worker's own stages embed them, the
+model, health and metrics endpoints answer, concurrent requests share batches, and a full queue is a 429."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from worker.config import Settings, load_settings
+from worker.devtools.samples import sample_images
+from worker.imaging.host import ImageLimits, prepare
+from worker.inference.embedder import Embedder, ModelSpec, PendingEmbeddings, load_embedder
+from worker.models.text import TokenizedText
+from worker.ops.metrics import WorkerMetrics
+from worker.serving.app import ServedModel, build_app
+from worker.serving.engine import EmbeddingEngine, QueueFull
+from worker.serving.limits import ServeLimits
+from worker.serving.metrics import ServeMetrics
+
+
+@pytest.fixture(scope="module")
+def text_embedder(tiny_clip_dir: Path) -> Embedder:
+    return load_embedder(ModelSpec(model=str(tiny_clip_dir), device="cpu"), texts=True)
+
+
+def serve_settings(tiny_clip_dir: Path, **overrides: Any) -> Settings:
+    given = {"model": str(tiny_clip_dir), "device": "cpu", "batch_timeout_ms": 5, **overrides}
+    return load_settings(given, environ={})
+
+
+class Served:
+    """An engine and its app around an embedder, as `serve` builds them."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, batch_size: int = 8) -> None:
+        self.metrics = WorkerMetrics()
+        self.serve_metrics = ServeMetrics(self.metrics.registry)
+        self.engine = EmbeddingEngine(settings, embedder, self.metrics, self.serve_metrics, batch_size, 1)
+        self.model = ServedModel(("tiny", embedder.label), embedder.dim, 0)
+        self.app = build_app(
+            self.engine,
+            self.model,
+            ServeLimits.from_settings(settings),
+            self.serve_metrics,
+            self.metrics.registry,
+        )
+        self.engine.start()
+
+    def close(self) -> None:
+        self.engine.close(time.monotonic() + 10)
+
+
+@pytest.fixture
+def served(tiny_clip_dir: Path, text_embedder: Embedder) -> Iterator[Served]:
+    running = Served(serve_settings(tiny_clip_dir), text_embedder)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def client(served: Served) -> TestClient:
+    return TestClient(served.app)
+
+
+def test_texts_come_back_as_the_text_tower_embeds_them(client: TestClient, text_embedder: Embedder):
+    texts = ["a photo of a dog", "a cat", "two dogs playing in the snow"]
+    answer = client.post("/v1/embeddings", json={"input": texts, "model": "tiny"})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["object"] == "list" and body["model"] == "tiny"
+    assert [item["index"] for item in body["data"]] == [0, 1, 2]
+    vectors = np.array([item["embedding"] for item in body["data"]], dtype=np.float32)
+    assert np.abs(vectors - text_embedder.embed_texts(texts)).max() <= 1e-6
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > len(texts)
+
+
+def test_base64_answers_hold_the_same_vectors(client: TestClient):
+    floats = client.post("/v1/embeddings", json={"input": "a dog"}).json()["data"][0]["embedding"]
+    encoded = client.post("/v1/embeddings", json={"input": "a dog", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(encoded["data"][0]["embedding"]), dtype="<f4")
+    assert np.array_equal(decoded, np.array(floats, dtype=np.float32))
+
+
+def test_images_by_data_uri_come_back_as_the_worker_prepares_and_embeds_them(
+    client: TestClient, text_embedder: Embedder
+):
+    images = [sample.data for sample in sample_images(3)]
+    inputs = [f"data:image/jpeg;base64,{base64.b64encode(images[0]).decode()}"]
+    inputs += [base64.b64encode(data).decode() for data in images[1:]]
+    answer = client.post("/v1/embeddings", json={"input": inputs, "modality": "image"})
+    assert answer.status_code == 200, answer.text
+    vectors = np.array([item["embedding"] for item in answer.json()["data"]], dtype=np.float32)
+    preprocessing = replace(text_embedder.preprocessing, resize="torch")
+    prepared = [prepare(data, ImageLimits(), preprocessing) for data in images]
+    pixels = np.stack([p for p in prepared if isinstance(p, np.ndarray)])
+    assert np.abs(vectors - text_embedder.embed(pixels)).max() <= 1e-6
+
+
+def test_an_image_the_worker_would_dead_letter_is_a_422_naming_its_input(client: TestClient):
+    good = base64.b64encode(sample_images(1)[0].data).decode()
+    bad = base64.b64encode(b"GIF89a but not really").decode()
+    answer = client.post("/v1/embeddings", json={"input": [good, bad], "modality": "image"})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["code"] in {"not_an_image", "truncated_image", "corrupt_image"}
+    assert answer.json()["error"]["message"].startswith("input[1]")
+
+
+def test_models_lists_the_served_names_and_an_unknown_model_is_a_404(client: TestClient, served: Served):
+    listed = client.get("/v1/models").json()
+    assert [model["id"] for model in listed["data"]] == list(served.model.names)
+    answer = client.post("/v1/embeddings", json={"input": "a", "model": "text-embedding-3-small"})
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+
+
+def test_dimensions_other_than_the_models_own_are_refused(client: TestClient, served: Served):
+    assert (
+        client.post("/v1/embeddings", json={"input": "a", "dimensions": served.model.dim}).status_code == 200
+    )
+    answer = client.post("/v1/embeddings", json={"input": "a", "dimensions": 8})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "dimensions"
+
+
+def test_bodies_that_are_not_json_or_too_large_are_refused(tiny_clip_dir: Path, text_embedder: Embedder):
+    running = Served(serve_settings(tiny_clip_dir, serve_max_request_bytes=2048), text_embedder)
+    try:
+        client = TestClient(running.app)
+        assert client.post("/v1/embeddings", content=b"{not json").status_code == 400
+        answer = client.post("/v1/embeddings", json={"input": "a" * 4000})
+        assert answer.status_code == 413 and answer.json()["error"]["code"] == "body_too_large"
+    finally:
+        running.close()
+
+
+def test_health_metrics_and_unknown_paths(client: TestClient, served: Served):
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").text == "ready\n"
+    client.post("/v1/embeddings", json={"input": "a"})
+    client.post("/v1/embeddings", json={"input": []})
+    assert client.get("/nowhere").json()["error"]["code"] == "not_found"
+    scraped = client.get("/metrics").text
+    assert 'clip_worker_serve_requests_total{endpoint="embeddings",status="200"} 1.0' in scraped
+    assert 'clip_worker_serve_requests_total{endpoint="embeddings",status="400"} 1.0' in scraped
+    assert "clip_worker_serve_request_seconds_bucket" in scraped
+    assert "clip_worker_batch_size_texts_count 1.0" in scraped
+    assert "clip_worker_serve_queued_inputs 0.0" in scraped
+    served.close()
+    assert client.get("/readyz").status_code == 503
+    assert client.post("/v1/embeddings", json={"input": "a"}).status_code == 503
+
+
+def test_concurrent_requests_share_a_batch(tiny_clip_dir: Path, text_embedder: Embedder):
+    running = Served(serve_settings(tiny_clip_dir, batch_timeout_ms=10_000), text_embedder, batch_size=8)
+
+    async def eight() -> None:
+        await asyncio.gather(*(running.engine.embed_texts([f"text {n}"]) for n in range(8)))
+
+    try:
+        asyncio.run(asyncio.wait_for(eight(), timeout=30))
+        assert running.metrics.text_batch_closes.labels("size")._value.get() == 1
+        assert running.metrics.text_batch_size._sum.get() == 8
+    finally:
+        running.close()
+
+
+class GatedEmbedder(Embedder):
+    """The tiny embedder, whose text batches wait for :attr:`gate`."""
+
+    gate = threading.Event()
+
+    def launch_texts(self, texts: Any) -> PendingEmbeddings:
+        self.gate.wait(30)
+        return super().launch_texts(texts)
+
+
+def test_a_full_queue_refuses_at_once_and_takes_requests_again_once_answered(
+    tiny_clip_dir: Path, text_embedder: Embedder
+):
+    gated = GatedEmbedder(
+        text_embedder.model,
+        text_embedder.label,
+        text_embedder.revision,
+        text_embedder.preprocessing,
+        text_embedder.device,
+        text_embedder.dtype,
+        text_embedder.family,
+        text_embedder.text,
+    )
+    gated.gate.clear()
+    running = Served(
+        serve_settings(tiny_clip_dir, serve_max_queue=3, serve_max_inputs=3), gated, batch_size=2
+    )
+
+    async def scenario() -> None:
+        first = asyncio.create_task(running.engine.embed_texts(["a", "b"]))
+        await asyncio.sleep(0)
+        assert running.engine.queued == 2
+        with pytest.raises(QueueFull):
+            await running.engine.embed_texts(["c", "d"])
+        gated.gate.set()
+        assert len((await first).vectors) == 2
+        assert running.engine.queued == 0
+        assert len((await running.engine.embed_texts(["c", "d", "e"])).vectors) == 3
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+        assert running.serve_metrics.refused._value.get() == 2
+    finally:
+        gated.gate.set()
+        running.close()
+
+
+def test_a_429_carries_retry_after(tiny_clip_dir: Path, text_embedder: Embedder):
+    running = Served(serve_settings(tiny_clip_dir, serve_max_queue=2, serve_max_inputs=2), text_embedder)
+    try:
+        with running.engine._lock:  # the queue held full by requests under way
+            running.engine._queued = 2
+        answer = TestClient(running.app).post("/v1/embeddings", json={"input": "a"})
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+        assert answer.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        with running.engine._lock:
+            running.engine._queued = 0
+        running.close()
+
+
+def test_tokens_count_without_padding(text_embedder: Embedder):
+    from worker.serving.engine import _token_count
+
+    assert text_embedder.text is not None
+    short, long = text_embedder.text.tokenize(["a", "a b c d e"])
+    assert isinstance(short, TokenizedText) and _token_count(short) < _token_count(long)

@@ -1,0 +1,105 @@
+"""``clip-worker serve``: load the model as ``run`` does, start the engine, serve the API with uvicorn, and
+on SIGTERM finish the requests under way before exiting 0."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+
+from worker import __version__
+from worker.config import Settings
+from worker.errors import ExitCode, StartupError
+from worker.inference.scores import load_score_heads
+from worker.loop.service import batch_size, decode_workers, load_model
+from worker.ops.metrics import WorkerMetrics
+from worker.serving.app import ServedModel, build_app
+from worker.serving.engine import EmbeddingEngine
+from worker.serving.limits import ServeLimits
+from worker.serving.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def served_names(settings: Settings, label: str) -> tuple[str, ...]:
+    """The names a request's ``model`` may give: ``--served-model-name`` (else ``--model``) first, then the
+    loaded model's label when it differs (``random:...`` for random weights)."""
+    first = settings.served_model_name or settings.model
+    return tuple(dict.fromkeys([first, label]))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket; raises :class:`StartupError` naming the flags when it cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _name, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve on {host}:{port} ({exc.strerror or exc}); free the port or choose another with "
+            "--serve-port / --serve-host"
+        ) from None
+    sock.listen(2048)  # a burst of connections waits in the backlog, not refused by the kernel
+    return sock
+
+
+def run_serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT; returns the exit code. Raises :class:`StartupError` for problems a user
+    must fix (the model, the port)."""
+    log.info("clip-worker %s serve starting with %s", __version__, settings.redacted())
+    sock = bind(settings.serve_host, settings.serve_port)
+    metrics = WorkerMetrics()
+    serve_metrics = ServeMetrics(metrics.registry)
+    # The text tower is what queries need most: serve always loads it, as `run --texts` does.
+    embedder = load_model(settings.model_copy(update={"texts": True}), metrics)
+    heads = load_score_heads(settings, embedder)
+    engine = EmbeddingEngine(
+        settings,
+        embedder,
+        metrics,
+        serve_metrics,
+        batch_size(settings, embedder),
+        decode_workers(settings),
+        heads,
+    )
+    model = ServedModel(served_names(settings, embedder.label), embedder.dim, int(time.time()))
+    app = build_app(engine, model, ServeLimits.from_settings(settings), serve_metrics, metrics.registry)
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # the worker's own logging
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    _quiet_after_uvicorn()
+    engine.start()
+    port = sock.getsockname()[1]
+    log.info("serving %s on http://%s:%d/v1/embeddings", model.names[0], settings.serve_host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close(time.monotonic() + settings.shutdown_grace_s)
+        sock.close()
+    log.info("clip-worker serve stopped")
+    return ExitCode.OK
+
+
+def _quiet_after_uvicorn() -> None:
+    """uvicorn handles SIGTERM and SIGINT while it serves (stop accepting, finish the requests under way),
+    then raises the signal again for the handler it found: that one must not kill the process."""
+
+    def already_handled(signum: int, _frame: FrameType | None) -> None:
+        log.debug("%s after the drain", signal.Signals(signum).name)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, already_handled)
