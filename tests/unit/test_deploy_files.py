@@ -37,7 +37,11 @@ def test_compose_file_matches_the_compose_spec():
     assert result.returncode == 0, result.stdout + result.stderr
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"kafka", "topics", "worker", "prometheus", "grafana"} <= set(services)
+    assert {"kafka", "topics", "worker", "serve", "prometheus", "grafana"} <= set(services)
+    assert (
+        services["serve"]["command"] == ["serve"]
+        and services["serve"]["image"] == services["worker"]["image"]
+    )
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"
@@ -80,7 +84,7 @@ def test_kubernetes_manifests_parse_and_drain_before_kill():
         for doc in yaml.safe_load_all(path.read_text())
         if doc
     ]
-    kinds = {doc["kind"]: doc for doc in documents}
+    kinds = {doc["kind"]: doc for doc in documents if doc["metadata"]["name"] == "clip-worker"}
     for doc in documents:
         assert doc["apiVersion"] and doc["metadata"]["name"]
     deployment = kinds["Deployment"]
@@ -96,6 +100,25 @@ def test_kubernetes_manifests_parse_and_drain_before_kill():
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "kafka"
     assert trigger["metadata"]["consumerGroup"] == config["CLIP_WORKER_GROUP_ID"]
+
+
+def test_the_serve_deployment_runs_serve_with_probes_and_scales_on_queue_depth():
+    documents = list(yaml.safe_load_all((DOCKER / "kubernetes" / "serve.yaml").read_text()))
+    kinds = {doc["kind"]: doc for doc in documents if doc}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    config = kinds["ConfigMap"]["data"]
+    assert container["args"] == ["serve"]
+    assert pod["terminationGracePeriodSeconds"] > float(config["CLIP_WORKER_SHUTDOWN_GRACE_S"])
+    port = int(config["CLIP_WORKER_SERVE_PORT"])
+    assert container["ports"][0]["containerPort"] == port
+    assert kinds["Service"]["spec"]["ports"][0]["targetPort"] == port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    hpa = kinds["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert metric == "clip_worker_serve_queued_inputs"
 
 
 def test_operations_page_lists_every_metric():
