@@ -90,3 +90,49 @@ def tiny_clip_tokenizer() -> Any:
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=_TINY_MERGES, model_max_length=TINY_TEXT_LENGTH)
+
+
+# OpenAI's CLIP ViT-L/14: both towers' shapes, and its text context.
+VIT_L14_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+}
+VIT_L14_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+}
+VIT_L14_CONTEXT = 77
+
+
+def write_vit_l14_shape(directory: Path) -> Path:
+    """Write ViT-L/14's architecture (config, image processor) with the tiny tokenizer, no weights: a
+    directory ``--random-weights`` loads offline with both towers at ViT-L/14's cost. The tokenizer's
+    vocabulary is small (the text tower's embedding table shrinks with it, its compute does not); texts are
+    padded to ViT-L/14's 77 tokens."""
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.model_max_length = VIT_L14_CONTEXT
+    text = {
+        **VIT_L14_TEXT,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": VIT_L14_CONTEXT,
+        "projection_dim": 768,
+    }
+    vision = {**VIT_L14_VISION, "projection_dim": 768}
+    directory.mkdir(parents=True, exist_ok=True)
+    CLIPConfig(text_config=text, vision_config=vision, projection_dim=768).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        directory
+    )
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -15,6 +15,7 @@ SECTIONS = (
     "host-cost",
     "reference-memory",
     "fetch-cost",
+    "serve",
 )
 # End-to-end runs, in the order they run: the bare work, the worker (eager), the worker fetching the same
 # images by reference from a local HTTP server, the worker with --decode device --resize device, the NeMo
@@ -28,7 +29,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="tiny",
-        help="'tiny' (cheap model, real 224 px preprocessing), a hub id or a directory",
+        help="'tiny' (cheap model, real 224 px preprocessing), a hub id or a directory; the serve section "
+        "also takes 'vit-l14-shape' (ViT-L/14's towers with random weights, offline)",
     )
     parser.add_argument("--random-weights", action="store_true", help="random weights for --model")
     parser.add_argument("--device", default="auto")
@@ -127,6 +129,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(height 3/4 of it), e.g. 480-800",
     )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the corpus JPEGs")
+    parser.add_argument(
+        "--serve-clients", default="1,16,64", help="serve section: concurrent clients of the text rows"
+    )
+    parser.add_argument(
+        "--serve-image-clients", default="1,16,64", help="serve section: concurrent clients of the image rows"
+    )
+    parser.add_argument(
+        "--serve-batch-size", type=int, default=64, help="serve section: batch size, batching on"
+    )
+    parser.add_argument(
+        "--serve-batch-timeout-ms", type=int, default=10, help="serve section: batch timeout, batching on"
+    )
     parser.add_argument("--fetches", type=int, default=6000, help="fetch-cost section: fetches measured")
     parser.add_argument(
         "--host-cost-images", type=int, default=4000, help="host-cost section: records in the backlog"

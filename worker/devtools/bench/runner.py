@@ -30,6 +30,7 @@ from worker.devtools.bench.preprocess import (
     device_decoding_available,
 )
 from worker.devtools.bench.report import Report, machine_facts
+from worker.devtools.bench.serve import bench_serve
 from worker.devtools.bench.soak import bench_soak
 from worker.devtools.brokers import TansuBroker
 from worker.devtools.samples import jpeg_corpus, scene
@@ -109,8 +110,9 @@ class _Compiled:
         bench_model(report, view, [self.batch_size], seconds, **detail)
 
 
-# Sections that load no model: host-cost runs a stand-in, fetch-cost only fetches.
-_MODEL_FREE = frozenset({"host-cost", "fetch-cost"})
+# Sections that load no model here: host-cost runs a stand-in, fetch-cost only fetches, serve's server process
+# loads its own.
+_MODEL_FREE = frozenset({"host-cost", "fetch-cost", "serve"})
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -131,6 +133,8 @@ def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as scratch:
         if sections - _MODEL_FREE:
             _model_sections(args, report, sections, runs, decode_workers, Path(scratch))
+        if "serve" in sections:
+            bench_serve(report, args, Path(scratch))
         if "fetch-cost" in sections:
             concurrency = args.fetch_concurrency or FetchPolicy().concurrency
             bench_fetch_cost(report, _corpus(args), args.fetches, concurrency)
