@@ -156,3 +156,37 @@ def test_sigterm_finishes_the_requests_under_way_and_exits_0(tiny_clip_dir: Path
     assert answers and answers[0].status_code == 200
     assert len(answers[0].json()["data"][0]["embedding"]) > 0
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_the_serve_bench_section_measures_both_batching_modes(tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    output = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "worker.cli", "bench", "--sections", "serve", "--device", "cpu"]
+    command += [
+        "--seconds",
+        "1",
+        "--serve-clients",
+        "1,4",
+        "--serve-image-clients",
+        "1",
+        "--output",
+        str(output),
+    ]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(output.read_text())
+    rows = {row["case"]: row for row in report["rows"] if row["section"] == "serve"}
+    assert set(rows) == {
+        "texts, batching on, 1 clients",
+        "texts, batching on, 4 clients",
+        "images by base64, batching on, 1 clients",
+        "texts, batching off, 1 clients",
+        "texts, batching off, 4 clients",
+    }
+    for row in rows.values():
+        assert row["failed"] is None and row["images_per_s"] > 0 and row["detail"]["errors"] == 0
+        assert 0 < row["detail"]["p50_ms"] <= row["detail"]["p99_ms"]
+    assert report["ratios"]["serve_batching_on_over_off_4_clients"] > 0
