@@ -27,7 +27,7 @@ from worker.config import load_settings
 from worker.errors import ModelLoadError
 from worker.inference.embedder import Embedder, ModelSpec, load_embedder
 from worker.intake.inputs.text import TextTokenizer
-from worker.models.text import TokenizedText
+from worker.models.text import TokenizedText, stack
 from worker.ops.metrics import WorkerMetrics
 
 TEXTS = [
@@ -134,6 +134,23 @@ def test_a_text_embeds_the_same_alone_as_in_any_batch(loaded: Loaded):
     together = loaded.embedder.embed_texts(TEXTS)
     alone = np.stack([loaded.embedder.embed_texts([text])[0] for text in TEXTS])
     assert float(np.abs(together - alone).max()) <= 1e-6
+
+
+def test_a_clip_batch_is_cut_to_its_longest_text_and_embeds_as_when_padded_in_full(loaded: Loaded):
+    tower = loaded.embedder.text
+    assert tower is not None
+    short = tower.tokenize(["a photo of a dog", "x"])
+    ids, mask = stack(short, tower.trim_padding)
+    if loaded.family.name == "SigLIP":
+        assert not tower.trim_padding and ids.shape[1] == tower.length, "SigLIP's tower reads its padding"
+        return
+    assert tower.trim_padding and ids.shape[1] == int(short[0].mask.sum()) < tower.length  # type: ignore[union-attr]
+    assert mask is not None and bool(mask[:, -1].any()), "nothing any text attends to is cut"
+    full_ids, full_mask = stack(short)
+    with torch.inference_mode():
+        cut = torch.nn.functional.normalize(tower.features(ids, mask), dim=-1)
+        padded = torch.nn.functional.normalize(tower.features(full_ids, full_mask), dim=-1)
+    assert float((cut - padded).abs().max()) <= MAX_ABS_DIFF
 
 
 def test_the_intake_handler_tokenises_like_the_tower(loaded: Loaded):

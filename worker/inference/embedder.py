@@ -226,7 +226,7 @@ class Embedder:
     def launch_texts(self, texts: Sequence[TokenizedText]) -> PendingEmbeddings:
         """Queue the text tower's work for tokenised texts and return without waiting for it."""
         tower = self._text_tower()
-        ids, mask = stack(texts)
+        ids, mask = stack(texts, tower.trim_padding)
         with self._lock, torch.inference_mode(), self.on_own_stream():
             ids = ids.to(self.device, non_blocking=True)
             mask = None if mask is None else mask.to(self.device, non_blocking=True)

@@ -52,6 +52,9 @@ class ModelFamily(ABC):
     # ``model_type`` of the loaded vision tower's config, to recognise an already loaded model.
     vision_model_type: ClassVar[str]
     builtins: ClassVar[Mapping[str, BuiltinCheckpoint]] = {}
+    # Whether a batch of texts may be cut to its longest text: true where the padding after a text cannot
+    # change its features (a causal mask and an attention mask), false where the tower reads it.
+    trims_padding: ClassVar[bool] = False
 
     @abstractmethod
     def vision_classes(self) -> tuple[Any, Any]:
@@ -115,7 +118,11 @@ class ModelFamily(ABC):
         model, _label, _revision = self._load_tower(spec, model_class, config_class, "text", None)
         tokenizer = _load_tokenizer(spec)
         return TextTower(
-            model.eval(), tokenizer, self.text_length(model.config, tokenizer), self.text_features
+            model.eval(),
+            tokenizer,
+            self.text_length(model.config, tokenizer),
+            self.text_features,
+            self.trims_padding,
         )
 
     def _load_tower(

@@ -38,6 +38,9 @@ class ClipFamily(ModelFamily):
     name = "CLIP"
     model_types = ("clip", "clip_vision_model")
     vision_model_type = "clip_vision_model"
+    # The text tower's causal mask keeps every token from what follows it, and the attention mask hides the
+    # padding: a batch cut to its longest text has the same features, at a fraction of 77 tokens' cost.
+    trims_padding = True
     builtins: ClassVar[Mapping[str, BuiltinCheckpoint]] = {
         DEFAULT_MODEL: BuiltinCheckpoint("clip", VIT_L14_VISION),
         "openai/clip-vit-large-patch14-336": BuiltinCheckpoint(

@@ -2,7 +2,8 @@
 
 Every text is padded (and truncated) to the tower's fixed length, as its family's reference does: the
 ids of one text never depend on the others of its batch, so texts are tokenised one chunk at a time and
-stacked into any batch later.
+stacked into any batch later. Where the family's tower cannot see the padding (CLIP), a stacked batch is cut
+to its longest text: a short query then costs its own tokens, not the whole context's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TextTower:
     tokenizer: Any
     length: int
     read_features: Callable[[Any, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    trim_padding: bool = False
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
         """Token ids of ``texts``, each padded and truncated to :attr:`length` (one tokenizer call)."""
@@ -53,9 +55,14 @@ class TextTower:
         return self.read_features(self.model, ids, mask)
 
 
-def stack(texts: Sequence[TokenizedText]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch of tokenised texts as ``(N, length)`` id and mask tensors (no mask if they have none)."""
-    ids = torch.from_numpy(np.stack([text.ids for text in texts]))
+def stack(texts: Sequence[TokenizedText], trim: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of tokenised texts as ``(N, length)`` id and mask tensors (no mask if they have none);
+    with ``trim`` and a mask, ``length`` is the batch's longest text instead of the tower's."""
+    ids = np.stack([text.ids for text in texts])
     if texts[0].mask is None:
-        return ids, None
-    return ids, torch.from_numpy(np.stack([text.mask for text in texts if text.mask is not None]))
+        return torch.from_numpy(ids), None
+    mask = np.stack([text.mask for text in texts if text.mask is not None])
+    if trim:  # up to the last position any text attends to (all of them, should a tokenizer pad on the left)
+        used = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1 if mask.any() else 1
+        ids, mask = np.ascontiguousarray(ids[:, :used]), np.ascontiguousarray(mask[:, :used])
+    return torch.from_numpy(ids), torch.from_numpy(mask)
