@@ -155,7 +155,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from worker.devtools.demo import run_demo
 
     configure_logging("warning")
-    return run_demo(count=args.count, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    return run_demo(args.count, args.batch_size, args.device, args.dtype, args.kafka_client)
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--dtype", default="auto")
+    demo.add_argument("--kafka-client", default="kafka-python", choices=("kafka-python", "librdkafka"))
     demo.set_defaults(handler=_cmd_demo)
     bench = commands.add_parser("bench", help="throughput benchmarks: a table and JSON")
     from worker.devtools.bench.args import add_bench_arguments

@@ -12,14 +12,18 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_the_demo_embeds_its_samples_dead_letters_the_broken_ones_and_warns_of_nothing():
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "librdkafka"])
+def test_the_demo_embeds_its_samples_dead_letters_the_broken_ones_and_warns_of_nothing(kafka_client):
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_ENDPOINT": "http://127.0.0.1:9",  # no hub here: the demo says so and takes random weights
     }
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo", "--count", "6", "--batch-size", "4", "--device", "cpu"],
+        [
+            *[sys.executable, "-m", "worker.cli", "demo", "--count", "6", "--batch-size", "4"],
+            *["--device", "cpu", "--kafka-client", kafka_client],
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -127,3 +127,45 @@ def test_cpu_is_split_by_samples_waits_left_out_and_gil_is_bounded_by_cpu():
     facts.update(unprofiled_images_per_s=1000.0)
     table = "\n".join(host_cost_table(facts))
     assert f"| {stages.ENVELOPE} | 30.0 | 100.0 | 30.0 | 50% |" in table
+
+
+def test_librdkafka_adapter_time_goes_to_the_stage_it_stands_for():
+    rdk = REPO + "kafka_io/librdkafka/"
+    poll = Frame("Pipeline._poll", REPO + "loop/pipeline.py")
+    adapter_poll = Frame("ConsumerAdapter.poll", rdk + "consumer.py")
+    assert stage(*LOOP, poll, adapter_poll, Frame("read", rdk + "consumer.py")) == (stages.POLL, False)
+    listener = Frame("_RebalanceListener.on_partitions_assigned", REPO + "loop/pipeline.py")
+    assigned = Frame("ConsumerAdapter.subscribe.<locals>.assigned", rdk + "consumer.py")
+    assert stage(*LOOP, poll, adapter_poll, assigned) == (stages.GROUP, False)
+    assert stage(*LOOP, poll, adapter_poll, assigned, listener) == (stages.GROUP, False)
+    publish = Frame("InferenceStage._publish", REPO + "inference/stage.py")
+    send = Frame("ProducerAdapter.send", rdk + "producer.py")
+    assert stage(publish, Frame("send", REPO + "work.py"), send, thread="inference") == (stages.SEND, False)
+    serve = [
+        Frame("Thread._bootstrap", STDLIB + "threading.py"),
+        Frame("ProducerAdapter._serve", rdk + "producer.py"),
+    ]
+    report = Frame("Delivery.report", rdk + "producer.py")
+    delivered = Frame("Publisher.delivered", REPO + "output/publisher.py")
+    reports = "kafka-delivery-reports"
+    assert stage(*serve, thread=reports) == (stages.PRODUCER_IO, False)
+    assert stage(*serve, report, thread=reports) == (stages.ACK, False)
+    assert stage(*serve, report, delivered, thread=reports) == (stages.ACK, False)
+    pool = [
+        Frame("Thread._bootstrap", STDLIB + "threading.py"),
+        Frame("_worker", STDLIB + "concurrent/futures/thread.py"),
+        Frame("_WorkItem.run", STDLIB + "concurrent/futures/thread.py"),
+        Frame("ConsumerAdapter._call", rdk + "consumer.py"),
+    ]
+    assert stage(*pool, thread="kafka-commit_0") == (stages.COMMIT, False)
+    assert stage(*pool, thread="intake_0") == (stages.INTAKE, False)
+
+
+def test_librdkafka_native_threads_are_a_host_stage_of_their_own():
+    work = HostCostWork(images=100, sample_rate=100)
+    outcome = _Outcome(100.0, {7: ("rdk:broker1", 3_000_000), 8: ("bench-worker", 1_000_000)}, Counter())
+    facts = _breakdown(outcome, outcome, work, 100.0)
+    native = next(row for row in facts["stages"] if row["stage"] == stages.NATIVE_CLIENT)
+    assert native["cpu_us"] == 30.0  # 3 ms over 100 images
+    assert native["gil_us"] == 0.0
+    assert facts["host"]["cpu_us"] >= 30.0

@@ -19,11 +19,12 @@ from worker.devtools.brokers import TansuBroker
 from worker.devtools.samples import broken_samples, sample_images
 from worker.errors import ModelLoadError
 from worker.inference.embedder import Embedder, ModelSpec, load_embedder
-from worker.kafka_io import ensure_topics, make_consumer, make_producer
+from worker.kafka_io import IgnoreRebalances, ensure_topics, open_producer, open_reader
 from worker.loop.service import run_worker
 from worker.messages import REASON_HEADER, decode_embedding, encode_request
 
 _DEMO_TIMEOUT_S = 900.0
+_POLL_RECORDS = 500
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -55,8 +56,14 @@ def load_demo_model(device: str, dtype: str) -> Embedder:
     return load_embedder(replace(spec, random_weights=True))
 
 
-def run_demo(count: int = 48, batch_size: int = 16, device: str = "auto", dtype: str = "auto") -> int:
-    """Run the whole demo; returns the exit code."""
+def run_demo(
+    count: int = 48,
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    kafka_client: str = "kafka-python",
+) -> int:
+    """Run the whole demo on the Kafka client ``kafka_client`` (``--kafka-client``); returns the exit code."""
     print("starting a local Kafka-compatible broker (Tansu, in memory) ...")
     with TansuBroker() as broker:
         settings = load_settings(
@@ -70,18 +77,19 @@ def run_demo(count: int = 48, batch_size: int = 16, device: str = "auto", dtype:
                 "device": device,
                 "dtype": dtype,
                 "log_level": "warning",
+                "kafka_client": kafka_client,
             },
             environ={},
         )
         ensure_topics(settings, {settings.input_topic: 3, settings.output_topic: 3, settings.dlq_topic: 1})
         good = sample_images(count)
         bad = broken_samples()
-        producer = make_producer(settings)
+        producer = open_producer(settings)
         for sample in good + bad:
             value = encode_request(sample.name, sample.data, {"description": sample.description})
-            producer.send(settings.input_topic, key=sample.name.encode(), value=value)
+            producer.send(settings.input_topic, sample.name.encode(), value, [])
         producer.flush()
-        producer.close()
+        producer.close(timeout=10.0)
         formats = sorted({sample.name.split(".", 1)[1] for sample in good})
         print(f"published {len(good)} sample images ({', '.join(formats)}) and {len(bad)} broken ones")
 
@@ -107,27 +115,27 @@ def run_demo(count: int = 48, batch_size: int = 16, device: str = "auto", dtype:
 def _collect(
     settings: Any, expected: int, worker: threading.Thread
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest")
-    consumer.subscribe([settings.output_topic, settings.dlq_topic])
+    consumer = open_reader(settings)
+    consumer.subscribe([settings.output_topic, settings.dlq_topic], IgnoreRebalances())
     outputs: dict[str, dict[str, Any]] = {}
     dead: dict[bytes | None, str] = {}
     deadline = time.monotonic() + _DEMO_TIMEOUT_S
     shown = (-1, -1)
     try:
         while len(outputs) + len(dead) < expected and time.monotonic() < deadline and worker.is_alive():
-            for messages in consumer.poll(timeout_ms=500).values():
+            for messages in consumer.poll(500, _POLL_RECORDS).values():
                 for message in messages:
                     if message.topic == settings.output_topic:
-                        record = decode_embedding(message.value)
+                        record = decode_embedding(message.value or b"")
                         outputs[record["id"]] = record
                     else:
-                        reason = dict(message.headers or []).get(REASON_HEADER, b"?").decode()
+                        reason = (dict(message.headers or []).get(REASON_HEADER) or b"?").decode()
                         dead[message.key] = reason
             if (len(outputs), len(dead)) != shown:
                 shown = (len(outputs), len(dead))
                 _progress(f"  embedded {shown[0]}, dead-lettered {shown[1]} of {expected}")
     finally:
-        consumer.close(autocommit=False)
+        consumer.close(timeout_ms=5_000)
         if sys.stdout.isatty():
             print()
     return list(outputs.values()), Counter(dead.values())

@@ -159,4 +159,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use this broker for end-to-end runs (default: a local Tansu broker)",
     )
+    parser.add_argument(
+        "--kafka-client",
+        default="kafka-python",
+        choices=("kafka-python", "librdkafka"),
+        help="the Kafka client of every row that goes through a broker (the worker's --kafka-client)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON results (default bench-results/)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import struct
 import tempfile
 import threading
@@ -59,6 +60,7 @@ class HostCostWork:
     partitions: int = 2
     sample_rate: int = 250
     timeout_s: float = 600.0
+    kafka_client: str = "kafka-python"
 
 
 def padded_tiny_jpeg(payload_bytes: int) -> bytes:
@@ -86,6 +88,7 @@ def bench_host_cost(report: Report, bootstrap: str, work: HostCostWork) -> dict[
         resize="device",
         partitions=work.partitions,
         timeout_s=work.timeout_s,
+        kafka_client=work.kafka_client,
     )
     settings = fresh_settings(bootstrap, workload, log_level="error")
     fill_backlog(settings, workload.corpus)
@@ -94,18 +97,19 @@ def bench_host_cost(report: Report, bootstrap: str, work: HostCostWork) -> dict[
         "partitions": work.partitions,
         "batch": work.batch_size,
         "threads": work.decode_workers,
+        "kafka_client": work.kafka_client,
     }
     try:
-        with _worker_warnings_quiet(), tempfile.TemporaryDirectory(prefix="clip-host-cost-") as scratch:
-            first = _run(_new_group(settings), work, None)
+        with worker_warnings_quiet(), tempfile.TemporaryDirectory(prefix="clip-host-cost-") as scratch:
+            first = run_null_worker(new_group(settings), work, None)
             # One sampler per run: two at once slowed the worker more than either alone on 2 cores.
-            on_cpu = _run(
-                _new_group(settings), work, Sampler(Path(scratch) / "cpu.txt", work.sample_rate, False)
+            on_cpu = run_null_worker(
+                new_group(settings), work, Sampler(Path(scratch) / "cpu.txt", work.sample_rate, False)
             )
-            on_gil = _run(
-                _new_group(settings), work, Sampler(Path(scratch) / "gil.txt", work.sample_rate, True)
+            on_gil = run_null_worker(
+                new_group(settings), work, Sampler(Path(scratch) / "gil.txt", work.sample_rate, True)
             )
-            second = _run(_new_group(settings), work, None)
+            second = run_null_worker(new_group(settings), work, None)
     except (RowFailed, ProfilerUnavailable) as failure:
         report.add(SECTION, "worker, null model", 0.0, failed=str(failure), **knobs)
         return None
@@ -142,7 +146,7 @@ def bench_host_cost(report: Report, bootstrap: str, work: HostCostWork) -> dict[
 
 
 @contextlib.contextmanager
-def _worker_warnings_quiet() -> Iterator[None]:
+def worker_warnings_quiet() -> Iterator[None]:
     """The stand-ins make the worker warn (``--resize device`` on a CPU); nothing a reader should act on."""
     logger = logging.getLogger("worker")
     level = logger.level
@@ -153,7 +157,8 @@ def _worker_warnings_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _new_group(settings: Settings) -> Settings:
+def new_group(settings: Settings) -> Settings:
+    """The same settings in a consumer group of their own, which reads the backlog from its start."""
     return settings.model_copy(update={"group_id": f"{settings.group_id}-{uuid.uuid4().hex[:6]}"})
 
 
@@ -164,7 +169,7 @@ class _Outcome:
     samples: Counter[Stack]
 
 
-def _run(settings: Settings, work: HostCostWork, sampler: Sampler | None) -> _Outcome:
+def run_null_worker(settings: Settings, work: HostCostWork, sampler: Sampler | None) -> _Outcome:
     """One worker over the backlog; with a sampler, sampled from before it starts until its last ack."""
     if sampler is not None:
         sampler.start()
@@ -193,8 +198,9 @@ def _run(settings: Settings, work: HostCostWork, sampler: Sampler | None) -> _Ou
 
 
 def _thread_cpu() -> dict[int, tuple[str, int]]:
-    """CPU time of every live thread of this process, from the kernel (native id -> name, ns)."""
-    clocks: dict[int, tuple[str, int]] = {}
+    """CPU time of every live thread of this process, from the kernel (native id -> name, ns): the Python
+    threads, and librdkafka's native ones (which Python does not list)."""
+    clocks: dict[int, tuple[str, int]] = _native_client_cpu()
     for thread in threading.enumerate():
         if thread.ident is None or thread.native_id is None:
             continue
@@ -203,6 +209,24 @@ def _thread_cpu() -> dict[int, tuple[str, int]]:
             clocks[thread.native_id] = (thread.name, time.clock_gettime_ns(clock))
         except (OSError, ProcessLookupError):
             continue  # ended between the listing and the read
+    return clocks
+
+
+def _native_client_cpu() -> dict[int, tuple[str, int]]:
+    """CPU time of librdkafka's native threads (kernel names ``rdk:*``), from ``/proc``: clock ticks, so
+    10 ms grains, fine over a run of seconds."""
+    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    clocks: dict[int, tuple[str, int]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            if not name.startswith(stages.NATIVE_CLIENT_THREADS):
+                continue
+            # The name in parentheses may hold spaces: the fields after it are split from its end.
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended between the listing and the read
+        clocks[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) * tick_ns)  # utime + stime
     return clocks
 
 
@@ -307,6 +331,11 @@ def _cpu_by_stage(outcome: _Outcome, period_us: float) -> tuple[dict[str, float]
         counts = per_thread.get(tid)
         if name in stages.HARNESS_THREADS:
             by_stage[stages.HARNESS] += thread_us
+            continue
+        if name.startswith(stages.NATIVE_CLIENT_THREADS):
+            by_stage[stages.NATIVE_CLIENT] += thread_us
+            kernel += thread_us
+            sampled += thread_us  # no Python frames to sample: its kernel time is its own stage entire
             continue
         kernel += thread_us
         if not counts:

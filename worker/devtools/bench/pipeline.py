@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings, load_settings
 from worker.devtools.bench.gpu_busy import mean_busy
@@ -25,9 +24,19 @@ from worker.devtools.bench.worker_run import ABANDON_S, RowFailed, WorkerRun
 from worker.imaging.device_decode import DeviceJpegDecoder, decoded_only
 from worker.imaging.host import ImageLimits, prepare
 from worker.inference.embedder import Embedder
-from worker.kafka_io import ensure_topics, make_consumer, make_producer
+from worker.kafka_io import (
+    IgnoreRebalances,
+    TopicPartition,
+    ensure_topics,
+    open_consumer,
+    open_producer,
+    open_reader,
+)
 from worker.messages import Source, decode_request, encode_embedding, encode_request
 from worker.ops.metrics import WorkerMetrics
+
+_CLOSE_S = 10.0
+_POLL_RECORDS = 500
 
 
 def resident_mb() -> float:
@@ -51,6 +60,7 @@ class Workload:
     gpu_samples: Path | None = (
         None  # the GPU busy sampler's file (worker.devtools.bench.gpu_busy), if one runs
     )
+    kafka_client: str = "kafka-python"  # --kafka-client of every row that goes through a broker
 
 
 def bench_bare(report: Report, embedder: Embedder, work: Workload) -> float:
@@ -98,6 +108,7 @@ def fresh_settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
         "metrics_port": 0,
         "session_timeout_ms": 6000,
         "log_level": "warning",
+        "kafka_client": work.kafka_client,
         **extra,
     }
     settings = load_settings(values, environ={})
@@ -114,13 +125,13 @@ def fresh_settings(bootstrap: str, work: Workload, **extra: Any) -> Settings:
 
 def fill_backlog(settings: Settings, corpus: list[bytes], values: list[bytes] | None = None) -> None:
     """One request per image of ``corpus`` (or the record ``values`` given instead)."""
-    producer = make_producer(settings)
+    producer = open_producer(settings)
     if values is None:
         values = [encode_request(f"img-{index}", data) for index, data in enumerate(corpus)]
     for index, value in enumerate(values):
-        producer.send(settings.input_topic, key=str(index).encode(), value=value)
+        producer.send(settings.input_topic, str(index).encode(), value, [])
     producer.flush()
-    producer.close()
+    producer.close(timeout=_CLOSE_S)
 
 
 def bench_worker(
@@ -152,7 +163,12 @@ def bench_worker(
         f", --compile {compile_mode}" * (compile_mode != "off")
     )
     case = f"clip-worker, batch {work.batch_size}{mode}{label}"
-    knobs = {"threads": work.decode_workers, "resize": work.resize, "decode": work.decode}
+    knobs = {
+        "threads": work.decode_workers,
+        "resize": work.resize,
+        "decode": work.decode,
+        "kafka_client": work.kafka_client,
+    }
     settings = fresh_settings(bootstrap, work, **extra)
     fill_backlog(settings, work.corpus, backlog)
     metrics = WorkerMetrics()
@@ -171,7 +187,7 @@ def bench_worker(
 
         run.wait_until(all_accounted, "every record to be embedded or dead-lettered")
         if exactly_once:
-            _wait_until_committed(run, work.partitions, total)
+            _wait_until_committed(run, total)
         elapsed = time.perf_counter() - started
     except RowFailed as failure:
         report.add("end-to-end", case, 0.0, failed=str(failure), **knobs, **_outcome(metrics))
@@ -253,23 +269,22 @@ def _dlq_reasons(metrics: WorkerMetrics) -> dict[str, int]:
     return reasons
 
 
-def _wait_until_committed(run: WorkerRun, partitions: int, total: int) -> None:
-    """Poll the group's committed offsets until they cover ``total`` records (offsets start at 0)."""
-    consumer = make_consumer(run.settings)
-    tps = [TopicPartition(run.settings.input_topic, p) for p in range(partitions)]
-    last_check = 0.0
+def _wait_until_committed(run: WorkerRun, total: int) -> None:
+    """Read the output topic read_committed until ``total`` results are visible: the transactions that
+    carry them carry the group's offsets too, so the commits then cover the backlog."""
+    reader = open_reader(run.settings, read_committed=True)
+    reader.subscribe([run.settings.output_topic], IgnoreRebalances())
+    seen = 0
 
     def committed() -> bool:
-        nonlocal last_check
-        if time.monotonic() - last_check < 0.05:  # each check is a round trip to the broker
-            return False
-        last_check = time.monotonic()
-        return sum(consumer.committed(tp) or 0 for tp in tps) >= total
+        nonlocal seen
+        seen += sum(len(records) for records in reader.poll(50, _POLL_RECORDS).values())
+        return seen >= total
 
     try:
-        run.wait_until(committed, "the group's commits to cover the backlog")
+        run.wait_until(committed, "the committed results to cover the backlog")
     finally:
-        consumer.close(autocommit=False)
+        reader.close(int(_CLOSE_S * 1000))
 
 
 def bench_baseline(
@@ -284,9 +299,9 @@ def bench_baseline(
     settings = fresh_settings(bootstrap, work)
     fill_backlog(settings, corpus)
     processor = reference_processor(embedder)
-    consumer = make_consumer(settings, max_poll_records=batch)
-    producer = make_producer(settings)
-    consumer.subscribe([settings.input_topic])
+    consumer = open_consumer(settings)
+    producer = open_producer(settings)
+    consumer.subscribe([settings.input_topic], IgnoreRebalances())
     done = 0
     started: float | None = None
     deadline = time.monotonic() + work.timeout_s
@@ -301,7 +316,7 @@ def bench_baseline(
                     failed=f"timed out after {work.timeout_s:.0f}s with {done} of {len(corpus)} records",
                 )
                 return None
-            records = [r for rs in consumer.poll(timeout_ms=100, max_records=batch).values() for r in rs]
+            records = [r for rs in consumer.poll(100, batch).values() for r in rs]
             if not records:
                 continue
             started = started or time.perf_counter()
@@ -310,18 +325,18 @@ def bench_baseline(
             vectors = embedder.embed(pixels)
             for record, request, vector in zip(records, requests, vectors, strict=True):
                 source = Source(record.topic, record.partition, record.offset)
-                producer.send(
-                    settings.output_topic,
-                    value=encode_embedding(request, vector, embedder.label, source, False),
-                )
+                value = encode_embedding(request, vector, embedder.label, source, False)
+                producer.send(settings.output_topic, None, value, [])
             producer.flush()
-            consumer.commit({_partition(r): OffsetAndMetadata(r.offset + 1, "", -1) for r in records})
+            consumer.commit({_partition(r): r.offset + 1 for r in records}, int(_CLOSE_S * 1000))
             done += len(records)
         elapsed = time.perf_counter() - (started or time.perf_counter())
     finally:
-        consumer.close(autocommit=False)
-        producer.close()
-    row = report.add("end-to-end", case, done / elapsed, threads=1, images=done)
+        consumer.close(int(_CLOSE_S * 1000))
+        producer.close(_CLOSE_S)
+    row = report.add(
+        "end-to-end", case, done / elapsed, threads=1, images=done, kafka_client=work.kafka_client
+    )
     return row.images_per_s
 
 

@@ -114,10 +114,12 @@ def host_cost_table(facts: dict[str, Any]) -> list[str]:
         f"| **{host['gil_on_cpu_us']:.1f}** | 100% |"
     )
     floor = facts["kafka_python_floor"]
+    client = facts.get("kafka_client", "kafka-python")
     for side in ("consumer", "producer"):
         lines.append(
-            f"| kafka-python floor: {side} | {floor[side]['cpu_us']:.1f} | {floor[side]['gil_us']:.1f} | | |"
+            f"| {client} floor: {side} | {floor[side]['cpu_us']:.1f} | {floor[side]['gil_us']:.1f} | | |"
         )
+    # librdkafka's own code has no Python frames: this row is kafka-python's alone.
     lines.append(f"| kafka-python's own code, all stages | | {floor['gil_us_own_code']:.1f} | | |")
     check = facts["cross_check"]
     lines.append(

@@ -130,6 +130,7 @@ def run_bench(args: argparse.Namespace) -> int:
     decode_workers = args.decode_workers or default_decode_workers()
     # The same torch thread count the worker will use, for every section, so the runs compare fairly.
     report.machine["torch_threads"] = configure_cpu_threads(0, decode_workers)
+    report.machine["kafka_client"] = args.kafka_client
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as scratch:
         if sections - _MODEL_FREE:
             _model_sections(args, report, sections, runs, decode_workers, Path(scratch))
@@ -147,6 +148,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 partitions=args.host_cost_partitions,
                 sample_rate=args.sample_rate,
                 timeout_s=args.row_timeout,
+                kafka_client=args.kafka_client,
             )
             _with_broker(args.bootstrap_servers, lambda servers: bench_host_cost(report, servers, work))
     print("\n" + report.table())
@@ -208,13 +210,14 @@ def _model_sections(
             partitions=args.partitions,
             timeout_s=args.row_timeout,
             gpu_samples=args.gpu_samples,
+            kafka_client=args.kafka_client,
         )
         stages = _EndToEnd(report, embedder, work, compiled, args, with_model_row="model" in sections)
         _with_broker(args.bootstrap_servers, lambda servers: stages.run(runs, servers))
     if "reference-memory" in sections:
         memory_work = Workload(
             [], args.batch_size, decode_workers, args.resize or Settings.model_fields["resize"].default,
-            timeout_s=args.row_timeout,
+            timeout_s=args.row_timeout, kafka_client=args.kafka_client,
         )  # fmt: skip
         _with_broker(
             args.bootstrap_servers,
@@ -237,6 +240,7 @@ def _model_sections(
             decode_workers,
             args.resize or Settings.model_fields["resize"].default,
             timeout_s=args.row_timeout,
+            kafka_client=args.kafka_client,
         )
         _with_broker(
             args.bootstrap_servers,

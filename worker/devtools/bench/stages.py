@@ -5,6 +5,11 @@ names; frames it does not name (the standard library's locks, queues and futures
 take the stage of the code that called them. Time inside kafka-python is told apart by the outermost
 kafka-python frame, that is by what the worker (or the client's own thread) asked the client to do, so a
 record parsed in ``KafkaConsumer.poll`` is poll time and one built in ``KafkaProducer.send`` is send time.
+With ``--kafka-client librdkafka`` the client's work runs in C: its adapters' frames
+(``worker.kafka_io.librdkafka``) take the stage of the kafka-python call they stand for
+(``ConsumerAdapter.poll`` is poll, ``ProducerAdapter.send`` is send, the delivery-report thread is the
+producer's I/O thread and its callbacks acknowledgement, the commit thread commit), and librdkafka's own
+native threads are a stage of their own.
 Stacks of start-up, shutdown and the bench's own threads are kept apart and left out of the host cost.
 
 The mapping, by module and function:
@@ -33,6 +38,8 @@ publish: producer I/O thread        ``kafka.producer.sender``: draining batches,
 acknowledgement + offset tracking   ``Publisher.delivered``, the send callbacks, ``worker.work.BrokerWatch``,
                                     ``worker.output.offsets``, error translation
 commit                              ``Pipeline.commit``, the guarantees' ``commit``, ``KafkaConsumer.commit``
+librdkafka threads (native)         librdkafka's own threads (``rdk:*``): fetches, produce requests,
+                                    decompression; CPU from the kernel, no Python frames, no GIL
 metrics                             ``prometheus_client``, ``worker.ops``, ``worker.loop.observer``
 main loop (other)                   the rest of ``worker.loop.pipeline`` and ``worker.loop.service`` while
                                     running
@@ -60,6 +67,7 @@ SEND: Final = "publish: KafkaProducer.send"
 PRODUCER_IO: Final = "publish: producer I/O thread"
 ACK: Final = "acknowledgement + offset tracking"
 COMMIT: Final = "commit"
+NATIVE_CLIENT: Final = "librdkafka threads (native, no GIL)"
 METRICS: Final = "metrics"
 LOOP: Final = "main loop (other)"
 OTHER: Final = "unattributed"
@@ -72,10 +80,12 @@ HARNESS: Final = "bench harness"
 # The per-image host cost: every stage of the running worker except the stand-ins.
 HOST_STAGES: Final = (
     POLL_IO, POLL, GROUP, ENVELOPE, INTAKE, BATCHING, ENCODE, SEND, PRODUCER_IO, ACK, COMMIT, METRICS, LOOP,
-    OTHER,
+    OTHER, NATIVE_CLIENT,
 )  # fmt: skip
 STAND_IN_STAGES: Final = (DECODE, MODEL)
 LEFT_OUT_STAGES: Final = (STARTUP, SHUTDOWN, HARNESS)
+# Native threads of librdkafka (their kernel names): no Python frames, counted by CPU alone.
+NATIVE_CLIENT_THREADS: Final = "rdk:"
 # Threads of the bench itself, not of the worker.
 HARNESS_THREADS: Final = ("MainThread", "py-spy-output")
 # kafka-python's own code: the floor no change to the worker can go below at these client settings.
@@ -107,6 +117,17 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.kafka_io.adapters", "_Listener", GROUP),
     ("worker.kafka_io.errors", "", ACK),
     ("worker.kafka_io.record_parser", "", POLL),
+    ("worker.kafka_io.librdkafka.consumer", "ConsumerAdapter.poll", POLL),
+    ("worker.kafka_io.librdkafka.consumer", "ConsumerAdapter.commit", COMMIT),
+    ("worker.kafka_io.librdkafka.consumer", "ConsumerAdapter.subscribe.<locals>", GROUP),
+    ("worker.kafka_io.librdkafka.consumer", "read", POLL),
+    ("worker.kafka_io.librdkafka.consumer", "refused", POLL),
+    ("worker.kafka_io.librdkafka.consumer", "ConsumedRecord", POLL),
+    ("worker.kafka_io.librdkafka.consumer", "_unreadable", POLL),
+    ("worker.kafka_io.librdkafka.producer", "ProducerAdapter.send", SEND),
+    ("worker.kafka_io.librdkafka.producer", "ProducerAdapter._serve", PRODUCER_IO),
+    ("worker.kafka_io.librdkafka.producer", "Delivery", ACK),
+    ("worker.kafka_io.librdkafka.errors", "", ACK),
     ("worker.messages", "decode_request", ENVELOPE),
     ("worker.messages", "", ENCODE),
     ("msgpack", "", ENCODE),  # only packb has a Python frame; unpacking is decode_request's own time
@@ -138,6 +159,8 @@ _RULES: Final[tuple[tuple[str, str, str], ...]] = (
     ("concurrent.futures.thread", "_WorkItem", INTAKE),
     ("worker.devtools.bench", "", HARNESS),
 )
+# librdkafka's adapter commits on a thread of its own (a bounded synchronous commit).
+_COMMIT_THREAD: Final = "kafka-commit"
 # Frames that say the whole stack is outside the steady state, wherever they are.
 _PHASES: Final[tuple[tuple[str, str, str], ...]] = (
     ("worker.loop.pipeline", "Pipeline.drain", SHUTDOWN),
@@ -197,6 +220,8 @@ def classify(frames: Sequence[Frame], thread_name: str) -> tuple[str, bool]:
         f.function == "Pipeline.run" for f in frames
     ):
         return STARTUP, False
+    if thread_name.startswith(_COMMIT_THREAD):
+        return COMMIT, False
     for index in range(len(frames) - 1, -1, -1):
         module = modules[index]
         if _is_kafka(module):
