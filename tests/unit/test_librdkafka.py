@@ -23,7 +23,7 @@ from worker.kafka_io.errors import (
 )
 from worker.kafka_io.librdkafka import factories as librdkafka
 from worker.kafka_io.librdkafka import options
-from worker.kafka_io.librdkafka.consumer import ConsumedRecord, read
+from worker.kafka_io.librdkafka.consumer import ConsumedRecord, read, refused
 from worker.kafka_io.librdkafka.errors import layer_error
 from worker.kafka_io.librdkafka.producer import Delivery, ProducerAdapter
 from worker.kafka_io.partitioner import key_partition
@@ -161,3 +161,35 @@ def test_keyed_records_land_where_the_java_client_puts_them():
         producer.close(timeout=5)
     assert landed == {key: key_partition(key, partitions) for key in keys}
     assert len(set(landed.values())) > 1
+
+
+def test_only_a_record_level_error_dead_letters_the_record_at_its_offset():
+    bad = KafkaError(KafkaError._BAD_MSG)
+    marked = refused(Message(topic="t", partition=0, offset=4, value=b"raw", error=bad), bad)
+    assert type(marked) is UnreadableRecord and (marked.offset, marked.value) == (4, b"raw")
+    passing = KafkaError(KafkaError._TRANSPORT, retriable=True)
+    assert refused(Message(topic="t", partition=0, offset=4, error=passing), passing) is None
+    # A fetch refused is reported at the fetch position: no record was read there, so nothing is skipped.
+    denied = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    with pytest.raises(KafkaLayerError, match="TOPIC_AUTHORIZATION_FAILED"):
+        refused(Message(topic="t", partition=0, offset=4, error=denied), denied)
+
+
+def test_a_failing_delivery_callback_does_not_keep_the_others_from_their_reports():
+    delivery = Delivery()
+    seen: list[int] = []
+
+    def broken(_message: object) -> None:
+        raise RuntimeError("a caller's bug")
+
+    delivery.add_callback(broken)
+    delivery.add_callback(lambda message: seen.append(message.offset()))
+    delivery.report(None, Message(topic="t", partition=0, offset=3))
+    assert seen == [3]
+
+
+def test_a_producer_epoch_librdkafka_can_bump_is_an_abort_not_a_fencing():
+    bumpable = KafkaError(KafkaError.INVALID_PRODUCER_EPOCH, txn_requires_abort=True)
+    assert type(layer_error(bumpable)) is KafkaLayerError
+    fatal = KafkaError(KafkaError.INVALID_PRODUCER_EPOCH, fatal=True)
+    assert type(layer_error(fatal)) is ProducerFencedError

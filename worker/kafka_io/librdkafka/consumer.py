@@ -30,7 +30,7 @@ from confluent_kafka import Consumer as Client
 from confluent_kafka import TopicPartition as ClientTopicPartition
 
 from worker.kafka_io.errors import UnansweredError
-from worker.kafka_io.librdkafka.errors import layer_error, translate
+from worker.kafka_io.librdkafka.errors import RECORD_LEVEL, layer_error, translate
 from worker.kafka_io.types import RebalanceListener, Record, TopicPartition, UnreadableRecord
 
 log = logging.getLogger(__name__)
@@ -100,20 +100,24 @@ def _unreadable(message: Message, timestamp: int | None, value: bytes | None, pr
 
 
 def refused(message: Message, error: KafkaError) -> Record | None:
-    """A message that carries ``error``: an unreadable record when the error is about a record at an
-    offset, None when it only says something about the subscription; raises when the consumer cannot go
-    on (fatal errors, fencing)."""
+    """A message that carries ``error``: an unreadable record when the error is about the record at its
+    offset, None when it only says something passing or about the subscription; raises when the consumer
+    cannot go on (fatal errors, fencing, a fetch refused)."""
     if error.fatal():
         raise layer_error(error)
     if error.code() in _QUIET:
         log.debug("consumer: %s", error.str())
         return None
     offset = message.offset()
-    if message.topic() is None or offset is None or offset < 0:
+    if error.code() in RECORD_LEVEL and message.topic() is not None and offset is not None and offset >= 0:
+        problem = f"librdkafka refused it: {error.name()}: {error.str()}"
+        return _unreadable(message, None, message.value() or b"", problem)
+    if error.retriable() or message.topic() is None:
         log.warning("consumer: %s", error.str())
         return None
-    problem = f"librdkafka refused it: {error.name()}: {error.str()}"
-    return _unreadable(message, None, message.value() or b"", problem)
+    # A fetch error reported at the fetch position (an authorisation refused, say) is no record: the
+    # worker stops, as kafka-python's poll raises, rather than dead-letter an offset it never read.
+    raise layer_error(error)
 
 
 class ConsumerAdapter:

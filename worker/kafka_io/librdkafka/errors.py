@@ -22,7 +22,10 @@ from worker.kafka_io.errors import (
 )
 
 _TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE}
-_PRODUCER_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+_PRODUCER_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED}
+# An epoch the broker no longer takes: fencing when librdkafka gives up (fatal); abortable when it can bump
+# the epoch itself (KIP-360), and the transaction's abort then goes on with the same producer.
+_STALE_EPOCH = KafkaError.INVALID_PRODUCER_EPOCH
 _TRANSACTIONS_REFUSED = {
     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
     KafkaError.CLUSTER_AUTHORIZATION_FAILED,
@@ -41,7 +44,8 @@ _UNANSWERED = {
     KafkaError.COORDINATOR_NOT_AVAILABLE,
     KafkaError.NOT_COORDINATOR,
 }
-_UNREADABLE = {KafkaError._BAD_MSG}
+# Codes about one record at its offset: the record is dead-lettered, the partition goes on.
+RECORD_LEVEL = {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION, KafkaError.INVALID_RECORD}
 
 
 def layer_error(error: KafkaError) -> KafkaLayerError:
@@ -53,7 +57,7 @@ def layer_error(error: KafkaError) -> KafkaLayerError:
         kind = RecordTooLargeError
     elif code == KafkaError.FENCED_INSTANCE_ID or "FENCED_INSTANCE_ID" in text:
         kind = InstanceFencedError
-    elif code in _PRODUCER_FENCED:
+    elif code in _PRODUCER_FENCED or (code == _STALE_EPOCH and error.fatal()):
         kind = ProducerFencedError
     elif code in _TRANSACTIONS_REFUSED or error.fatal():
         kind = TransactionsRefusedError
@@ -61,7 +65,7 @@ def layer_error(error: KafkaError) -> KafkaLayerError:
         kind = KafkaLayerError  # the caller's abort path: nothing more specific to say
     elif code in _UNANSWERED or error.retriable():
         kind = UnansweredError
-    elif code in _UNREADABLE:
+    elif code in RECORD_LEVEL:
         kind = UnreadableRecordError
     return kind(text)
 

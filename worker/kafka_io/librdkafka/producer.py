@@ -8,6 +8,7 @@ calls that librdkafka calls retriable are tried again, within a bound, before th
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,11 +22,13 @@ from worker.kafka_io.errors import UnansweredError, UnsendableRecordError
 from worker.kafka_io.librdkafka.errors import layer_error, translate
 from worker.kafka_io.types import DeliveryFuture, Headers, TopicPartition
 
+log = logging.getLogger(__name__)
 _SERVE_WAIT_S = 0.05
 _MAX_BLOCK_S = 15.0  # how long a send waits for room in a full queue (kafka-python's max_block_ms)
 _METADATA_TIMEOUT_S = 15.0
 _TRANSACTION_CALL_S = 10.0  # one try of a transactional call
 _TRANSACTION_BUDGET_S = 60.0  # all tries of one, while librdkafka calls its failure retriable
+_TRANSACTION_RETRY_WAIT_S = 0.2
 
 
 class Delivery:
@@ -55,7 +58,10 @@ class Delivery:
             self._callbacks.clear()
             self._errbacks.clear()
         for call in calls:
-            call(outcome)
+            try:
+                call(outcome)
+            except Exception:  # one caller's failing callback must not silence the others' reports
+                log.exception("a delivery callback failed")
 
     def _done(self) -> bool:
         return self._message is not None or self._error is not None
@@ -95,7 +101,10 @@ class ProducerAdapter:
 
     def _serve(self) -> None:
         while not self._closing.is_set():
-            self.client.poll(_SERVE_WAIT_S)
+            try:
+                self.client.poll(_SERVE_WAIT_S)
+            except Exception:  # confluent-kafka re-raises from poll() what a delivery callback raised
+                log.exception("serving delivery reports")
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> DeliveryFuture:
         """Queue a record; the future reports its delivery."""
@@ -177,6 +186,7 @@ class ProducerAdapter:
                 retriable = isinstance(error, KafkaError) and error.retriable()
                 if not retriable or time.monotonic() >= deadline:
                     raise translate(exc) from exc
+                time.sleep(_TRANSACTION_RETRY_WAIT_S)  # a failure that comes back at once must not spin
 
     @staticmethod
     def _call(call: Callable[..., Any], *args: Any) -> Any:
