@@ -215,3 +215,35 @@ def test_fetch_cost_measures_a_fetch_without_a_broker_or_a_model(tmp_path):
     pictures = jpeg_corpus(8, 500, 375)  # the bench's corpus for --images 8; 400 fetches cycle it 50 times
     mean_kib = round(sum(len(picture) for picture in pictures) / len(pictures) / 1024, 1)
     assert row["detail"]["mean_kib"] == mean_kib, "every body came whole"
+
+
+@pytest.mark.timeout(180)
+def test_quick_host_ceiling_measures_the_worker_and_the_bare_loop_of_both_clients(tansu, tmp_path):
+    output = tmp_path / "host-ceiling.json"
+    result = subprocess.run(
+        [
+            *[sys.executable, "-m", "worker.cli", "bench", "--sections", "host-ceiling", "--quick"],
+            *["--bootstrap-servers", tansu, "--output", str(output)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env=clean_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    rows = {row["case"]: row for row in report["rows"] if row["section"] == "host-ceiling"}
+    assert set(rows) == {
+        f"{client}: {loop}"
+        for client in ("kafka-python", "librdkafka")
+        for loop in ("worker, null model", "bare pass-through loop")
+    }
+    assert all(row["failed"] is None and row["images_per_s"] > 0 for row in rows.values())
+    assert all(row["detail"]["records"] == 200 for row in rows.values())
+    assert set(report["ratios"]) == {
+        "host ceiling: worker / bare loop, kafka-python",
+        "host ceiling: worker / bare loop, librdkafka",
+        "host ceiling: librdkafka worker / kafka-python worker",
+    }
+    assert "| ratio | host ceiling: librdkafka worker / kafka-python worker |" in result.stdout

@@ -13,6 +13,7 @@ SECTIONS = (
     "fidelity",
     "soak",
     "host-cost",
+    "host-ceiling",
     "reference-memory",
     "fetch-cost",
     "serve",
@@ -160,9 +161,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="use this broker for end-to-end runs (default: a local Tansu broker)",
     )
     parser.add_argument(
+        "--ceiling-records", type=int, default=4000, help="host-ceiling section: records in the backlog"
+    )
+    parser.add_argument(
+        "--ceiling-payload-bytes", type=int, default=50_000, help="host-ceiling section: bytes of each record"
+    )
+    parser.add_argument(
+        "--ceiling-runs",
+        type=int,
+        default=3,
+        help="host-ceiling section: runs per row (the median is reported)",
+    )
+    parser.add_argument(
         "--kafka-client",
         default="kafka-python",
         choices=("kafka-python", "librdkafka"),
-        help="the Kafka client of every row that goes through a broker (the worker's --kafka-client)",
+        help="the Kafka client of every row that goes through a broker (the worker's --kafka-client); "
+        "host-ceiling runs both",
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON results (default bench-results/)")

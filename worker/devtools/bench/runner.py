@@ -19,6 +19,7 @@ from worker.devtools.bench.args import E2E_RUNS
 from worker.devtools.bench.by_reference import bench_by_reference, bench_reference_memory
 from worker.devtools.bench.fetch_cost import bench_fetch_cost
 from worker.devtools.bench.fidelity import bench_dtype_fidelity, with_dtype
+from worker.devtools.bench.host_ceiling import CeilingWork, bench_host_ceiling
 from worker.devtools.bench.host_cost import HostCostWork, bench_host_cost
 from worker.devtools.bench.model import bench_copy, bench_model
 from worker.devtools.bench.parity import bench_parity
@@ -112,7 +113,7 @@ class _Compiled:
 
 # Sections that load no model here: host-cost runs a stand-in, fetch-cost only fetches, serve's server process
 # loads its own.
-_MODEL_FREE = frozenset({"host-cost", "fetch-cost", "serve"})
+_MODEL_FREE = frozenset({"host-cost", "host-ceiling", "fetch-cost", "serve"})
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -151,6 +152,17 @@ def run_bench(args: argparse.Namespace) -> int:
                 kafka_client=args.kafka_client,
             )
             _with_broker(args.bootstrap_servers, lambda servers: bench_host_cost(report, servers, work))
+        if "host-ceiling" in sections:
+            ceiling = CeilingWork(
+                records=200 if args.quick else args.ceiling_records,
+                payload_bytes=args.ceiling_payload_bytes,
+                batch_size=args.batch_size,
+                decode_workers=decode_workers,
+                partitions=args.host_cost_partitions,
+                runs=1 if args.quick else args.ceiling_runs,
+                timeout_s=args.row_timeout,
+            )
+            _with_broker(args.bootstrap_servers, lambda servers: bench_host_ceiling(report, servers, ceiling))
     print("\n" + report.table())
     report.save(output)
     print(f"\nresults written to {output}")
