@@ -85,6 +85,11 @@ class BrokerWatch:
             self._awaiting = 0
             self._silent_since = None
 
+    def awaiting(self) -> int:
+        """Sends handed to the producer and not answered yet (those of revoked partitions included)."""
+        with self._lock:
+            return self._awaiting
+
     def silent_for(self) -> float:
         """Seconds the broker has left sends unanswered; 0 when it answered the last one."""
         with self._lock:

@@ -1,5 +1,5 @@
 """A broker with a SASL_SSL listener (SCRAM-SHA-256 over TLS): right credentials work, wrong ones stop the
-worker with a clear line, and the password never shows in logs, metrics or errors."""
+worker with a clear line, and the password never shows in logs, metrics or errors; on each Kafka client."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from tests.support.kafka_broker import ApacheKafka, SecureListener
 from tests.support.kafka_helpers import (
     CLI,
+    KAFKA_CLIENTS,
     clean_env,
     collect,
     create_topics,
@@ -41,7 +42,9 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKa
         broker.stop()
 
 
-def run_secure_worker(broker: ApacheKafka, settings, model: Path, password: str, log: Path, *extra: str):
+def run_secure_worker(
+    broker: ApacheKafka, settings, model: Path, password: str, log: Path, kafka_client: str, *extra: str
+):
     assert broker.secure is not None
     env = clean_env(CLIP_WORKER_SASL_PASSWORD=password)
     command = [
@@ -49,13 +52,16 @@ def run_secure_worker(broker: ApacheKafka, settings, model: Path, password: str,
         *topic_flags(settings, bootstrap=f"127.0.0.1:{broker.secure_port}"),
         "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-256", "--sasl-username", USER,
         "--ssl-cafile", str(broker.secure.tls.ca_cert), "--session-timeout-ms", "6000",
-        "--log-level", "debug", *extra,
+        "--log-level", "debug", "--kafka-client", kafka_client, *extra,
     ]  # fmt: skip
     with log.open("wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def test_right_credentials_embed_and_the_password_never_leaks(secure_broker, tiny_clip_dir, tmp_path):
+@KAFKA_CLIENTS
+def test_right_credentials_embed_and_the_password_never_leaks(
+    secure_broker, tiny_clip_dir, tmp_path, kafka_client
+):
     settings = worker_settings(secure_broker.bootstrap_servers)  # admin and test clients use PLAINTEXT
     create_topics(settings)
     produce(settings, [(f"secure-{i}.jpg", data) for i, data in enumerate(jpeg_corpus(6, 96, 64))])
@@ -67,6 +73,7 @@ def test_right_credentials_embed_and_the_password_never_leaks(secure_broker, tin
         tiny_clip_dir,
         PASSWORD,
         log,
+        kafka_client,
         "--metrics-port",
         str(port),
         "--metrics-host",
@@ -86,7 +93,10 @@ def test_right_credentials_embed_and_the_password_never_leaks(secure_broker, tin
     assert PASSWORD.encode() not in exposition
 
 
-def test_wrong_password_exits_non_zero_with_a_clear_line(secure_broker, tiny_clip_dir, tmp_path):
+@KAFKA_CLIENTS
+def test_wrong_password_exits_non_zero_with_a_clear_line(
+    secure_broker, tiny_clip_dir, tmp_path, kafka_client
+):
     settings = worker_settings(secure_broker.bootstrap_servers)
     create_topics(settings)
     log = tmp_path / "worker.log"
@@ -96,6 +106,7 @@ def test_wrong_password_exits_non_zero_with_a_clear_line(secure_broker, tiny_cli
         tiny_clip_dir,
         "wrong-" + PASSWORD,
         log,
+        kafka_client,
         "--metrics-port",
         "0",
         "--connect-timeout-s",

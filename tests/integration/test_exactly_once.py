@@ -69,10 +69,13 @@ def test_round_trip_publishes_each_result_once_with_its_offsets(kafka_bootstrap,
     assert worker.metrics.commits._value.get() > 0
 
 
-def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tiny_clip_dir, tmp_path: Path):
+@KAFKA_CLIENTS
+def test_kill_nine_read_committed_sees_each_id_exactly_once(
+    kafka_bootstrap, tiny_clip_dir, tmp_path: Path, kafka_client
+):
     kills = 5 if LONG else 2
     total = 5000 if LONG else 1200
-    settings = exactly_once_settings(kafka_bootstrap)
+    settings = exactly_once_settings(kafka_bootstrap, kafka_client=kafka_client)
     create_topics(settings, partitions=6)
     committed_view = Tally(settings, read_committed=True)
     raw_view = Tally(settings)  # also sees the records of aborted and still open transactions
@@ -80,7 +83,8 @@ def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tin
 
     def launch(index: int) -> subprocess.Popen[bytes]:
         log = tmp_path / f"w{index}.log"
-        return worker_process(settings, tiny_clip_dir, log, *flags, "--transactional-id", f"eos-kill-{index}")
+        transactional_id = f"eos-kill-{kafka_client}-{index}"
+        return worker_process(settings, tiny_clip_dir, log, *flags, "--transactional-id", transactional_id)
 
     workers = [launch(i) for i in range(2)]
     items = images("eos-kill", total)
@@ -105,7 +109,15 @@ def test_kill_nine_read_committed_sees_each_id_exactly_once(kafka_bootstrap, tin
         raw_view.close()
     seen = committed_view.snapshot()
     aborted = raw_view.records() - committed_view.records()
-    figures("exactly-once kill-9", total, seen, kills=kills, aborted_records=aborted, recovery_s=recoveries)
+    figures(
+        "exactly-once kill-9",
+        total,
+        seen,
+        kills=kills,
+        aborted_records=aborted,
+        recovery_s=recoveries,
+        client=kafka_client,
+    )
     assert_exactly_once(seen, {name for name, _ in items})
     # The kills did interrupt transactions: a read_uncommitted reader saw their (aborted) records.
     assert aborted > 0

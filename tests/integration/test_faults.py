@@ -1,7 +1,8 @@
 """Fault suite against a real Apache Kafka: kill -9, broker restart, broker gone past its deadline, churn.
 
 Short variants run in CI; set FAULTS_LONG=1 for the full sizes of docs/reliability.md. Every test prints a
-figures line (sent, lost, duplicated, recovery) that docs/reliability.md quotes.
+figures line (sent, lost, duplicated, recovery) that docs/reliability.md quotes. kill -9, the broker
+restart (both delivery modes), the broker gone past its deadline and churn run on each Kafka client.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kafka import KafkaConsumer
 from tests.support.kafka_broker import ApacheKafka
 from tests.support.kafka_helpers import (
     CLI,
+    KAFKA_CLIENTS,
     clean_env,
     committed_offsets,
     create_topics,
@@ -58,7 +60,8 @@ def worker_process(settings: Settings, model: Path, log: Path, *extra: str) -> s
     command = [
         *CLI, "run", "--model", str(model), "--device", "cpu", *topic_flags(settings),
         "--metrics-port", "0", "--session-timeout-ms", "6000", "--commit-interval-ms", "200",
-        "--metadata-max-age-ms", "3000", "--batch-size", "16", "--max-in-flight", "256", *extra,
+        "--metadata-max-age-ms", "3000", "--batch-size", "16", "--max-in-flight", "256",
+        "--kafka-client", settings.kafka_client, *extra,
     ]  # fmt: skip
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -105,10 +108,11 @@ def stop_all(workers: list[subprocess.Popen[bytes]]) -> None:
         process.wait(timeout=60)
 
 
-def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path):
+@KAFKA_CLIENTS
+def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path, kafka_client):
     kills = 5 if LONG else 2
     total = 5000 if LONG else 1200
-    settings = worker_settings(kafka_bootstrap)
+    settings = worker_settings(kafka_bootstrap, kafka_client=kafka_client)
     create_topics(settings, partitions=6)
     tally = Tally(settings)
 
@@ -127,7 +131,7 @@ def test_kill_nine_loses_nothing(kafka_bootstrap, tiny_clip_dir, tmp_path):
         stop_all(workers)
         tally.close()
     seen = tally.snapshot()
-    figures("kill-9", total, seen, kills=kills, recovery_s=recoveries)
+    figures("kill-9", total, seen, kills=kills, recovery_s=recoveries, client=kafka_client)
     assert set(seen) == {name for name, _ in items}, "an image was lost"
     duplicated = sum(count - 1 for count in seen.values())
     bound = kills * (256 + 256)  # in flight (--max-in-flight) + acknowledged since the last commit
@@ -145,9 +149,16 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheK
 
 
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
-def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, exactly_once):
+@KAFKA_CLIENTS
+def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, exactly_once, kafka_client):
     total = 3000 if LONG else 800
-    settings = worker_settings(private_broker.bootstrap_servers, batch_size=16, exactly_once=exactly_once)
+    settings = worker_settings(
+        private_broker.bootstrap_servers,
+        batch_size=16,
+        exactly_once=exactly_once,
+        kafka_client=kafka_client,
+        **({"transactional_id": f"restart-{kafka_client}"} if exactly_once else {}),
+    )
     create_topics(settings, partitions=3)
     items = images("restart", total)
     producer = produce_steadily(settings, items, seconds=total / 100)
@@ -171,7 +182,7 @@ def test_broker_restart_mid_stream_loses_nothing(private_broker, tiny_embedder, 
         tally.close()
     seen = tally.snapshot()
     name = "exactly-once broker-restart" if exactly_once else "broker-restart"
-    figures(name, total, seen, recovery_s=recovery, downtime_s=3)
+    figures(name, total, seen, recovery_s=recovery, downtime_s=3, client=kafka_client)
     assert code == 0
     if exactly_once:
         assert_exactly_once(seen, {name for name, _ in items})
@@ -196,11 +207,12 @@ def outputs_by_source(settings: Settings) -> set[tuple[int, int]]:
     return found
 
 
+@KAFKA_CLIENTS
 def test_broker_gone_past_the_deadline_exits_non_zero_without_wrong_commits(
-    private_broker, tiny_clip_dir, tmp_path
+    private_broker, tiny_clip_dir, tmp_path, kafka_client
 ):
     total = 1500
-    settings = worker_settings(private_broker.bootstrap_servers)
+    settings = worker_settings(private_broker.bootstrap_servers, kafka_client=kafka_client)
     create_topics(settings, partitions=2)
     produce(settings, images("gone", total))
     tally = Tally(settings)
@@ -233,10 +245,11 @@ def test_broker_gone_past_the_deadline_exits_non_zero_without_wrong_commits(
     print(f"FIGURES broker-gone: exit_code={code} exited_after_s={exited_after} committed={committed}")
 
 
-def test_churn_one_joining_one_leaving_loses_nothing(kafka_bootstrap, tiny_embedder):
+@KAFKA_CLIENTS
+def test_churn_one_joining_one_leaving_loses_nothing(kafka_bootstrap, tiny_embedder, kafka_client):
     rounds = 8 if LONG else 3
     total = 4000 if LONG else 900
-    settings = worker_settings(kafka_bootstrap, batch_size=8)
+    settings = worker_settings(kafka_bootstrap, batch_size=8, kafka_client=kafka_client)
     create_topics(settings, partitions=6)
     tally = Tally(settings)
     workers = [start_worker(settings, tiny_embedder) for _ in range(3)]
@@ -256,7 +269,7 @@ def test_churn_one_joining_one_leaving_loses_nothing(kafka_bootstrap, tiny_embed
             worker.shutdown(timeout_s=60)
         tally.close()
     seen = tally.snapshot()
-    figures("churn", total, seen, rounds=rounds, assignor="cooperative-sticky")
+    figures("churn", total, seen, rounds=rounds, assignor="cooperative-sticky", client=kafka_client)
     assert set(seen) == {name for name, _ in items}
     committed = committed_offsets(settings, 6)
     assert sum(v or 0 for v in committed.values()) == total

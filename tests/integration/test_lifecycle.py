@@ -1,4 +1,5 @@
-"""Restarts, consumer groups, SIGTERM and health endpoints against a real broker."""
+"""Restarts, consumer groups, SIGTERM and health endpoints against a real broker, on each Kafka client (the
+drain on SIGHUP, the same code path as SIGTERM's, on kafka-python only)."""
 
 import json
 import signal
@@ -12,6 +13,7 @@ from collections import Counter
 import pytest
 
 from tests.support.kafka_helpers import (
+    KAFKA_CLIENTS,
     clean_env,
     collect,
     committed_offsets,
@@ -35,8 +37,9 @@ def named(prefix: str, count: int, offset: int = 0) -> list[tuple[str, bytes]]:
     ]
 
 
-def test_restart_resumes_from_committed_offsets(kafka_bootstrap, tiny_embedder):
-    settings = worker_settings(kafka_bootstrap)
+@KAFKA_CLIENTS
+def test_restart_resumes_from_committed_offsets(kafka_bootstrap, tiny_embedder, kafka_client):
+    settings = worker_settings(kafka_bootstrap, kafka_client=kafka_client)
     create_topics(settings, partitions=2)
     first = named("first", 40)
     produce(settings, first)
@@ -55,8 +58,11 @@ def test_restart_resumes_from_committed_offsets(kafka_bootstrap, tiny_embedder):
     assert max(ids.values()) == 1
 
 
-def test_two_workers_in_one_group_split_partitions_and_cover_everything(kafka_bootstrap, tiny_embedder):
-    settings = worker_settings(kafka_bootstrap, batch_size=4)
+@KAFKA_CLIENTS
+def test_two_workers_in_one_group_split_partitions_and_cover_everything(
+    kafka_bootstrap, tiny_embedder, kafka_client
+):
+    settings = worker_settings(kafka_bootstrap, batch_size=4, kafka_client=kafka_client)
     create_topics(settings, partitions=4)
     one = start_worker(settings, tiny_embedder)
     two = start_worker(settings, tiny_embedder)
@@ -91,8 +97,18 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""  # not listening yet
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_stop_signal_drains_commits_and_exits_zero(kafka_bootstrap, tiny_clip_dir, tmp_path, signum):
+@pytest.mark.parametrize(
+    ("signum", "kafka_client"),
+    [
+        (signal.SIGTERM, "kafka-python"),
+        (signal.SIGHUP, "kafka-python"),
+        (signal.SIGTERM, "librdkafka"),
+    ],
+    ids=["SIGTERM", "SIGHUP", "SIGTERM-librdkafka"],
+)
+def test_stop_signal_drains_commits_and_exits_zero(
+    kafka_bootstrap, tiny_clip_dir, tmp_path, signum, kafka_client
+):
     settings = worker_settings(kafka_bootstrap, batch_size=32, batch_timeout_ms=2000)
     create_topics(settings)
     port = free_port()
@@ -106,6 +122,7 @@ def test_stop_signal_drains_commits_and_exits_zero(kafka_bootstrap, tiny_clip_di
             "CLIP_WORKER_GROUP_ID": settings.group_id,
             "CLIP_WORKER_SESSION_TIMEOUT_MS": "6000",
             "CLIP_WORKER_LOG_FORMAT": "json",
+            "CLIP_WORKER_KAFKA_CLIENT": kafka_client,
         }
     )
     log_path = tmp_path / "worker.log"

@@ -14,7 +14,7 @@ from tests.support.fake_kafka import FakeConsumer, FakeProducer
 from tests.support.stub_embedder import StubEmbedder
 from worker.config import load_settings
 from worker.devtools.samples import jpeg_corpus
-from worker.errors import GroupInstanceFencedError
+from worker.errors import BrokerLostError, GroupInstanceFencedError
 from worker.kafka_io import TopicPartition, UnreadableRecord
 from worker.kafka_io.errors import InstanceFencedError
 from worker.loop.pipeline import Pipeline
@@ -25,6 +25,7 @@ from worker.output.delivery import AtLeastOnce, ExactlyOnce
 from worker.output.delivery.transactions import AbortReason
 from worker.output.offsets import OffsetTracker
 from worker.output.topic_limits import TopicLimits
+from worker.work import BrokerWatch
 
 TP = TopicPartition("images", 0)
 
@@ -190,3 +191,21 @@ def test_metrics_updated_per_poll_and_batch_still_count_every_record_once():
     assert sample("clip_worker_stage_seconds_count", {"stage": "decode"}) == 9, "one decode per image"
     assert sample("clip_worker_stage_seconds_count", {"stage": "queue_wait"}) == 9, "one wait per image"
     assert sample("clip_worker_batch_size_images_sum") == 9
+
+
+def test_sends_left_unanswered_past_the_deadline_stop_the_worker_after_their_partitions_are_lost():
+    # librdkafka ends its session on its own when the broker vanishes: the partitions are lost, the
+    # tracker forgets their records, and only the producer's unanswered sends still say the broker is gone.
+    pipeline, _consumer, _producer = build(broker_lost_timeout_s=5)
+    now = [100.0]
+    watch = BrokerWatch(clock=lambda: now[0])
+    pipeline.delivery.watch = watch
+    with running(pipeline):
+        watch.sent()
+        pipeline.step()
+        now[0] += 6.0
+        assert pipeline.tracker.in_flight == 0
+        with pytest.raises(BrokerLostError, match="has not answered a send for 6s with 1 record"):
+            pipeline.step()
+        watch.answered()
+        pipeline.step()  # the broker answered: no silence left

@@ -231,10 +231,14 @@ class Pipeline:
 
     def _check_broker(self) -> None:
         silent = self.delivery.watch.silent_for()
-        if self.tracker.in_flight and silent > self.settings.broker_lost_timeout_s:
+        # Sends still unanswered count even when their partitions are gone: a client that ends its session
+        # on its own when the broker vanishes (librdkafka does, after the session timeout) takes the
+        # records in flight with it, and the broker is no less gone.
+        pending = self.tracker.in_flight or self.delivery.watch.awaiting()
+        if pending and silent > self.settings.broker_lost_timeout_s:
             raise BrokerLostError(
                 f"the broker at {self.settings.bootstrap_servers} has not answered a send for {silent:.0f}s "
-                f"with {self.tracker.in_flight} record(s) pending; exiting without committing them "
+                f"with {pending} record(s) pending; exiting without committing them "
                 "(raise --broker-lost-timeout-s to wait longer)"
             )
 

@@ -41,8 +41,10 @@ class _LastError:
         self.text = ""
 
     def __call__(self, error: KafkaError) -> None:
-        self.text = f"{error.name()}: {error.str()}"
-        log.debug("librdkafka: %s", self.text)
+        text = f"{error.name()}: {error.str()}"
+        log.debug("librdkafka: %s", text)
+        if error.code() != KafkaError._ALL_BROKERS_DOWN:  # the outcome of a failure, not its reason
+            self.text = text
 
 
 def _connected(what: str, settings: Settings, make: Any, config: dict[str, Any]) -> Any:
@@ -55,6 +57,9 @@ def _connected(what: str, settings: Settings, make: Any, config: dict[str, Any])
         try:
             client.list_topics(timeout=attempt_s)
         except KafkaException as exc:
+            # librdkafka reports why a connection failed (bad credentials, an untrusted certificate)
+            # through error_cb, which only poll serves, and list_topics does not: serve it now.
+            client.poll(0)
             raise translate(exc) from exc
         return client
 
