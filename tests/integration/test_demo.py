@@ -12,7 +12,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("kafka_client", ["kafka-python", "librdkafka"])
+# kafka-python only in CI (librdkafka's reader and producer, which the demo uses, are covered by the bench and
+# exactly-once tests): `clip-worker demo --kafka-client librdkafka` passes this test too.
+@pytest.mark.parametrize("kafka_client", ["kafka-python"])
 def test_the_demo_embeds_its_samples_dead_letters_the_broken_ones_and_warns_of_nothing(kafka_client):
     env = {
         **os.environ,
