@@ -75,6 +75,8 @@ def test_consumer_and_producer_options_say_what_kafka_pythons_say():
     assert consumer["partition.assignment.strategy"] == "cooperative-sticky"
     assert consumer["group.instance.id"] == "w-1"
     assert consumer["max.partition.fetch.bytes"] == 1 << 20
+    # A full prefetch queue is looked at again within 10 ms, not librdkafka's 1 s: the worker drains it fast.
+    assert consumer["fetch.queue.backoff.ms"] <= 10 < consumer["queued.min.messages"]
     producer = options.transactional_producer_options(settings, "txn", smallest_topic_limit=4096)
     assert producer["partitioner"] == "murmur2_random"
     assert producer["transactional.id"] == "txn" and producer["enable.idempotence"] is True
