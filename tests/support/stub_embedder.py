@@ -54,10 +54,13 @@ class StubEmbedder:
         self.images = 0
         self.batches: list[tuple[str, int]] = []  # (modality, size) of every launch, in order
         self.text: TextTower | None = None  # no text tower: a worker with this embedder embeds no texts
+        self.dies: BaseException | None = None  # set: every launch raises it (the inference thread dies)
         if texts:
             self.text = TextTower(None, stub_tokenizer, STUB_TEXT_LENGTH, lambda *_: torch.zeros(0))
 
     def launch(self, pixels: np.ndarray | Sequence[np.ndarray], heads: object = None) -> StubPending:
+        if self.dies is not None:
+            raise self.dies
         self.images += len(pixels)
         self.batches.append(("image", len(pixels)))
         return StubPending(len(pixels))
@@ -67,6 +70,8 @@ class StubEmbedder:
 
     def launch_texts(self, texts: Sequence[TokenizedText]) -> StubPending:
         assert all(text.ids.shape == (STUB_TEXT_LENGTH,) for text in texts), "texts come tokenised"
+        if self.dies is not None:
+            raise self.dies
         self.batches.append(("text", len(texts)))
         return StubPending(len(texts), TEXT_VALUE)
 

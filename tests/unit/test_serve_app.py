@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
+from tests.support.stub_embedder import StubEmbedder
 from worker.config import Settings, load_settings
 from worker.devtools.samples import sample_images
 from worker.imaging.host import ImageLimits, prepare
@@ -23,7 +24,7 @@ from worker.inference.embedder import Embedder, ModelSpec, PendingEmbeddings, lo
 from worker.models.text import TokenizedText
 from worker.ops.metrics import WorkerMetrics
 from worker.serving.app import ServedModel, build_app
-from worker.serving.engine import EmbeddingEngine, QueueFull
+from worker.serving.engine import EmbeddingEngine, QueueFull, Unavailable
 from worker.serving.limits import ServeLimits
 from worker.serving.metrics import ServeMetrics
 
@@ -238,3 +239,22 @@ def test_tokens_count_without_padding(text_embedder: Embedder):
     assert text_embedder.text is not None
     short, long = text_embedder.text.tokenize(["a", "a b c d e"])
     assert isinstance(short, TokenizedText) and _token_count(short) < _token_count(long)
+
+
+class InferenceThreadKilled(BaseException):
+    """Not an Exception: no retry or split catches it, so the inference thread dies of it."""
+
+
+def test_a_request_admitted_when_the_inference_thread_dies_is_a_503_not_a_hang(tiny_clip_dir: Path):
+    embedder = StubEmbedder(texts=True)
+    embedder.dies = InferenceThreadKilled("killed")
+    running = Served(serve_settings(tiny_clip_dir), embedder)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(Unavailable, match="inference thread died"):
+            asyncio.run(asyncio.wait_for(running.engine.embed_texts(["a", "b"]), timeout=10))
+        assert running.engine.queued == 0
+        answer = TestClient(running.app).post("/v1/embeddings", json={"input": "c"})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable"
+        assert TestClient(running.app).get("/readyz").status_code == 503
+    finally:
+        running.close()

@@ -105,7 +105,10 @@ class InferenceStage:
         return f"the inference thread died: {type(self._failure).__name__}: {self._failure}"
 
     def offer(self, batch: Batch[Ready], wait_s: float = 0.0) -> bool:
-        """Queue a closed batch, waiting up to ``wait_s`` for room; False if there was none."""
+        """Queue a closed batch, waiting up to ``wait_s`` for room; False if there was none, or if the thread
+        died (see :attr:`failure`): a batch queued then would never be embedded."""
+        if self._failure is not None:
+            return False
         try:
             self._queue.put(batch, timeout=wait_s or None, block=wait_s > 0)
         except queue.Full:

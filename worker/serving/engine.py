@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = "serve"  # the source topic of the items serve makes: they come from no topic
 _OFFER_WAIT_S = 0.5
+_IDLE_WAIT_S = 0.5  # how soon an idle dispatcher notices that the inference thread died
 _STOP = None
 
 
@@ -328,9 +329,10 @@ class EmbeddingEngine:
     def _dispatch(self) -> None:
         """Batch prepared inputs per modality; offer each batch as it closes (size) or falls due."""
         while True:
+            self._stage_died()
             due = [s for s in (b.seconds_until_due() for b in self._batchers.values()) if s is not None]
             try:
-                ready = self._inbox.get(timeout=min(due)) if due else self._inbox.get()
+                ready = self._inbox.get(timeout=min([*due, _IDLE_WAIT_S]))
             except queue.Empty:
                 ready = None
                 stopping = False
@@ -348,13 +350,24 @@ class EmbeddingEngine:
     def _offer(self, batch: Batch[Ready] | None) -> None:
         if batch is None:
             return
-        while not self._stage.offer(batch, wait_s=_OFFER_WAIT_S):
-            if self._stage.failure is not None:
-                for item in batch.items:
-                    self.reject(
-                        item.record, RejectedRecord(RejectReason.INFERENCE_FAILED, self._stage.failure)
-                    )
+        while not self._stage_died():
+            if self._stage.offer(batch, wait_s=_OFFER_WAIT_S):
                 return
+
+    def _stage_died(self) -> bool:
+        """If the inference thread died, fail every input admitted (a 503 each: nothing will embed them)."""
+        failure = self._stage.failure
+        if failure is None:
+            return False
+        with self._lock:  # each item is taken once, so each answer fails once
+            items = list(self._items.values())
+            self._items.clear()
+            self._queued = 0
+        if items:
+            self._metrics.queued.set(0)
+            for item in items:
+                item.answer.fail(Unavailable(failure))
+        return True
 
 
 def _token_count(tokens: TokenizedText) -> int:
