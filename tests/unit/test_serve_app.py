@@ -24,7 +24,7 @@ from worker.inference.embedder import Embedder, ModelSpec, PendingEmbeddings, lo
 from worker.models.text import TokenizedText
 from worker.ops.metrics import WorkerMetrics
 from worker.serving.app import ServedModel, build_app
-from worker.serving.engine import EmbeddingEngine, QueueFull, Unavailable
+from worker.serving.engine import EmbeddingEngine, QueueFull, Unavailable, _Answer
 from worker.serving.limits import ServeLimits
 from worker.serving.metrics import ServeMetrics
 
@@ -258,3 +258,11 @@ def test_a_request_admitted_when_the_inference_thread_dies_is_a_503_not_a_hang(t
         assert TestClient(running.app).get("/readyz").status_code == 503
     finally:
         running.close()
+
+
+def test_an_answer_finishing_after_its_loop_closed_is_dropped_quietly():
+    loop = asyncio.new_event_loop()
+    answers = [_Answer(1, loop), _Answer(1, loop)]
+    loop.close()
+    answers[0].vector(0, np.ones(4, np.float32), None)  # on the inference thread: it must not die of it
+    answers[1].fail(Unavailable("stopped"))

@@ -97,14 +97,21 @@ class _Answer:
                 return
             self._settled = True
         result = Embeddings(np.stack([v for v in self._vectors if v is not None]), self._scores, self.tokens)
-        self._loop.call_soon_threadsafe(_settle, self.future, result)
+        self._post(result)
 
     def fail(self, error: Exception) -> None:
         with self._lock:
             if self._settled:
                 return
             self._settled = True
-        self._loop.call_soon_threadsafe(_settle, self.future, error)
+        self._post(error)
+
+    def _post(self, outcome: Embeddings | Exception) -> None:
+        try:
+            self._loop.call_soon_threadsafe(_settle, self.future, outcome)
+        except RuntimeError:  # the loop closed (the server stopped past its grace): nobody waits for it
+            if not self._loop.is_closed():
+                raise
 
 
 def _settle(future: asyncio.Future[Embeddings], outcome: Embeddings | Exception) -> None:
@@ -206,6 +213,18 @@ class EmbeddingEngine:
         if self._fetcher is not None:
             self._fetcher.shutdown()
         self._decoder.shutdown()
+
+    def fail_outstanding(self, reason: str) -> None:
+        """Answer every input admitted and not yet answered with :class:`Unavailable` (a 503): they will not
+        be embedded (the inference thread died, or the server stopped)."""
+        with self._lock:  # each item is taken once, so each answer fails once
+            items = list(self._items.values())
+            self._items.clear()
+            self._queued = 0
+        if items:
+            self._metrics.queued.set(0)
+            for item in items:
+                item.answer.fail(Unavailable(reason))
 
     @property
     def queued(self) -> int:
@@ -359,14 +378,7 @@ class EmbeddingEngine:
         failure = self._stage.failure
         if failure is None:
             return False
-        with self._lock:  # each item is taken once, so each answer fails once
-            items = list(self._items.values())
-            self._items.clear()
-            self._queued = 0
-        if items:
-            self._metrics.queued.set(0)
-            for item in items:
-                item.answer.fail(Unavailable(failure))
+        self.fail_outstanding(failure)
         return True
 
 

@@ -25,6 +25,7 @@ from worker.serving.metrics import ServeMetrics
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_CLOSE_S = 2.0  # to stop the engine's threads once uvicorn is done: its grace was the drain
 
 
 def served_names(settings: Settings, label: str) -> tuple[str, ...]:
@@ -88,7 +89,8 @@ def run_serve(settings: Settings) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close(time.monotonic() + settings.shutdown_grace_s)
+        engine.fail_outstanding("the server stopped")
+        engine.close(time.monotonic() + _CLOSE_S)
         sock.close()
     log.info("clip-worker serve stopped")
     return ExitCode.OK
