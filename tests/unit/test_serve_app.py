@@ -8,6 +8,7 @@ import base64
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,16 @@ from starlette.testclient import TestClient
 from tests.support.stub_embedder import StubEmbedder
 from worker.config import Settings, load_settings
 from worker.devtools.samples import sample_images
+from worker.errors import RejectReason
 from worker.imaging.host import ImageLimits, prepare
 from worker.inference.embedder import Embedder, ModelSpec, PendingEmbeddings, load_embedder
+from worker.intake.inputs.base import Outcome, Slot
+from worker.messages import Request
 from worker.models.text import TokenizedText
 from worker.ops.metrics import WorkerMetrics
+from worker.serving.api import Embeddings, rejection_error
 from worker.serving.app import ServedModel, build_app
-from worker.serving.engine import EmbeddingEngine, QueueFull, Unavailable, _Answer
+from worker.serving.engine import EmbeddingEngine, InputFailed, QueueFull, Unavailable, _Answer
 from worker.serving.limits import ServeLimits
 from worker.serving.metrics import ServeMetrics
 
@@ -266,3 +271,32 @@ def test_an_answer_finishing_after_its_loop_closed_is_dropped_quietly():
     loop.close()
     answers[0].vector(0, np.ones(4, np.float32), None)  # on the inference thread: it must not die of it
     answers[1].fail(Unavailable("stopped"))
+
+
+def prepared_as(engine: EmbeddingEngine, future: Future[list[Outcome]]) -> Embeddings:
+    """The answer to an image request whose decode ends in ``future``."""
+
+    async def scenario() -> Embeddings:
+        answer, items = engine._admit([Request(id="", image=b"\xff\xd8")])
+        engine._prepare(items, [Slot(future, 0)])
+        if not future.done():
+            future.cancel()
+        return await asyncio.wait_for(answer.future, timeout=10)
+
+    return asyncio.run(scenario())
+
+
+def test_a_handler_that_crashes_on_an_input_is_a_corrupt_image_as_on_the_kafka_path(served: Served):
+    crashed: Future[list[Outcome]] = Future()
+    crashed.set_result([ValueError("boom")])
+    with pytest.raises(InputFailed) as caught:
+        prepared_as(served.engine, crashed)
+    assert caught.value.rejection.reason is RejectReason.CORRUPT_IMAGE
+    assert rejection_error(0, caught.value.rejection).status == 422
+    assert served.engine.queued == 0
+
+
+def test_an_input_whose_handler_stopped_under_it_is_a_503(served: Served):
+    with pytest.raises(Unavailable, match="stopping"):
+        prepared_as(served.engine, Future())
+    assert served.engine.queued == 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from worker.errors import RejectedRecord, RejectReason
-from worker.intake.inputs.base import Fetched, InputHandler, Pixels, Slot
+from worker.intake.inputs.base import Fetched, InputHandler, Outcome, Pixels, Slot
 from worker.intake.inputs.select import ENABLE_HINTS
 from worker.messages import InputKind, Modality, Request, decode_request
 from worker.models.text import TokenizedText
@@ -44,6 +44,21 @@ class ReadyText:
 
 # Work ready for a batch of its modality (batches never mix them).
 Ready = ReadyImage | ReadyText
+
+
+def ready_or_rejected(record: InputRecord, request: Request, outcome: Outcome) -> Ready | RejectedRecord:
+    """What a handler made of a request: work ready for its batch, or why it cannot be embedded. A handler
+    that raised something other than a :class:`RejectedRecord` crashed on the input: a corrupt image."""
+    if isinstance(outcome, RejectedRecord):
+        return outcome
+    if isinstance(outcome, Exception):
+        message = f"decoder crashed: {type(outcome).__name__}: {outcome}"
+        return RejectedRecord(RejectReason.CORRUPT_IMAGE, message)
+    if isinstance(outcome, Fetched):
+        return ReadyImage(record, request, outcome.prepared, outcome.image)
+    if isinstance(outcome, TokenizedText):
+        return ReadyText(record, request, outcome)
+    return ReadyImage(record, request, outcome)
 
 
 @dataclass
@@ -117,17 +132,8 @@ class IntakeStage:
                 prepared = item.slot.future.result()[item.slot.index]
             except Exception as exc:  # the whole chunk failed (pool shut down): never lose the record
                 prepared = exc
-            if isinstance(prepared, RejectedRecord):
-                yield Rejected(item.record, prepared)
-            elif isinstance(prepared, Exception):
-                message = f"decoder crashed: {type(prepared).__name__}: {prepared}"
-                yield Rejected(item.record, RejectedRecord(RejectReason.CORRUPT_IMAGE, message))
-            elif isinstance(prepared, Fetched):
-                yield ReadyImage(item.record, item.request, prepared.prepared, prepared.image)
-            elif isinstance(prepared, TokenizedText):
-                yield ReadyText(item.record, item.request, prepared)
-            else:
-                yield ReadyImage(item.record, item.request, prepared)
+            result = ready_or_rejected(item.record, item.request, prepared)
+            yield Rejected(item.record, result) if isinstance(result, RejectedRecord) else result
 
     def abandon(self) -> list[InputRecord]:
         """Give up the requests still being prepared (a fetch stuck at shutdown): their records, in order.

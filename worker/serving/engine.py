@@ -30,12 +30,12 @@ from worker.imaging.host import ImageLimits
 from worker.inference.embedder import Embedder
 from worker.inference.stage import InferenceStage
 from worker.intake.batcher import Batch, Batcher
-from worker.intake.inputs.base import Fetched, Outcome, Slot
+from worker.intake.inputs.base import Outcome, Slot
 from worker.intake.inputs.image_bytes import ImageDecoder
 from worker.intake.inputs.image_uri import ImageFetcher
 from worker.intake.inputs.select import fetch_policy
 from worker.intake.inputs.text import TextTokenizer
-from worker.intake.stage import Ready, ReadyImage, ReadyText
+from worker.intake.stage import Ready, ReadyText, ready_or_rejected
 from worker.messages import Modality, Request, Source
 from worker.models.heads import ScoreHeads
 from worker.models.text import TokenizedText
@@ -292,24 +292,24 @@ class EmbeddingEngine:
             future.add_done_callback(partial(self._prepared, waiting))
 
     def _prepared(self, waiting: list[tuple[_Item, int]], future: Future[list[Outcome]]) -> None:
-        try:
-            outcomes: list[Outcome] | None = future.result()
-        except BaseException:  # the handler shut down under it (draining): never leave a request hanging
-            outcomes = None
+        outcomes: list[Outcome] | None = None
+        if not future.cancelled():
+            try:
+                outcomes = future.result()
+            except Exception as exc:  # the whole chunk failed: each input as the Kafka path would take it
+                outcomes = [exc] * (max(index for _item, index in waiting) + 1)
         for item, index in waiting:
-            outcome: Outcome | None = outcomes[index] if outcomes is not None else None
-            if isinstance(outcome, TokenizedText):
-                item.answer.tokens += _token_count(outcome)
-                self._inbox.put(ReadyText(item.record, item.request, outcome))
-            elif isinstance(outcome, Fetched):
-                self._inbox.put(ReadyImage(item.record, item.request, outcome.prepared))
-            elif isinstance(outcome, RejectedRecord):
-                self._failed(item, outcome)
-            elif isinstance(outcome, Exception) or outcome is None:
-                message = f"preparing the input failed: {type(outcome).__name__}: {outcome}"
-                self._failed(item, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
-            else:
-                self._inbox.put(ReadyImage(item.record, item.request, outcome))
+            if outcomes is None:  # the handler shut down under it (stopping): not the input's fault
+                self._release(item.record)
+                item.answer.fail(Unavailable("the server is stopping"))
+                continue
+            result = ready_or_rejected(item.record, item.request, outcomes[index])
+            if isinstance(result, RejectedRecord):
+                self._failed(item, result)
+                continue
+            if isinstance(result, ReadyText):
+                item.answer.tokens += _token_count(result.tokens)
+            self._inbox.put(result)
 
     def _failed(self, item: _Item, rejection: RejectedRecord) -> None:
         self._release(item.record)
