@@ -300,3 +300,15 @@ def test_an_input_whose_handler_stopped_under_it_is_a_503(served: Served):
     with pytest.raises(Unavailable, match="stopping"):
         prepared_as(served.engine, Future())
     assert served.engine.queued == 0
+
+
+def test_json_nested_past_the_parsers_stack_is_a_400(client: TestClient):
+    answer = client.post("/v1/embeddings", content=b"[" * 200_000 + b"]" * 200_000)
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_uvicorn_gets_the_shutdown_grace_as_given(tiny_clip_dir: Path, served: Served):
+    from worker.serving.server import uvicorn_config
+
+    settings = serve_settings(tiny_clip_dir, shutdown_grace_s=0.5)
+    assert uvicorn_config(served.app, settings).timeout_graceful_shutdown == 0.5

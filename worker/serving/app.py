@@ -173,3 +173,5 @@ def _parse_json(body: bytes) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise invalid("the body is not JSON: send a JSON object with 'input'") from None
+    except RecursionError:  # nested deeper than the parser's stack allows: no request of this API is
+        raise invalid("the body nests too deeply: send a JSON object with 'input'") from None

@@ -10,6 +10,7 @@ import time
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from worker import __version__
 from worker.config import Settings
@@ -52,6 +53,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for serve: the worker's logging, no access log or lifespan, the shutdown grace."""
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # the worker's own logging
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+    # uvicorn annotates an int but hands it to asyncio.timeout, which takes any seconds: 0.5 stays 0.5.
+    config.timeout_graceful_shutdown = settings.shutdown_grace_s  # type: ignore[assignment]
+    return config
+
+
 def run_serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code. Raises :class:`StartupError` for problems a user
     must fix (the model, the port)."""
@@ -73,15 +88,7 @@ def run_serve(settings: Settings) -> int:
     )
     model = ServedModel(served_names(settings, embedder.label), embedder.dim, int(time.time()))
     app = build_app(engine, model, ServeLimits.from_settings(settings), serve_metrics, metrics.registry)
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # the worker's own logging
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     _quiet_after_uvicorn()
     engine.start()
     port = sock.getsockname()[1]
