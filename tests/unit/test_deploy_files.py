@@ -109,7 +109,10 @@ def test_the_serve_deployment_runs_serve_with_probes_and_scales_on_queue_depth()
     container = pod["containers"][0]
     config = kinds["ConfigMap"]["data"]
     assert container["args"] == ["serve"]
-    assert pod["terminationGracePeriodSeconds"] > float(config["CLIP_WORKER_SHUTDOWN_GRACE_S"])
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and float(pre_stop[1]) >= 5, "endpoints stop routing before the drain"
+    grace = float(config["CLIP_WORKER_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + grace
     port = int(config["CLIP_WORKER_SERVE_PORT"])
     assert container["ports"][0]["containerPort"] == port
     assert kinds["Service"]["spec"]["ports"][0]["targetPort"] == port

@@ -312,3 +312,27 @@ def test_uvicorn_gets_the_shutdown_grace_as_given(tiny_clip_dir: Path, served: S
 
     settings = serve_settings(tiny_clip_dir, shutdown_grace_s=0.5)
     assert uvicorn_config(served.app, settings).timeout_graceful_shutdown == 0.5
+
+
+def test_draining_refuses_new_requests_and_embeds_open_batches_at_once(
+    tiny_clip_dir: Path, text_embedder: Embedder
+):
+    running = Served(serve_settings(tiny_clip_dir, batch_timeout_ms=600_000), text_embedder)
+
+    async def scenario() -> None:
+        waiting = asyncio.create_task(running.engine.embed_texts(["a"]))
+        while running.engine.queued == 0:
+            await asyncio.sleep(0.01)
+        draining = asyncio.create_task(asyncio.to_thread(running.engine.drain, time.monotonic() + 30))
+        assert len((await asyncio.wait_for(waiting, timeout=10)).vectors) == 1
+        await draining
+        assert (running.engine.problem() or "").startswith("draining")
+        with pytest.raises(Unavailable):
+            await running.engine.embed_texts(["b"])
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+        assert TestClient(running.app).get("/readyz").status_code == 503
+        assert TestClient(running.app).get("/healthz").status_code == 200
+    finally:
+        running.close()

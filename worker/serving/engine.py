@@ -51,6 +51,7 @@ SOURCE = "serve"  # the source topic of the items serve makes: they come from no
 _OFFER_WAIT_S = 0.5
 _IDLE_WAIT_S = 0.5  # how soon an idle dispatcher notices that the inference thread died
 _STOP = None
+_FLUSH = "flush"  # wakes the dispatcher to offer every open batch now (draining)
 
 
 class QueueFull(Exception):
@@ -170,7 +171,7 @@ class EmbeddingEngine:
         self._batchers: dict[Modality, Batcher[Ready]] = {
             modality: Batcher(batch_size, settings.batch_timeout_s) for modality in Modality
         }
-        self._inbox: queue.SimpleQueue[Ready | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Ready | str | None] = queue.SimpleQueue()
         self._dispatcher = threading.Thread(target=self._dispatch, name="serve-batcher", daemon=True)
         self._lock = threading.Lock()
         self._items: dict[int, _Item] = {}
@@ -199,13 +200,22 @@ class EmbeddingEngine:
             return "the batching thread died"
         return None
 
-    def close(self, deadline: float) -> None:
-        """Stop taking requests, embed what was admitted, then stop every thread (by ``deadline``)."""
+    def drain(self, deadline: float) -> None:
+        """Stop taking requests (readiness and new requests answer 503), embed what was admitted at once,
+        without waiting for batches to fill, and wait until it is answered; what is left at ``deadline``
+        is failed with :class:`Unavailable`."""
         with self._lock:
             self._accepting = False
             self._draining = True
+        self._inbox.put(_FLUSH)
         while self.queued and time.monotonic() < deadline and self._stage.failure is None:
             time.sleep(0.01)
+        if self.queued:
+            self.fail_outstanding("the shutdown grace ran out")
+
+    def close(self, deadline: float) -> None:
+        """Drain (see :meth:`drain`), then stop every thread (by ``deadline``)."""
+        self.drain(deadline)
         self._inbox.put(_STOP)
         self._dispatcher.join(timeout=max(0.1, deadline - time.monotonic()))
         self._stage.stop(deadline)
@@ -361,10 +371,11 @@ class EmbeddingEngine:
                 for batcher in self._batchers.values():
                     self._offer(batcher.drain())
                 return
-            if ready is not None:
+            if ready is not None and not isinstance(ready, str):
                 self._offer(self._batchers[ready.modality].add(ready))
             for batcher in self._batchers.values():
-                self._offer(batcher.take_if_due())
+                # Draining, nothing more will come to fill a batch: each is due now.
+                self._offer(batcher.drain() if self._draining else batcher.take_if_due())
 
     def _offer(self, batch: Batch[Ready] | None) -> None:
         if batch is None:

@@ -1,11 +1,12 @@
 """``clip-worker serve``: load the model as ``run`` does, start the engine, serve the API with uvicorn, and
-on SIGTERM finish the requests under way before exiting 0."""
+on SIGTERM drain (not ready, open batches embedded, the requests under way answered) before exiting 0."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import socket
+import threading
 import time
 from types import FrameType
 
@@ -88,7 +89,7 @@ def run_serve(settings: Settings) -> int:
     )
     model = ServedModel(served_names(settings, embedder.label), embedder.dim, int(time.time()))
     app = build_app(engine, model, ServeLimits.from_settings(settings), serve_metrics, metrics.registry)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = DrainingServer(uvicorn_config(app, settings), engine, settings.shutdown_grace_s)
     _quiet_after_uvicorn()
     engine.start()
     port = sock.getsockname()[1]
@@ -101,6 +102,31 @@ def run_serve(settings: Settings) -> int:
         sock.close()
     log.info("clip-worker serve stopped")
     return ExitCode.OK
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, stopping in serve's order: on SIGTERM (or SIGINT) the engine drains first (readiness
+    and new requests answer 503, open batches are embedded at once, within ``grace_s``), then uvicorn stops
+    listening and finishes writing the answers. A second signal stops at once, as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, engine: EmbeddingEngine, grace_s: float) -> None:
+        super().__init__(config)
+        self._engine = engine
+        self._grace_s = grace_s
+        self._drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's signal handler while it serves; runs on the event loop's thread, so it must not block."""
+        if self._drainer is not None:
+            super().handle_exit(sig, frame)
+            return
+        log.info("%s: draining (not ready, finishing the requests under way)", signal.Signals(sig).name)
+        self._drainer = threading.Thread(target=self._drain, name="serve-drain", daemon=True)
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        self._engine.drain(time.monotonic() + self._grace_s)
+        self.should_exit = True
 
 
 def _quiet_after_uvicorn() -> None:
