@@ -272,7 +272,14 @@ class Settings(BaseSettings):
         "model's context, as the worker does)",
     )
     serve_max_request_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="serve: largest request body; larger is a 413"
+        16 * 1024 * 1024, ge=1024, description="serve: largest request body; larger is a 413"
+    )
+    serve_max_queued_image_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="serve: bytes of the images sent inline admitted and not yet answered, all requests "
+        "together (at least --serve-max-request-bytes); a request that would go past it is answered 429 "
+        "with Retry-After",
     )
     serve_retry_after_s: int = Field(
         1, ge=1, description="serve: the Retry-After seconds of a 429 (queue full)"
@@ -443,6 +450,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--serve-max-inputs is above --serve-max-queue: no request that large could ever be "
                 "admitted; raise the queue or lower the inputs"
+            )
+        if self.serve_max_queued_image_bytes < self.serve_max_request_bytes:
+            raise ValueError(
+                "--serve-max-queued-image-bytes is below --serve-max-request-bytes: a request that large "
+                "could never be admitted; raise the budget or lower the request size"
             )
         return self
 

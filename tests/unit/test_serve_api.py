@@ -15,7 +15,9 @@ from worker.serving.api import ApiError, encode, parse_request, rejection_error
 from worker.serving.images import parse_image
 from worker.serving.limits import ServeLimits
 
-LIMITS = ServeLimits(max_inputs=4, max_text_chars=20, max_image_bytes=64)
+LIMITS = ServeLimits(
+    max_request_bytes=1 << 20, max_inputs=4, max_text_chars=20, max_image_bytes=64, retry_after_s=1
+)
 
 
 def refused(payload: object) -> ApiError:

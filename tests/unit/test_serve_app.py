@@ -336,3 +336,37 @@ def test_draining_refuses_new_requests_and_embeds_open_batches_at_once(
         assert TestClient(running.app).get("/healthz").status_code == 200
     finally:
         running.close()
+
+
+def test_inline_images_past_the_byte_budget_are_a_429_and_their_bytes_come_back(
+    tiny_clip_dir: Path, text_embedder: Embedder
+):
+    settings = serve_settings(
+        tiny_clip_dir, serve_max_request_bytes=1 << 20, serve_max_queued_image_bytes=1 << 21
+    )
+    running = Served(settings, text_embedder)
+    image = base64.b64encode(sample_images(1)[0].data).decode()
+    try:
+        client = TestClient(running.app)
+        assert client.post("/v1/embeddings", json={"input": image, "modality": "image"}).status_code == 200
+        assert running.engine.queued_image_bytes == 0
+        with running.engine._lock:  # images under way hold the budget nearly full
+            running.engine._image_bytes = (1 << 21) - 10
+        answer = client.post("/v1/embeddings", json={"input": image, "modality": "image"})
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+        assert "--serve-max-queued-image-bytes" in answer.json()["error"]["message"]
+        assert client.post("/v1/embeddings", json={"input": "a text holds none"}).status_code == 200
+    finally:
+        with running.engine._lock:
+            running.engine._image_bytes = 0
+        running.close()
+
+
+def test_a_large_body_is_parsed_off_the_event_loop_with_the_same_answer(client: TestClient):
+    padding = "x" * (1 << 20)
+    answer = client.post("/v1/embeddings", json={"input": "a dog", "user": padding})
+    assert answer.status_code == 200
+    assert (
+        answer.json()["data"][0]["embedding"]
+        == client.post("/v1/embeddings", json={"input": "a dog"}).json()["data"][0]["embedding"]
+    )

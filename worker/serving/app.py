@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
@@ -18,6 +20,7 @@ from starlette.routing import Route
 
 from worker.serving.api import (
     ApiError,
+    EmbeddingRequest,
     embedding_response,
     invalid,
     models_response,
@@ -25,11 +28,16 @@ from worker.serving.api import (
     rejection_error,
 )
 from worker.serving.engine import EmbeddingEngine, InputFailed, QueueFull, Unavailable
-from worker.serving.images import parse_image
+from worker.serving.images import ImageInput, parse_image
 from worker.serving.limits import ServeLimits
 from worker.serving.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
+
+_OFF_LOOP_BYTES = 1024 * 1024
+_Large = TypeVar("_Large", bytes, list[str])
+_Limit = TypeVar("_Limit")
+_Result = TypeVar("_Result")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -53,8 +61,7 @@ def build_app(
     """The ASGI application of ``clip-worker serve``."""
 
     async def embeddings(request: Request) -> Response:
-        payload = _parse_json(await _read_body(request, limits.max_request_bytes))
-        parsed = parse_request(payload, limits)
+        parsed = await _embedding_request(request, limits)
         if parsed.model is not None and parsed.model not in model.names:
             raise ApiError(
                 404,
@@ -70,12 +77,15 @@ def build_app(
                 "dimensions",
                 "dimensions_not_supported",
             )
+        encoding_format, inputs, modality = parsed.encoding_format, parsed.inputs, parsed.modality
+        del parsed  # only the inputs are held while the request waits for its vectors
         try:
-            if parsed.modality == "image":
-                images = [parse_image(t, i, limits.max_image_bytes) for i, t in enumerate(parsed.inputs)]
+            if modality == "image":
+                images = await _off_loop_if_large(_images, inputs, limits.max_image_bytes)
+                del inputs  # the base64 text, once decoded
                 result = await engine.embed_images(images)
             else:
-                result = await engine.embed_texts(parsed.inputs)
+                result = await engine.embed_texts(inputs)
         except QueueFull as exc:
             raise ApiError(
                 429,
@@ -88,7 +98,7 @@ def build_app(
             raise ApiError(503, f"not taking requests: {exc}", "unavailable") from None
         except InputFailed as exc:
             raise rejection_error(exc.index, exc.rejection) from None
-        return JSONResponse(embedding_response(result, model.names[0], parsed.encoding_format))
+        return JSONResponse(embedding_response(result, model.names[0], encoding_format))
 
     async def models(_request: Request) -> Response:
         return JSONResponse(models_response(list(model.names), model.created))
@@ -166,6 +176,31 @@ def _body_too_large(limit: int) -> ApiError:
     return ApiError(
         413, f"the request body is larger than {limit} bytes (--serve-max-request-bytes)", "body_too_large"
     )
+
+
+async def _embedding_request(request: Request, limits: ServeLimits) -> EmbeddingRequest:
+    """The request's body read, parsed and checked; the body itself is not kept."""
+    body = await _read_body(request, limits.max_request_bytes)
+    return await _off_loop_if_large(_parse_request, body, limits)
+
+
+def _parse_request(body: bytes, limits: ServeLimits) -> EmbeddingRequest:
+    return parse_request(_parse_json(body), limits)
+
+
+def _images(inputs: list[str], max_bytes: int) -> list[ImageInput]:
+    return [parse_image(text, index, max_bytes) for index, text in enumerate(inputs)]
+
+
+async def _off_loop_if_large(
+    work: Callable[[_Large, _Limit], _Result], data: _Large, limit: _Limit
+) -> _Result:
+    """``work(data, limit)``, on a worker thread when ``data`` is large: parsing or decoding megabytes on
+    the event loop would stall every other request meanwhile."""
+    size = len(data) if isinstance(data, bytes) else sum(len(text) for text in data)
+    if size > _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(work, data, limit)
+    return work(data, limit)
 
 
 def _parse_json(body: bytes) -> object:

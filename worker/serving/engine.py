@@ -1,8 +1,9 @@
 """The engine under the API: a bounded queue in front of the worker's own stages.
 
-A request's inputs are admitted together or not at all (at most ``--serve-max-queue`` inputs in the
-server, from admission to answer), prepared by the worker's input handlers (the tokenizer thread, the decode
-pool, the fetch loop and its SSRF guard), batched per modality by the worker's :class:`Batcher` (size or
+A request's inputs are admitted together or not at all (at most ``--serve-max-queue`` inputs and
+``--serve-max-queued-image-bytes`` of inline images in the server, from admission to answer), prepared by
+the worker's input handlers (the tokenizer thread, the decode pool, the fetch loop and its SSRF guard),
+batched per modality by the worker's :class:`Batcher` (size or
 deadline, texts apart from images) on the dispatch thread, and embedded by the worker's
 :class:`InferenceStage`. The stage hands each vector back here (this engine is its result sink), and a
 request is answered once all its vectors are in, or at its first input that cannot be embedded.
@@ -132,6 +133,7 @@ class _Item:
     index: int
     record: InputRecord
     request: Request
+    image_bytes: int  # of an image sent inline, counted against --serve-max-queued-image-bytes
 
 
 class EmbeddingEngine:
@@ -152,6 +154,7 @@ class EmbeddingEngine:
         self.dim = embedder.dim
         self._metrics = serve_metrics
         self._max_queue = settings.serve_max_queue
+        self._max_image_bytes = settings.serve_max_queued_image_bytes
         limits = ImageLimits(settings.max_image_pixels, settings.min_image_side, settings.max_message_bytes)
         preprocessing = replace(
             embedder.preprocessing,
@@ -177,6 +180,7 @@ class EmbeddingEngine:
         self._items: dict[int, _Item] = {}
         self._numbers = itertools.count()
         self._queued = 0
+        self._image_bytes = 0  # of the inline images admitted and not yet answered
         self._accepting = False
         self._draining = False
 
@@ -231,6 +235,7 @@ class EmbeddingEngine:
             items = list(self._items.values())
             self._items.clear()
             self._queued = 0
+            self._image_bytes = 0
         if items:
             self._metrics.queued.set(0)
             for item in items:
@@ -241,6 +246,12 @@ class EmbeddingEngine:
         """Inputs admitted and not yet answered."""
         with self._lock:
             return self._queued
+
+    @property
+    def queued_image_bytes(self) -> int:
+        """Bytes of the inline images admitted and not yet answered."""
+        with self._lock:
+            return self._image_bytes
 
     # ------------------------------------------------------------------ requests
     async def embed_texts(self, texts: list[str]) -> Embeddings:
@@ -281,13 +292,21 @@ class EmbeddingEngine:
             if self._queued + count > self._max_queue:
                 self._metrics.refused.inc(count)
                 raise QueueFull(f"{self._queued} inputs queued; {count} more would pass {self._max_queue}")
+            image_bytes = sum(len(request.image or b"") for request in requests)
+            if self._image_bytes + image_bytes > self._max_image_bytes:
+                self._metrics.refused.inc(count)
+                raise QueueFull(
+                    f"{self._image_bytes} bytes of images queued; {image_bytes} more would pass "
+                    f"{self._max_image_bytes} (--serve-max-queued-image-bytes)"
+                )
             self._queued += count
+            self._image_bytes += image_bytes
             items: list[_Item] = []
             now, wall_ms = time.monotonic(), int(time.time() * 1000)
             for index, request in enumerate(requests):
                 number = next(self._numbers)
                 record = InputRecord(Source(SOURCE, 0, number), None, None, [], wall_ms, now)
-                item = _Item(answer, index, record, request)
+                item = _Item(answer, index, record, request, len(request.image or b""))
                 self._items[number] = item
                 items.append(item)
         self._metrics.queued.set(self._queued)
@@ -330,6 +349,7 @@ class EmbeddingEngine:
             item = self._items.pop(record.source.offset, None)
             if item is not None:
                 self._queued -= 1
+                self._image_bytes -= item.image_bytes
             queued = self._queued
         self._metrics.queued.set(queued)
         return item

@@ -9,14 +9,14 @@ from worker.config import Settings
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """Per-request limits (each answered with a 4xx) and the queue bound (answered with a 429)."""
+    """Per-request limits (each answered with a 4xx) and the Retry-After of a 429; the queue's own bounds
+    are the engine's."""
 
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_inputs: int = 256
-    max_text_chars: int = 16384
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_queue: int = 1024
-    retry_after_s: int = 1
+    max_request_bytes: int
+    max_inputs: int
+    max_text_chars: int
+    max_image_bytes: int
+    retry_after_s: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServeLimits:
@@ -27,6 +27,5 @@ class ServeLimits:
             max_inputs=settings.serve_max_inputs,
             max_text_chars=settings.serve_max_text_chars,
             max_image_bytes=settings.max_message_bytes,
-            max_queue=settings.serve_max_queue,
             retry_after_s=settings.serve_retry_after_s,
         )
