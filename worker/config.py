@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     fetch_schemes: str | None = Field(
         None,
         description="URI schemes a request's uri may use, comma separated (http, https, s3, file); "
-        "unset = http,https,s3, plus file when --fetch-file-root is given",
+        "unset = http,https,s3, plus file when --fetch-file-root is given (serve: https only)",
     )
     fetch_concurrency: int = Field(
         128,

@@ -85,6 +85,11 @@ BAD_REQUESTS = {
         "fetch_forbidden",
     ),
     "forbidden scheme": ({"input": "gopher://example.com/x", "modality": "image"}, 403, "fetch_forbidden"),
+    "s3 not fetched by default": (
+        {"input": "s3://bucket/key.jpg", "modality": "image"},
+        403,
+        "fetch_forbidden",
+    ),
     "not an image": (
         {"input": base64.b64encode(b"hello").decode(), "modality": "image"},
         422,

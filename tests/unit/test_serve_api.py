@@ -4,6 +4,7 @@ parameter; image inputs are data URIs, bare base64 or URIs; vectors go out as fl
 from __future__ import annotations
 
 import base64
+import logging
 
 import numpy as np
 import pytest
@@ -88,6 +89,7 @@ def test_images_come_as_data_uris_bare_base64_or_uris():
     ("text", "status", "code"),
     [
         ("not base64 at all!", 400, "invalid_image_input"),
+        ("!" * 400, 413, "image_too_large"),  # not base64 either: only the length can have refused it
         ("data:image/png,rawbytes", 400, "invalid_request"),
         (base64.b64encode(b"x" * 65).decode(), 413, "image_too_large"),
         ("data:image/png;base64," + base64.b64encode(b"x" * 300).decode(), 413, "image_too_large"),
@@ -115,4 +117,20 @@ def test_an_image_input_that_cannot_be_read_is_refused_before_decoding(text, sta
 def test_what_the_worker_would_dead_letter_is_answered_with_its_status(reason, status):
     error = rejection_error(1, RejectedRecord(reason, "why"))
     assert (error.status, error.code, error.param) == (status, reason.value, "input")
-    assert error.message == "input[1]: why"
+    assert error.message.startswith("input[1]: ")
+
+
+@pytest.mark.parametrize("reason", [reason for reason in RejectReason if reason.value.startswith("fetch_")])
+def test_a_failed_fetch_tells_the_client_its_reason_and_only_the_log_its_detail(
+    reason: RejectReason, caplog: pytest.LogCaptureFixture
+):
+    detail = "10.0.3.7 resolved from internal.example: connection refused on port 9000"
+    with caplog.at_level(logging.INFO, logger="worker.serving.api"):
+        error = rejection_error(0, RejectedRecord(reason, detail))
+    assert error.code == reason.value and error.message.startswith("input[0]: ")
+    assert "10.0.3.7" not in error.message and "refused" not in error.message
+    assert detail in caplog.text
+
+
+def test_other_rejections_keep_the_workers_message():
+    assert rejection_error(1, RejectedRecord(RejectReason.NOT_AN_IMAGE, "why")).message == "input[1]: why"

@@ -29,7 +29,14 @@ from worker.models.text import TokenizedText
 from worker.ops.metrics import WorkerMetrics
 from worker.serving.api import Embeddings, rejection_error
 from worker.serving.app import ServedModel, build_app
-from worker.serving.engine import EmbeddingEngine, InputFailed, QueueFull, Unavailable, _Answer
+from worker.serving.engine import (
+    EmbeddingEngine,
+    InputFailed,
+    QueueFull,
+    Unavailable,
+    _Answer,
+    with_serve_fetch_default,
+)
 from worker.serving.limits import ServeLimits
 from worker.serving.metrics import ServeMetrics
 
@@ -370,3 +377,12 @@ def test_a_large_body_is_parsed_off_the_event_loop_with_the_same_answer(client: 
         answer.json()["data"][0]["embedding"]
         == client.post("/v1/embeddings", json={"input": "a dog"}).json()["data"][0]["embedding"]
     )
+
+
+def test_serve_fetches_only_https_unless_told_otherwise(tiny_clip_dir: Path, client: TestClient):
+    assert with_serve_fetch_default(serve_settings(tiny_clip_dir)).fetch_scheme_set == {"https"}
+    chosen = serve_settings(tiny_clip_dir, fetch_schemes="https,s3")
+    assert with_serve_fetch_default(chosen).fetch_scheme_set == {"https", "s3"}
+    for uri in ("s3://bucket/key.jpg", "http://example.com/a.jpg"):
+        answer = client.post("/v1/embeddings", json={"input": uri, "modality": "image"})
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "fetch_forbidden"

@@ -9,6 +9,7 @@ codes docs/serve.md lists.
 from __future__ import annotations
 
 import base64
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 
 from worker.errors import RejectedRecord, RejectReason
 from worker.serving.limits import ServeLimits
+
+log = logging.getLogger(__name__)
 
 ErrorType = Literal["invalid_request_error", "rate_limit_error", "server_error"]
 
@@ -70,10 +73,27 @@ _REJECTION_STATUS = {
 }
 
 
+# What a client is told of a fetch that failed: the worker's own message names resolved addresses, DNS and
+# connection errors, which would map the server's network for whoever asks. It is logged here instead.
+_FETCH_MESSAGES = {
+    RejectReason.FETCH_FORBIDDEN: "the URI is not one this server fetches (its scheme, host or address is "
+    "not allowed)",
+    RejectReason.FETCH_TOO_LARGE: "the image at the URI is larger than this server takes",
+    RejectReason.FETCH_NOT_FOUND: "nothing was found at the URI",
+    RejectReason.FETCH_FAILED: "fetching the URI failed",
+    RejectReason.FETCH_TIMEOUT: "fetching the URI timed out",
+}
+
+
 def rejection_error(index: int, rejection: RejectedRecord) -> ApiError:
     """The answer to a request one of whose inputs the worker's own checks reject."""
     status = _REJECTION_STATUS.get(rejection.reason, 500)
-    return ApiError(status, f"input[{index}]: {rejection.message}", rejection.reason.value, "input")
+    message = _FETCH_MESSAGES.get(rejection.reason)
+    if message is None:
+        message = rejection.message
+    else:
+        log.info("serve: input[%d] answered %s: %s", index, rejection.reason.value, rejection.message)
+    return ApiError(status, f"input[{index}]: {message}", rejection.reason.value, "input")
 
 
 class EmbeddingRequest(BaseModel):

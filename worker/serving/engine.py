@@ -164,7 +164,7 @@ class EmbeddingEngine:
         )
         self._tokenizer = TextTokenizer(embedder.text, metrics)
         self._decoder = ImageDecoder(limits, preprocessing, decode_workers, metrics)
-        policy = fetch_policy(settings, limits)
+        policy = fetch_policy(with_serve_fetch_default(settings), limits)
         self._fetcher = (
             ImageFetcher(Fetcher(policy, metrics), self._decoder, policy.concurrency, forward_image=False)
             if policy.schemes
@@ -411,6 +411,15 @@ class EmbeddingEngine:
             return False
         self.fail_outstanding(failure)
         return True
+
+
+def with_serve_fetch_default(settings: Settings) -> Settings:
+    """``settings`` with serve's fetch default: only ``https`` unless ``--fetch-schemes`` is set. A Kafka
+    worker fetches what trusted producers name; serve fetches what any client names, and ``s3://`` or
+    ``http://`` would reach the server's own buckets (with its credentials) or plaintext hosts."""
+    if settings.fetch_schemes is not None:
+        return settings
+    return settings.model_copy(update={"fetch_schemes": "https"})
 
 
 def _token_count(tokens: TokenizedText) -> int:
