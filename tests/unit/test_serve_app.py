@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from starlette.testclient import TestClient
 
 from tests.support.stub_embedder import StubEmbedder
@@ -386,3 +387,34 @@ def test_serve_fetches_only_https_unless_told_otherwise(tiny_clip_dir: Path, cli
     for uri in ("s3://bucket/key.jpg", "http://example.com/a.jpg"):
         answer = client.post("/v1/embeddings", json={"input": uri, "modality": "image"})
         assert answer.status_code == 403 and answer.json()["error"]["code"] == "fetch_forbidden"
+
+
+def test_a_method_a_path_does_not_take_is_a_405_with_allow(client: TestClient):
+    answer = client.get("/v1/embeddings")
+    assert answer.status_code == 405 and answer.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in answer.headers["allow"]
+
+
+def test_a_client_gone_mid_upload_is_no_500_and_no_traceback(
+    served: Served, caplog: pytest.LogCaptureFixture
+):
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"input": "a d', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json")], "server": ("test", 80), "client": ("c", 1),
+    }  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(_message: Any) -> None:
+        pass
+
+    asyncio.run(served.app(scope, receive, send))
+    scraped = generate_latest(served.metrics.registry).decode()
+    assert 'endpoint="embeddings",status="499"} 1.0' in scraped
+    assert 'status="500"' not in scraped and "Traceback" not in caplog.text

@@ -114,7 +114,7 @@ def write_vit_l14_shape(directory: Path) -> Path:
     """Write ViT-L/14's architecture (config, image processor) with the tiny tokenizer, no weights: a
     directory ``--random-weights`` loads offline with both towers at ViT-L/14's cost. The tokenizer's
     vocabulary is small (the text tower's embedding table shrinks with it, its compute does not); texts are
-    padded to ViT-L/14's 77 tokens."""
+    truncated at ViT-L/14's 77 tokens, and a batch of texts is cut to its longest."""
     from transformers import CLIPConfig, CLIPImageProcessor
 
     tokenizer = tiny_clip_tokenizer()

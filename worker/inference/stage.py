@@ -1,4 +1,5 @@
-"""The inference stage: one thread that embeds closed batches and hands the vectors to the publisher.
+"""The inference stage: one thread that embeds closed batches and hands the vectors to its result sink (the
+worker's publisher, or ``serve``'s answers).
 
 On a GPU the forward pass is asynchronous, so the stage queues batch N+1's work on the device before it
 waits for batch N's vectors and publishes them: the device computes while the host encodes and sends,
@@ -74,7 +75,7 @@ class InferenceStage:
     def __init__(
         self,
         embedder: Embedder,
-        publisher: ResultSink,
+        sink: ResultSink,
         metrics: WorkerMetrics,
         preprocessing: Preprocessing,
         limits: ImageLimits,
@@ -82,7 +83,7 @@ class InferenceStage:
     ) -> None:
         self.embedder = embedder
         self.heads = heads
-        self.publisher = publisher
+        self.sink = sink
         self.metrics = metrics
         self._on_device = preprocessing.resize == "device"
         self._device_decoder = (
@@ -227,7 +228,7 @@ class InferenceStage:
             self._embed_now(items[half:], retry=False)
         else:
             message = f"inference failed: {type(exc).__name__}: {exc}"
-            self.publisher.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
+            self.sink.reject(items[0].record, RejectedRecord(RejectReason.INFERENCE_FAILED, message))
 
     def _publish(
         self, items: list[Ready], vectors: np.ndarray, scores: np.ndarray | None, started: float
@@ -241,7 +242,7 @@ class InferenceStage:
         for index, (item, vector) in enumerate(zip(items, vectors, strict=True)):
             named = self.heads.named(scores[index]) if self.heads is not None and scores is not None else None
             fetched = item.fetched if isinstance(item, ReadyImage) else None
-            self.publisher.embedding(item.record, item.request, vector, named, fetched)
+            self.sink.embedding(item.record, item.request, vector, named, fetched)
         metrics.embedded.inc(len(items))
         metrics.stage("publish").observe(time.perf_counter() - ready)
 
@@ -265,7 +266,7 @@ class InferenceStage:
         pixels: list[np.ndarray | torch.Tensor] = []
         for item, result in zip(items, results, strict=True):
             if isinstance(result, RejectedRecord):
-                self.publisher.reject(item.record, result)
+                self.sink.reject(item.record, result)
             else:
                 kept.append(item)
                 pixels.append(result)

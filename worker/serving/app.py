@@ -9,12 +9,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -35,6 +36,7 @@ from worker.serving.metrics import ServeMetrics
 log = logging.getLogger(__name__)
 
 _OFF_LOOP_BYTES = 1024 * 1024
+CLIENT_CLOSED = 499  # counted for a client that disconnected mid-request (nginx's code; never sent)
 _Large = TypeVar("_Large", bytes, list[str])
 _Limit = TypeVar("_Limit")
 _Result = TypeVar("_Result")
@@ -125,6 +127,9 @@ def build_app(
                 response = await handler(request)
             except ApiError as exc:
                 response = error_response(exc)
+            except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing broken
+                log.debug("serve: the client of %s disconnected before its request was read", endpoint)
+                response = Response(status_code=CLIENT_CLOSED)
             except Exception as exc:  # a bug: answered in OpenAI's shape, logged with its traceback
                 log.exception("serve: %s failed", endpoint)
                 response = error_response(ApiError(500, f"internal error: {type(exc).__name__}", "internal"))
@@ -147,9 +152,20 @@ def build_app(
     async def http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         metrics.requests.labels("other", str(exc.status_code)).inc()
-        return error_response(ApiError(exc.status_code, str(exc.detail), "not_found"))
+        headers = dict(exc.headers or {})  # a 405's Allow
+        return error_response(
+            ApiError(exc.status_code, str(exc.detail), _status_code_name(exc.status_code), headers=headers)
+        )
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _status_code_name(status: int) -> str:
+    """The error ``code`` of a status starlette answers itself: 404 not_found, 405 method_not_allowed."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
 
 
 def error_response(error: ApiError) -> Response:
